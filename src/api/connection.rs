@@ -1,0 +1,336 @@
+//! `AppConnection` and `ClusterAppConnection`: which target app, with which
+//! admin credential, under which policy.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{CommonStatus, SecretKeySelector};
+
+/// The target app, its admin credential, and the policy for accounts behind it.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "keysmith.dev",
+    version = "v1alpha1",
+    kind = "AppConnection",
+    doc = "A connection to a target app, usable by the IntegrationAccounts in its own namespace: which app, with which admin credential, and under which policy.",
+    plural = "appconnections",
+    singular = "appconnection",
+    shortname = "appconn",
+    category = "keysmith",
+    namespaced,
+    status = "AppConnectionStatus",
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".status.provider",
+        description = "The kind of target app"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the admin credential works"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AppConnectionSpec {
+    /// The target app. Set exactly one provider.
+    pub provider: ProviderSpec,
+
+    /// Which roles accounts behind this connection may be granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ConnectionPolicy>,
+
+    /// The request budget keysmith keeps to when calling the target app,
+    /// shared by every account behind this connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
+    /// The most keys an account may hold at once, counting the live key and
+    /// keys in their grace period. The provider's own limit applies if lower.
+    #[serde(default = "default_max_keys")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_keys_per_account: i32,
+}
+
+fn default_max_keys() -> i32 {
+    2
+}
+
+/// The target app, its admin credential, its policy, and the namespaces that may use it.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "keysmith.dev",
+    version = "v1alpha1",
+    kind = "ClusterAppConnection",
+    doc = "A connection to a target app shared across namespaces. Only IntegrationAccounts in namespaces its namespaceSelector admits may use it.",
+    plural = "clusterappconnections",
+    singular = "clusterappconnection",
+    shortname = "cappconn",
+    category = "keysmith",
+    status = "AppConnectionStatus",
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".status.provider",
+        description = "The kind of target app"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the admin credential works"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterAppConnectionSpec {
+    /// The target app, policy, rate budget and key limit, as for an
+    /// AppConnection. Secret references must name their namespace.
+    #[serde(flatten)]
+    pub connection: AppConnectionSpec,
+
+    /// The namespaces whose IntegrationAccounts may use this connection.
+    /// An empty selector (`{}`) admits every namespace; without a selector no
+    /// namespace is admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// The target app. Exactly one field is set; it selects the provider.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend(
+    "minProperties" = 1,
+    "maxProperties" = 1,
+    "x-kubernetes-validations" = [{"rule": "size(self) == 1", "message": "set exactly one provider"}]
+))]
+pub struct ProviderSpec {
+    /// A Kubernetes cluster: ServiceAccounts, RBAC bindings to ClusterRoles,
+    /// and TokenRequest tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesProvider>,
+    /// A SCIM 2.0 service (RFC 7643/7644): Users, Group memberships, passwords.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scim: Option<ScimProvider>,
+    /// An OAuth 2.0 authorization server with dynamic client registration
+    /// (RFC 7591/7592): clients, scopes, client secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Provider>,
+    /// AWS IAM: users, attached managed policies, access keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_iam: Option<AwsIamProvider>,
+    /// PostgreSQL: login roles, granted roles, passwords.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresProvider>,
+}
+
+impl ProviderSpec {
+    /// The name of the selected provider, or `None` unless exactly one is set.
+    pub fn selected(&self) -> Option<&'static str> {
+        let set: Vec<&'static str> = [
+            (self.kubernetes.is_some(), "kubernetes"),
+            (self.scim.is_some(), "scim"),
+            (self.oauth2.is_some(), "oauth2"),
+            (self.aws_iam.is_some(), "awsIam"),
+            (self.postgres.is_some(), "postgres"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        match set.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+const URL_PATTERN: &str = r"^https?://[^\s]+$";
+
+/// A Kubernetes cluster as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesProvider {
+    /// A Secret holding a kubeconfig for a remote cluster (key default
+    /// `kubeconfig`). Without it, the cluster keysmith runs in is the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig_secret_ref: Option<SecretKeySelector>,
+    /// Whether RoleBindings may use scope `*` (a ClusterRoleBinding). Off by
+    /// default: cluster-wide grants must be allowed explicitly.
+    #[serde(default)]
+    pub allow_cluster_scope: bool,
+}
+
+/// A SCIM 2.0 service as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScimProvider {
+    /// The SCIM base URL, for example `https://example.com/scim/v2`.
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub base_url: String,
+    /// A Secret holding the admin bearer token (key default `token`).
+    pub token_secret_ref: SecretKeySelector,
+}
+
+/// An OAuth 2.0 authorization server as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Provider {
+    /// The dynamic client registration endpoint (RFC 7591).
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub registration_endpoint: String,
+    /// The token endpoint, used to verify client credentials.
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub token_endpoint: String,
+    /// The token introspection endpoint (RFC 7662), where the server offers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub introspection_endpoint: Option<String>,
+    /// A Secret holding the initial access token for registration (key
+    /// default `token`), where the server requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_access_token_secret_ref: Option<SecretKeySelector>,
+}
+
+/// AWS IAM (or an IAM-compatible endpoint) as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsIamProvider {
+    /// The AWS region used to sign requests.
+    #[serde(default = "default_region")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: String,
+    /// The IAM endpoint, for IAM-compatible services; AWS's own by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub endpoint: Option<String>,
+    /// The IAM path users are created under, which also scopes what the
+    /// admin credential needs rights to.
+    #[serde(default = "default_iam_path")]
+    #[schemars(length(max = 512), regex(pattern = r"^/([\x21-\x7E]*/)?$"))]
+    pub path: String,
+    /// A Secret holding the admin access key (keys `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`).
+    pub credentials_secret_ref: SecretKeySelector,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_iam_path() -> String {
+    "/keysmith/".to_owned()
+}
+
+/// A PostgreSQL server as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresProvider {
+    /// Host name or IP address of the server.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// TCP port of the server.
+    #[serde(default = "default_pg_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The database keysmith connects to as admin, and the default scope of
+    /// RoleBindings.
+    #[serde(default = "default_pg_database")]
+    #[schemars(length(min = 1, max = 63))]
+    pub database: String,
+    /// TLS mode of the admin connection.
+    #[serde(default)]
+    pub ssl_mode: PostgresSslMode,
+    /// A Secret holding the admin credential (keys `username` and `password`).
+    pub credentials_secret_ref: SecretKeySelector,
+}
+
+fn default_pg_port() -> i32 {
+    5432
+}
+
+fn default_pg_database() -> String {
+    "postgres".to_owned()
+}
+
+/// TLS modes for PostgreSQL connections, as in libpq.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresSslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it.
+    #[default]
+    Prefer,
+    /// TLS, without verifying the server certificate.
+    Require,
+    /// TLS with a verified certificate and host name.
+    VerifyFull,
+}
+
+/// Which roles accounts behind a connection may be granted. Patterns are globs
+/// (`*` matches any run of characters, `?` one character). A role is allowed
+/// when it matches an allowed pattern (or no allowed patterns are set) and
+/// matches no denied pattern; denied wins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPolicy {
+    /// Roles that may be granted. Empty allows every role not denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 512)))]
+    pub allowed_roles: Vec<String>,
+    /// Roles that are never granted, for example `cluster-admin` or
+    /// `Modify All Data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 512)))]
+    pub denied_roles: Vec<String>,
+}
+
+/// A token-bucket request budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[serde(default = "default_rps")]
+    #[schemars(range(min = 0.01, max = 10000.0))]
+    pub requests_per_second: f64,
+    /// Requests that may be made at once after a quiet period.
+    #[serde(default = "default_burst")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub burst: i32,
+}
+
+fn default_rps() -> f64 {
+    10.0
+}
+
+fn default_burst() -> i32 {
+    20
+}
+
+/// Observed state of an AppConnection or ClusterAppConnection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppConnectionStatus {
+    /// Conditions (Ready: the admin credential works) and the generation they
+    /// describe.
+    #[serde(flatten)]
+    pub common: CommonStatus,
+    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// When the admin credential was last verified against the target app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_at: Option<Time>,
+}

@@ -1,0 +1,90 @@
+//! Helpers shared by the integration tests: one real control plane per test
+//! binary, a fresh namespace per test, kubectl against the control plane.
+#![allow(dead_code)]
+
+use std::{path::Path, process::Output, time::Duration};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    api::{Api, DeleteParams, PostParams},
+    Client,
+};
+use keysmith::controlplane::{self, ControlPlane};
+
+/// The shared control plane, with keysmith's CRDs installed and Established.
+pub async fn control_plane() -> &'static ControlPlane {
+    let cp = controlplane::shared().await.expect("control plane starts");
+    let client = cp.client().await.expect("admin client");
+    keysmith::install::install_crds(&client, Duration::from_secs(60))
+        .await
+        .expect("CRDs install");
+    cp
+}
+
+/// A namespace of its own for one test, named after it.
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let suffix: u32 = rand_suffix();
+        let name = format!("{prefix}-{suffix:08x}");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"keysmith.dev/test": prefix}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        Self { name, client: client.clone() }
+    }
+
+    /// Deletes the namespace (the controller-manager removes what is in it).
+    pub async fn delete(self) {
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::background())
+            .await;
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    nanos ^ (std::process::id() << 16) ^ COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs kubectl against the control plane as admin.
+pub fn kubectl(cp: &ControlPlane, args: &[&str]) -> Output {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig_path())
+        .args(args)
+        .output()
+        .expect("kubectl is installed (Debian package kubernetes-client; .ci/run installs it)");
+    out
+}
+
+/// kubectl, asserting success, returning stdout.
+pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = kubectl(cp, args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The manifests of an examples/ file, as JSON values.
+pub fn example(path: &str) -> Vec<serde_json::Value> {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path);
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}

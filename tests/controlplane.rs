@@ -1,0 +1,414 @@
+//! Integration tests of the local control plane (`keysmith::controlplane`):
+//! a real etcd + kube-apiserver + kube-controller-manager, shared by all
+//! tests of this binary.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{
+    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, Pod, PodSpec, Secret, ServiceAccount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use keysmith::controlplane::{self, ControlPlane};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::Client;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn admin() -> (&'static ControlPlane, Client) {
+    // `RUST_LOG=keysmith=debug` shows the control plane's progress.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cp = controlplane::shared().await.expect("control plane starts");
+    let client = cp.client().await.expect("admin client");
+    (cp, client)
+}
+
+/// Create a namespace for one test (names must be unique per test).
+async fn namespace(client: &Client, name: &str) {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+fn expect_status(result: Result<impl std::fmt::Debug, kube::Error>, code: u16) -> String {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == code => status.message,
+        other => panic!("expected HTTP {code}, got {other:?}"),
+    }
+}
+
+/// Poll `check` until it returns true or TIMEOUT passes.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn default_namespace_exists_and_version_is_1_20() {
+    let (cp, client) = admin().await;
+    assert!(cp.server_url().starts_with("https://127.0.0.1:"));
+    assert!(cp.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+
+    let names: Vec<String> = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("list namespaces")
+        .items
+        .into_iter()
+        .filter_map(|ns| ns.metadata.name)
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "default"),
+        "namespaces: {names:?}"
+    );
+
+    let version = client.apiserver_version().await.expect("GET /version");
+    assert_eq!(version.major, "1");
+    assert_eq!(version.minor, "20");
+    assert!(
+        version.git_version.starts_with("v1.20."),
+        "{}",
+        version.git_version
+    );
+}
+
+#[tokio::test]
+async fn admin_kubeconfig_file_is_private_and_works() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (cp, _) = admin().await;
+    let path = cp.kubeconfig_path();
+    let mode = std::fs::metadata(path)
+        .expect("kubeconfig exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig parses");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kubeconfig loads");
+    let client = Client::try_from(config).expect("client");
+    Api::<Namespace>::all(client)
+        .get("default")
+        .await
+        .expect("admin from the kubeconfig file can read namespaces");
+}
+
+#[tokio::test]
+async fn unprivileged_user_is_authenticated_but_forbidden() {
+    let (cp, _) = admin().await;
+    assert!(cp.user_token(0).is_none());
+    assert!(cp.user_token(6).is_none());
+    let token = cp.user_token(1).expect("user-1 exists");
+    assert_ne!(token, cp.admin_token());
+
+    let client = cp.client_for_token(token).await.expect("user-1 client");
+    let message = expect_status(
+        Api::<Namespace>::all(client)
+            .list(&ListParams::default())
+            .await,
+        403,
+    );
+    assert!(message.contains("\"user-1\""), "{message}");
+
+    let anonymous = cp.client_for_token("not-a-token").await.expect("client");
+    expect_status(
+        Api::<Namespace>::all(anonymous)
+            .list(&ListParams::default())
+            .await,
+        401,
+    );
+}
+
+#[tokio::test]
+async fn service_account_token_request_authenticates_as_the_service_account() {
+    let (cp, client) = admin().await;
+    let ns = "cp-test-token-request";
+    namespace(&client, ns).await;
+
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("robot".to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    sas.create(&PostParams::default(), &sa)
+        .await
+        .expect("create SA");
+
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let issued = sas
+        .create_token_request("robot", &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest");
+    let token = issued.status.expect("token status").token;
+    let expected_user = format!("system:serviceaccount:{ns}:robot");
+
+    // The apiserver resolves the token to the service account.
+    let review = Api::<TokenReview>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.clone()),
+                    ..TokenReviewSpec::default()
+                },
+                ..TokenReview::default()
+            },
+        )
+        .await
+        .expect("TokenReview");
+    let status = review.status.expect("review status");
+    assert_eq!(status.authenticated, Some(true), "{:?}", status.error);
+    assert_eq!(
+        status.user.and_then(|u| u.username).as_deref(),
+        Some(expected_user.as_str())
+    );
+
+    // A client with that token is authenticated (403, not 401) and has no rights.
+    let sa_client = cp.client_for_token(&token).await.expect("SA client");
+    let review = Api::<SelfSubjectAccessReview>::all(sa_client.clone())
+        .create(
+            &PostParams::default(),
+            &SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(ns.to_owned()),
+                        verb: Some("list".to_owned()),
+                        resource: Some("secrets".to_owned()),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SelfSubjectAccessReviewSpec::default()
+                },
+                ..SelfSubjectAccessReview::default()
+            },
+        )
+        .await
+        .expect("SelfSubjectAccessReview");
+    assert!(!review.status.expect("access review status").allowed);
+
+    let message = expect_status(
+        Api::<Secret>::namespaced(sa_client, ns)
+            .list(&ListParams::default())
+            .await,
+        403,
+    );
+    assert!(message.contains(&expected_user), "{message}");
+}
+
+#[tokio::test]
+async fn garbage_collector_deletes_dependents() {
+    let (_, client) = admin().await;
+    let ns = "cp-test-gc";
+    namespace(&client, ns).await;
+    let cms = Api::<ConfigMap>::namespaced(client, ns);
+
+    let owner = cms
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("owner".to_owned()),
+                    ..ObjectMeta::default()
+                },
+                ..ConfigMap::default()
+            },
+        )
+        .await
+        .expect("create owner");
+    let dependent = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("dependent".to_owned()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".to_owned(),
+                kind: "ConfigMap".to_owned(),
+                name: "owner".to_owned(),
+                uid: owner.metadata.uid.expect("owner uid"),
+                ..OwnerReference::default()
+            }]),
+            ..ObjectMeta::default()
+        },
+        ..ConfigMap::default()
+    };
+    cms.create(&PostParams::default(), &dependent)
+        .await
+        .expect("create dependent");
+
+    cms.delete("owner", &DeleteParams::background())
+        .await
+        .expect("delete owner");
+    eventually("the dependent to be garbage-collected", TIMEOUT, || async {
+        matches!(cms.get_opt("dependent").await, Ok(None))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn namespace_deletion_completes() {
+    let (_, client) = admin().await;
+    let ns = "cp-test-ns-deletion";
+    namespace(&client, ns).await;
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("content".to_owned()),
+                    ..ObjectMeta::default()
+                },
+                ..ConfigMap::default()
+            },
+        )
+        .await
+        .expect("create configmap");
+
+    let namespaces = Api::<Namespace>::all(client);
+    namespaces
+        .delete(ns, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    eventually(
+        "the namespace to be finalized",
+        Duration::from_secs(60),
+        || async { matches!(namespaces.get_opt(ns).await, Ok(None)) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pods_are_admitted_with_service_account_tokens() {
+    let (_, client) = admin().await;
+    let ns = "cp-test-pod-admission";
+    namespace(&client, ns).await;
+    // The serviceaccount controller creates `default` in the new namespace,
+    // and the token controller gives it a token; admission needs both.
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    eventually("the default service account token", TIMEOUT, || async {
+        matches!(sas.get_opt("default").await, Ok(Some(sa)) if sa.secrets.as_ref().is_some_and(|s| !s.is_empty()))
+    })
+    .await;
+
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("sleeper".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "main".to_owned(),
+                image: Some("registry.invalid/sleeper:1".to_owned()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    let created = Api::<Pod>::namespaced(client, ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod admitted");
+    let spec = created.spec.expect("pod spec");
+    assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+}
+
+#[tokio::test]
+async fn server_side_apply_works() {
+    let (_, client) = admin().await;
+    let ns = "cp-test-apply";
+    namespace(&client, ns).await;
+    let cms = Api::<ConfigMap>::namespaced(client, ns);
+    let params = PatchParams::apply("keysmith-test").force();
+
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": "applied" },
+        "data": { "a": "1" },
+    });
+    cms.patch("applied", &params, &Patch::Apply(&manifest))
+        .await
+        .expect("first apply creates");
+
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": "applied" },
+        "data": { "b": "2" },
+    });
+    let applied = cms
+        .patch("applied", &params, &Patch::Apply(&manifest))
+        .await
+        .expect("second apply updates");
+
+    // Fields no longer applied by the sole manager are removed.
+    let data = applied.data.expect("data");
+    assert_eq!(data.get("b").map(String::as_str), Some("2"));
+    assert!(!data.contains_key("a"), "{data:?}");
+    let managers: Vec<String> = applied
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == "keysmith-test"),
+        "{managers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_private_control_plane_stops_cleanly() {
+    let cp = ControlPlane::start()
+        .await
+        .expect("private control plane starts");
+    let client = cp.client().await.expect("admin client");
+    Api::<Namespace>::all(client.clone())
+        .get("default")
+        .await
+        .expect("default namespace");
+    let dir = cp
+        .kubeconfig_path()
+        .parent()
+        .expect("kubeconfig in the temp dir")
+        .to_path_buf();
+    assert!(dir.is_dir());
+
+    cp.stop();
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert!(
+        client.apiserver_version().await.is_err(),
+        "the apiserver still answers after stop()"
+    );
+}
