@@ -277,7 +277,6 @@ impl ControlPlane {
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={apiserver_port}"))
-            .arg("--insecure-port=0")
             .arg(arg("--cert-dir", &dir_path.join("apiserver-certs")))
             .arg(arg("--tls-cert-file", &pki.serving_cert_file))
             .arg(arg("--tls-private-key-file", &pki.serving_key_file))

@@ -5,3 +5,4 @@
 pub mod api;
 pub mod controlplane;
 pub mod install;
+pub mod provider;

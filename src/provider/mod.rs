@@ -1,0 +1,228 @@
+//! The boundary between keysmith and a target app.
+//!
+//! A [`Provider`] manages accounts, their roles and their keys in one target
+//! app, shaped like crossplane's external client (observe / create / update /
+//! delete) plus roles and keys. Every operation is idempotent where the target
+//! allows it: creating what already exists and is ours succeeds, deleting what
+//! is gone succeeds. Errors are classified so the controllers can tell a typo
+//! from an outage ([`ProviderError`]).
+
+pub mod kubernetes;
+mod registry;
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+
+pub use registry::{ProviderRegistry, ResolvedConnection};
+
+/// A failure talking to a target app, classified by what the caller should do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// Worth retrying: timeouts, 5xx, 429. `retry_after` is the target's own
+    /// hint (a Retry-After header), honoured before keysmith's backoff.
+    #[error("temporarily unavailable: {message}")]
+    Transient {
+        /// What went wrong.
+        message: String,
+        /// How long the target asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// The connection's admin credential was refused (401/403 on an admin call).
+    #[error("the connection's credential was refused: {0}")]
+    Unauthorized(String),
+    /// The object does not exist in the target app.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The object exists but belongs to someone else, or changed under us.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The target app (or the connection's policy) allows no more of this.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    /// The request can never succeed as written: fix the spec.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+impl ProviderError {
+    /// A stable, short name for metrics labels and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ProviderError::Transient { .. } => "Transient",
+            ProviderError::Unauthorized(_) => "Unauthorized",
+            ProviderError::NotFound(_) => "NotFound",
+            ProviderError::Conflict(_) => "Conflict",
+            ProviderError::LimitExceeded(_) => "LimitExceeded",
+            ProviderError::Invalid(_) => "Invalid",
+        }
+    }
+
+    /// A transient error without a hint.
+    pub fn transient(message: impl Into<String>) -> Self {
+        ProviderError::Transient { message: message.into(), retry_after: None }
+    }
+}
+
+/// What a provider can and cannot do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The most keys the target allows per account (AWS IAM: 2), if limited.
+    pub max_keys_per_account: Option<u32>,
+    /// Whether keys expire by themselves (then keysmith asks for a lifetime
+    /// that covers the rotation interval plus the grace period).
+    pub key_expiry: bool,
+    /// Whether accounts can be disabled rather than deleted.
+    pub disable: bool,
+}
+
+/// The account keysmith wants in the target app, derived from an
+/// IntegrationAccount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRequest {
+    /// The account's name in the target app (for the kubernetes provider, the
+    /// ServiceAccount's name).
+    pub name: String,
+    /// The IntegrationAccount's namespace.
+    pub namespace: String,
+    /// The IntegrationAccount's name.
+    pub account_name: String,
+    /// The IntegrationAccount's uid: the ownership tag keysmith puts on
+    /// everything it creates, so it never adopts what it does not own.
+    pub owner_uid: String,
+    /// spec.description.
+    pub description: Option<String>,
+    /// spec.owner.
+    pub owner: Option<String>,
+    /// spec.providerOptions.
+    pub options: BTreeMap<String, String>,
+}
+
+/// An account as observed in the target app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedAccount {
+    /// The target's identifier.
+    pub id: String,
+    /// The name shown in the target's audit log.
+    pub name: String,
+    /// Whether the account is disabled.
+    pub disabled: bool,
+    /// Whether it carries keysmith's ownership tag for this IntegrationAccount.
+    pub owned: bool,
+    /// Whether its description/owner/labels differ from the request.
+    pub drifted: bool,
+}
+
+/// One role on one scope. Ordered so role sets diff deterministically.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RoleGrant {
+    /// The role in the target's own terms.
+    pub role: String,
+    /// Where it applies (namespace, database...); `None` is the provider's default.
+    pub scope: Option<String>,
+}
+
+impl fmt::Display for RoleGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.scope {
+            Some(scope) => write!(f, "{} on {}", self.role, scope),
+            None => f.write_str(&self.role),
+        }
+    }
+}
+
+/// A request for a new key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRequest {
+    /// keysmith's identifier for the key, recorded in status before the call
+    /// so a key whose creation result was lost can be found and revoked.
+    /// Providers that name keys themselves tag the key with it where possible.
+    pub key_id: String,
+    /// How long the key should live, for providers whose keys expire.
+    pub lifetime: Option<Duration>,
+}
+
+/// Secret values. Its `Debug` and `Display` never show the values, so key
+/// material cannot leak into logs, events or error messages by accident.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct KeyMaterial(BTreeMap<String, String>);
+
+impl KeyMaterial {
+    /// Wraps the Secret's data (key name → value).
+    pub fn new(values: BTreeMap<String, String>) -> Self {
+        Self(values)
+    }
+    /// The values, for writing into the output Secret.
+    pub fn expose(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.keys().map(|k| (k, "<redacted>"))).finish()
+    }
+}
+
+/// A key the target app just issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedKey {
+    /// The key's identifier in the target (or keysmith's `key_id`).
+    pub id: String,
+    /// When the target stops accepting it by itself, if it does.
+    pub expires_at: Option<Timestamp>,
+    /// What goes into the output Secret, in the ecosystem's conventional key
+    /// names (`token`, `kubeconfig`, `AWS_ACCESS_KEY_ID`, `password`...).
+    pub material: KeyMaterial,
+}
+
+/// A key as observed in the target app (no material).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedKey {
+    /// The key's identifier.
+    pub id: String,
+    /// When it was created, if the target says.
+    pub created_at: Option<Timestamp>,
+}
+
+/// One target app, reached through one connection's admin credential.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// The provider's name as in spec.provider (`kubernetes`, `scim`, ...).
+    fn name(&self) -> &'static str;
+    /// What the provider can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Checks that the admin credential works.
+    async fn verify_connection(&self) -> Result<(), ProviderError>;
+
+    /// The account, if it exists (owned or not).
+    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError>;
+    /// Creates the account. Succeeds if it already exists and is ours;
+    /// [`ProviderError::Conflict`] if it exists and is not.
+    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError>;
+    /// Brings an existing, owned account's description, owner and labels in
+    /// line with the request (and re-enables it if disabled).
+    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError>;
+    /// Disables the account, keeping it. Succeeds if it is gone.
+    async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError>;
+    /// Deletes the account and whatever keysmith created for it (role
+    /// grants, key anchors). Succeeds if it is gone.
+    async fn delete_account(&self, account: &AccountRequest) -> Result<(), ProviderError>;
+
+    /// The roles the account holds.
+    async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError>;
+    /// Grants a role. Succeeds if already granted.
+    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError>;
+    /// Revokes a role. Succeeds if not granted.
+    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError>;
+
+    /// Issues a new key.
+    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError>;
+    /// The keys the account holds.
+    async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError>;
+    /// Revokes a key so the target refuses it from now on. Succeeds if gone.
+    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError>;
+    /// Proves a freshly issued key works by using it against the target.
+    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError>;
+}
