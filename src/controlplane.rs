@@ -14,18 +14,25 @@
 //! this crate's source tree builds (once) and prints such a directory.
 //!
 //! Authentication uses static bearer tokens: an admin (group
-//! `system:masters`) and a handful of unprivileged users `user-1` ..
+//! `system:masters`), the operator user `keysmith-operator` (also
+//! `system:masters`, so that the operator under test is told apart from the
+//! tests' own admin traffic) and a handful of unprivileged users `user-1` ..
 //! `user-5`, so that tests can exercise RBAC. Tokens are secrets: they are
 //! never logged nor put into errors.
+//!
+//! The apiserver writes an audit log (level `Metadata`, one JSON event per
+//! line, written before each response completes); [`ControlPlane::audit_records`]
+//! and friends read it back so tests can count the requests a user made.
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _, Seek as _, Write as _};
 use std::net::TcpListener;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use kube::config::{
     AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
@@ -49,10 +56,27 @@ const SERVICE_CLUSTER_IP_RANGE: &str = "10.0.0.0/24";
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Name of the cluster, context and admin user in generated kubeconfigs.
 const KUBECONFIG_NAME: &str = "keysmith-dev";
+/// User name of the pre-provisioned operator identity.
+pub const OPERATOR_USER: &str = "keysmith-operator";
 
-/// Controllers run by kube-controller-manager.
+/// Audit policy: every request at level `Metadata` (who, what, response
+/// code; no bodies), without the `RequestReceived` stage.
+const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages:
+  - RequestReceived
+rules:
+  - level: Metadata
+";
+/// `--audit-log-maxsize` in MiB: large enough that the log never rotates
+/// (rotation would invalidate [`ControlPlane::audit_mark`] marks).
+const AUDIT_LOG_MAX_SIZE_MB: u32 = 1024 * 1024;
+
+/// Controllers run by kube-controller-manager. clusterrole-aggregation fills
+/// the built-in `view`, `edit` and `admin` ClusterRoles.
 const CONTROLLERS: &str = "garbagecollector,namespace,serviceaccount,serviceaccount-token,\
-                           deployment,replicaset,statefulset,daemonset";
+                           clusterrole-aggregation,deployment,replicaset,statefulset,daemonset";
 
 /// Watches `$1` (our pid); once it is gone, kills every pid listed in
 /// `$2/pids` and removes the directory `$2`.
@@ -132,6 +156,9 @@ pub enum ControlPlaneError {
     /// Building a [`kube::Client`] failed.
     #[error("building a kube client: {0}")]
     Client(#[source] kube::Error),
+    /// The apiserver audit log could not be parsed.
+    #[error("reading the apiserver audit log: {0}")]
+    Audit(String),
     /// The process-wide control plane of [`shared`] failed to start earlier.
     #[error("the shared control plane failed to start: {0}")]
     SharedStartFailed(String),
@@ -171,8 +198,13 @@ pub struct ControlPlane {
     server_url: String,
     ca_pem: String,
     admin_token: String,
+    operator_token: String,
     user_tokens: Vec<String>,
     kubeconfig_path: PathBuf,
+    operator_kubeconfig_path: PathBuf,
+    audit_log_path: PathBuf,
+    /// What has been parsed of the audit log so far.
+    audit: Mutex<AuditCache>,
     /// Components in start order; killed in reverse order.
     components: Vec<Component>,
     reaper: Option<Child>,
@@ -233,6 +265,7 @@ impl ControlPlane {
 
         let pki = write_pki(dir.path())?;
         let admin_token = random_token()?;
+        let operator_token = random_token()?;
         let controller_manager_token = random_token()?;
         let user_tokens = (0..USER_COUNT)
             .map(|_| random_token())
@@ -242,8 +275,12 @@ impl ControlPlane {
             server_url,
             ca_pem: pki.ca_pem.clone(),
             admin_token,
+            operator_token,
             user_tokens,
             kubeconfig_path: dir.path().join("admin.kubeconfig"),
+            operator_kubeconfig_path: dir.path().join("operator.kubeconfig"),
+            audit_log_path: dir.path().join("audit.log"),
+            audit: Mutex::new(AuditCache::default()),
             components: Vec::new(),
             reaper: None,
             dir,
@@ -255,6 +292,12 @@ impl ControlPlane {
             &cp.kubeconfig_path,
             &serialize_kubeconfig(&cp.kubeconfig())?,
         )?;
+        write_private(
+            &cp.operator_kubeconfig_path,
+            &serialize_kubeconfig(&cp.kubeconfig_for_token(&cp.operator_token))?,
+        )?;
+        let audit_policy_file = cp.dir.path().join("audit-policy.yaml");
+        write_private(&audit_policy_file, AUDIT_POLICY)?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let etcd_peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
@@ -289,7 +332,14 @@ impl ControlPlane {
             .arg(format!(
                 "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
             ))
-            .arg("--allow-privileged=true");
+            .arg("--allow-privileged=true")
+            .arg(arg("--audit-policy-file", &audit_policy_file))
+            .arg(arg("--audit-log-path", &cp.audit_log_path))
+            .arg("--audit-log-format=json")
+            .arg("--audit-log-version=audit.k8s.io/v1")
+            // Each event is written before its response completes.
+            .arg("--audit-log-mode=blocking")
+            .arg(format!("--audit-log-maxsize={AUDIT_LOG_MAX_SIZE_MB}"));
         cp.spawn("kube-apiserver", apiserver)?;
 
         let http = reqwest::Client::builder()
@@ -379,6 +429,14 @@ impl ControlPlane {
         &self.admin_token
     }
 
+    /// Bearer token of [`OPERATOR_USER`] (`keysmith-operator`, group
+    /// `system:masters`), the identity the operator under test runs as, so
+    /// that its requests are told apart in the audit log. A secret: never
+    /// log it.
+    pub fn operator_token(&self) -> &str {
+        &self.operator_token
+    }
+
     /// Bearer token of the unprivileged user `user-<n>`, for `n` in
     /// `1..=USER_COUNT`. These users have no RBAC bindings at all.
     pub fn user_token(&self, n: usize) -> Option<&str> {
@@ -436,6 +494,84 @@ impl ControlPlane {
         &self.kubeconfig_path
     }
 
+    /// Path of a kubeconfig (mode 0600) for [`OPERATOR_USER`], in the
+    /// control plane's temp dir.
+    pub fn operator_kubeconfig_path(&self) -> &Path {
+        &self.operator_kubeconfig_path
+    }
+
+    /// A new client authenticating as [`OPERATOR_USER`] (one per async
+    /// runtime, like [`ControlPlane::client`]).
+    pub async fn operator_client(&self) -> Result<kube::Client, ControlPlaneError> {
+        self.client_for_token(&self.operator_token).await
+    }
+
+    /// Every audit record so far, oldest first: one per completed request
+    /// (stage `ResponseComplete`), from every user. Watches appear once they
+    /// end. Requests rejected before authentication (401) have no such
+    /// record. The shared control plane serves many tests at once: filter
+    /// by [`AuditRecord::user`] and [`AuditRecord::namespace`].
+    ///
+    /// A request's record is written before its response completes, so a
+    /// request whose response has been read is already here.
+    pub fn audit_records(&self) -> Result<Vec<AuditRecord>, ControlPlaneError> {
+        self.audit_records_since(0)
+    }
+
+    /// The number of audit records so far: pass it to
+    /// [`ControlPlane::audit_records_since`] to read only later records.
+    pub fn audit_mark(&self) -> Result<usize, ControlPlaneError> {
+        self.with_audit(|records| records.len())
+    }
+
+    /// The audit records after `mark` (from [`ControlPlane::audit_mark`]),
+    /// oldest first.
+    pub fn audit_records_since(&self, mark: usize) -> Result<Vec<AuditRecord>, ControlPlaneError> {
+        self.with_audit(|records| records.get(mark..).map(<[_]>::to_vec).unwrap_or_default())
+    }
+
+    /// Parse what was appended to the audit log since the last call, then
+    /// hand all records parsed so far to `f`.
+    fn with_audit<T>(&self, f: impl FnOnce(&[AuditRecord]) -> T) -> Result<T, ControlPlaneError> {
+        // The cache is only updated once a read fully succeeded, so a
+        // poisoned lock still guards consistent data.
+        let mut cache = self
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = &self.audit_log_path;
+        let io_err = |e| ControlPlaneError::io(format!("reading {}", path.display()), e);
+        let mut bytes = Vec::new();
+        match fs::File::open(path) {
+            Ok(mut file) => {
+                let len = file.metadata().map_err(io_err)?.len();
+                if len < cache.offset {
+                    return Err(ControlPlaneError::Audit(format!(
+                        "{} shrank from {} to {len} bytes (rotated?)",
+                        path.display(),
+                        cache.offset
+                    )));
+                }
+                file.seek(io::SeekFrom::Start(cache.offset))
+                    .map_err(io_err)?;
+                file.read_to_end(&mut bytes).map_err(io_err)?;
+            }
+            // The apiserver creates the log with its first event.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && cache.offset == 0 => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let (complete, mut parsed) = parse_audit_log(&bytes).map_err(|e| {
+            ControlPlaneError::Audit(format!(
+                "{} (after byte {}): {e}",
+                path.display(),
+                cache.offset
+            ))
+        })?;
+        cache.offset += complete as u64;
+        cache.records.append(&mut parsed);
+        Ok(f(&cache.records))
+    }
+
     /// A new admin client. Build one per async runtime (each `#[tokio::test]`
     /// has its own): a client must not outlive the runtime that built it.
     pub async fn client(&self) -> Result<kube::Client, ControlPlaneError> {
@@ -481,6 +617,7 @@ impl ControlPlane {
             let _ = writeln!(csv, "{token},{user},{user},\"{groups}\"");
         };
         line(&self.admin_token, "admin", "system:masters");
+        line(&self.operator_token, OPERATOR_USER, "system:masters");
         line(
             controller_manager_token,
             "keysmith:kube-controller-manager",
@@ -604,6 +741,139 @@ impl Drop for ControlPlane {
         tracing::debug!(dir = %self.dir.path().display(), "local control plane stopped");
         // `self.dir` is removed when the field is dropped, right after this.
     }
+}
+
+/// One completed apiserver request, from the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// The authenticated user name, e.g. [`OPERATOR_USER`] or `admin`.
+    pub user: String,
+    /// The Kubernetes verb: `get`, `list`, `watch`, `create`, `update`,
+    /// `patch`, `delete`, `deletecollection`; for non-resource URLs
+    /// (`/version`, discovery) the lower-case HTTP method.
+    pub verb: String,
+    /// API group of the resource; `None` for the core group and for
+    /// non-resource URLs.
+    pub api_group: Option<String>,
+    /// Resource (plural, e.g. `configmaps`); empty for non-resource URLs.
+    pub resource: String,
+    /// Subresource, e.g. `status`.
+    pub subresource: Option<String>,
+    /// Namespace of the object or collection; `None` when cluster-scoped.
+    pub namespace: Option<String>,
+    /// Object name; for `create`, taken from the submitted object.
+    pub name: Option<String>,
+    /// HTTP status code of the response.
+    pub code: Option<u16>,
+    /// When the response completed (the event's `stageTimestamp`).
+    pub at: SystemTime,
+    /// Path and query of the request.
+    pub request_uri: String,
+}
+
+impl AuditRecord {
+    /// Whether the request asked to change state: `create`, `update`,
+    /// `patch`, `delete` or `deletecollection` (whether or not it succeeded).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
+    }
+}
+
+/// The audit log as parsed so far.
+#[derive(Debug, Default)]
+struct AuditCache {
+    /// Bytes of the log consumed (always at a line boundary).
+    offset: u64,
+    /// Records of the `ResponseComplete` stage, in log order.
+    records: Vec<AuditRecord>,
+}
+
+/// The fields of an `audit.k8s.io/v1` `Event` that [`AuditRecord`] needs.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditEvent {
+    stage: String,
+    #[serde(default, rename = "requestURI")]
+    request_uri: String,
+    #[serde(default)]
+    verb: String,
+    #[serde(default)]
+    user: AuditUser,
+    object_ref: Option<AuditObjectRef>,
+    response_status: Option<AuditStatus>,
+    stage_timestamp: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct AuditUser {
+    #[serde(default)]
+    username: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditObjectRef {
+    resource: Option<String>,
+    subresource: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    api_group: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AuditStatus {
+    code: Option<u16>,
+}
+
+impl AuditEvent {
+    /// The record of a `ResponseComplete` event; `None` for other stages.
+    fn into_record(self) -> Option<AuditRecord> {
+        if self.stage != "ResponseComplete" {
+            return None;
+        }
+        let (api_group, resource, subresource, namespace, name) = match self.object_ref {
+            Some(o) => (
+                o.api_group.filter(|g| !g.is_empty()),
+                o.resource.unwrap_or_default(),
+                o.subresource.filter(|s| !s.is_empty()),
+                o.namespace.filter(|n| !n.is_empty()),
+                o.name.filter(|n| !n.is_empty()),
+            ),
+            None => (None, String::new(), None, None, None),
+        };
+        Some(AuditRecord {
+            user: self.user.username,
+            verb: self.verb,
+            api_group,
+            resource,
+            subresource,
+            namespace,
+            name,
+            code: self.response_status.and_then(|s| s.code),
+            at: self.stage_timestamp.into(),
+            request_uri: self.request_uri,
+        })
+    }
+}
+
+/// Parse the complete lines of a chunk of audit log (the last line may
+/// still be being written): how many bytes they span, and their
+/// `ResponseComplete` records.
+fn parse_audit_log(bytes: &[u8]) -> Result<(usize, Vec<AuditRecord>), String> {
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut records = Vec::new();
+    for (i, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let event: AuditEvent =
+            serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        records.extend(event.into_record());
+    }
+    Ok((complete, records))
 }
 
 static SHARED: tokio::sync::OnceCell<Result<ControlPlane, String>> =
@@ -883,6 +1153,94 @@ mod tests {
         ];
         for (input, expected) in cases {
             assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+
+    /// Events as kube-apiserver 1.20.2 writes them (some fields trimmed).
+    const AUDIT_SAMPLE: &str = concat!(
+        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"2bec8fe8-927f-455d-ac02-2f92b4cbbaac","stage":"ResponseComplete","requestURI":"/apis/flowcontrol.apiserver.k8s.io/v1beta1/flowschemas/global-default/status?fieldManager=x","verb":"patch","user":{"username":"system:apiserver","uid":"903b8515-62f7-40a1-9729-6eadbcb0797d","groups":["system:masters"]},"sourceIPs":["127.0.0.1"],"userAgent":"kube-apiserver/v1.20.2 (linux/amd64) kubernetes/faecb19","objectRef":{"resource":"flowschemas","name":"global-default","apiGroup":"flowcontrol.apiserver.k8s.io","apiVersion":"v1beta1","subresource":"status"},"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2021-11-30T06:46:04.644627Z","stageTimestamp":"2021-11-30T06:46:04.649691Z","annotations":{"authorization.k8s.io/decision":"allow","authorization.k8s.io/reason":""}}"#,
+        "\n",
+        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"a1","stage":"ResponseStarted","requestURI":"/api/v1/namespaces/ns1/configmaps?watch=true","verb":"watch","user":{"username":"keysmith-operator","groups":["system:masters","system:authenticated"]},"sourceIPs":["127.0.0.1"],"objectRef":{"resource":"configmaps","namespace":"ns1","apiVersion":"v1"},"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2021-11-30T06:46:05.000000Z","stageTimestamp":"2021-11-30T06:46:05.000100Z"}"#,
+        "\n",
+        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"a2","stage":"ResponseComplete","requestURI":"/api/v1/namespaces/ns1/secrets/s","verb":"get","user":{"username":"user-1","groups":["system:authenticated"]},"sourceIPs":["127.0.0.1"],"objectRef":{"resource":"secrets","namespace":"ns1","name":"s","apiVersion":"v1"},"responseStatus":{"metadata":{},"status":"Failure","reason":"Forbidden","code":403},"requestReceivedTimestamp":"2021-11-30T06:46:45.398299Z","stageTimestamp":"2021-11-30T06:46:45.398445Z","annotations":{"authorization.k8s.io/decision":"forbid","authorization.k8s.io/reason":""}}"#,
+        "\n",
+        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"a3","stage":"ResponseComplete","requestURI":"/version","verb":"get","user":{"username":"admin","groups":["system:masters","system:authenticated"]},"sourceIPs":["127.0.0.1"],"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2021-11-30T06:46:46.000000Z","stageTimestamp":"2021-11-30T06:46:46.000000Z"}"#,
+        "\n",
+    );
+
+    #[test]
+    fn audit_log_yields_response_complete_records() {
+        let (consumed, records) = parse_audit_log(AUDIT_SAMPLE.as_bytes()).expect("parses");
+        assert_eq!(consumed, AUDIT_SAMPLE.len());
+        assert_eq!(records.len(), 3, "the watch's ResponseStarted is skipped");
+
+        let status_patch = &records[0];
+        assert_eq!(status_patch.user, "system:apiserver");
+        assert_eq!(status_patch.verb, "patch");
+        assert_eq!(
+            status_patch.api_group.as_deref(),
+            Some("flowcontrol.apiserver.k8s.io")
+        );
+        assert_eq!(status_patch.resource, "flowschemas");
+        assert_eq!(status_patch.subresource.as_deref(), Some("status"));
+        assert_eq!(status_patch.namespace, None);
+        assert_eq!(status_patch.name.as_deref(), Some("global-default"));
+        assert_eq!(status_patch.code, Some(200));
+        assert_eq!(
+            status_patch.at,
+            SystemTime::UNIX_EPOCH + Duration::new(1_638_254_764, 649_691_000)
+        );
+        assert!(status_patch.request_uri.starts_with("/apis/flowcontrol"));
+        assert!(status_patch.is_write());
+
+        let forbidden = &records[1];
+        assert_eq!(forbidden.user, "user-1");
+        assert_eq!(forbidden.namespace.as_deref(), Some("ns1"));
+        assert_eq!(forbidden.api_group, None);
+        assert_eq!(forbidden.code, Some(403));
+        assert!(!forbidden.is_write());
+
+        let non_resource = &records[2];
+        assert_eq!(non_resource.resource, "");
+        assert_eq!(non_resource.name, None);
+        assert_eq!(non_resource.request_uri, "/version");
+    }
+
+    #[test]
+    fn a_partly_written_audit_line_is_left_for_later() {
+        let first_line = AUDIT_SAMPLE.find('\n').expect("a line") + 1;
+        let partial = &AUDIT_SAMPLE.as_bytes()[..first_line + 40];
+        let (consumed, records) = parse_audit_log(partial).expect("parses");
+        assert_eq!(consumed, first_line);
+        assert_eq!(records.len(), 1);
+
+        assert_eq!(
+            parse_audit_log(b"{\"stage\":").expect("parses"),
+            (0, vec![])
+        );
+        let err = parse_audit_log(b"{}\nnot json\n").expect_err("garbage is an error");
+        assert!(err.starts_with("line 1:"), "{err}");
+    }
+
+    #[test]
+    fn writes_are_the_mutating_verbs() {
+        let record = |verb: &str| AuditRecord {
+            user: "u".to_owned(),
+            verb: verb.to_owned(),
+            api_group: None,
+            resource: "configmaps".to_owned(),
+            subresource: None,
+            namespace: None,
+            name: None,
+            code: Some(200),
+            at: SystemTime::UNIX_EPOCH,
+            request_uri: "/".to_owned(),
+        };
+        for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+            assert!(record(verb).is_write(), "{verb}");
+        }
+        for verb in ["get", "list", "watch", "post"] {
+            assert!(!record(verb).is_write(), "{verb}");
         }
     }
 

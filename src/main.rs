@@ -1,20 +1,47 @@
 #![forbid(unsafe_code)]
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use keysmith::{controller, controlplane::ControlPlane, install, manifest};
 
 /// keysmith: dedicated, least-privilege, rotating integration accounts,
 /// declared as Kubernetes objects.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log level, or a tracing filter such as `keysmith=debug,kube=info`.
+    #[arg(long, global = true, env = "KEYSMITH_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, env = "KEYSMITH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator against the cluster in KUBECONFIG (or in-cluster).
+    Run {
+        /// A kubeconfig file; defaults to KUBECONFIG, then in-cluster config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Start a throwaway local control plane, install keysmith's CRDs, run
+    /// the operator in it, and apply examples/quickstart. Stops on Ctrl-C.
+    Dev {
+        /// Manifests applied once the operator runs.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart"))]
+        examples: PathBuf,
+    },
     /// Print keysmith's CustomResourceDefinitions as YAML (all of them, as one
     /// multi-document stream), or write one file per kind into a directory.
     Crd {
@@ -27,8 +54,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
     let result = match cli.command {
         Command::Crd { output_dir } => print_crds(output_dir),
+        Command::Run { kubeconfig } => runtime().and_then(|rt| rt.block_on(run(kubeconfig))),
+        Command::Dev { examples } => runtime().and_then(|rt| rt.block_on(dev(examples))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,8 +69,108 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+async fn run(kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig and not running in a cluster")?,
+    };
+    let client = kube::Client::try_from(config.clone())?;
+    controller::run(
+        client,
+        config,
+        controller::RunOptions::default(),
+        shutdown_signal(),
+    )
+    .await
+}
+
+async fn dev(examples: PathBuf) -> anyhow::Result<()> {
+    eprintln!("starting a local control plane (the first run builds kube-apiserver; this takes a few minutes)...");
+    let cp = ControlPlane::start()
+        .await
+        .context("starting the local control plane")?;
+    let client = cp.client().await?;
+    install::install_crds(&client, Duration::from_secs(60)).await?;
+    let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(controller::run(
+        client.clone(),
+        config,
+        controller::RunOptions::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let applied = manifest::apply_dir(&client, &examples).await?;
+    println!("KUBECONFIG={}", cp.kubeconfig_path().display());
+    eprintln!(
+        "keysmith is running; applied {applied} objects from {}.\n\
+         Try: export KUBECONFIG={} && kubectl get keysmith -A\n\
+         Press Ctrl-C to stop and remove the control plane.",
+        examples.display(),
+        cp.kubeconfig_path().display()
+    );
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        result = operator => {
+            result??;
+            anyhow::bail!("the operator stopped unexpectedly");
+        }
+    }
+    let _ = stop_tx.send(());
+    cp.stop();
+    Ok(())
+}
+
 fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let crds = keysmith::api::crds();
     match output_dir {
         Some(dir) => {

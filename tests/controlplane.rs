@@ -2,7 +2,7 @@
 //! a real etcd + kube-apiserver + kube-controller-manager, shared by all
 //! tests of this binary.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{
     TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Pod, PodSpec, Secret, ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use keysmith::controlplane::{self, ControlPlane};
+use keysmith::controlplane::{self, AuditRecord, ControlPlane, OPERATOR_USER};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Client;
 
@@ -95,26 +95,158 @@ async fn default_namespace_exists_and_version_is_1_20() {
     );
 }
 
-#[tokio::test]
-async fn admin_kubeconfig_file_is_private_and_works() {
+/// A client from a kubeconfig file, after checking the file is private.
+async fn client_from_private_kubeconfig(path: &std::path::Path) -> Client {
     use std::os::unix::fs::PermissionsExt as _;
-    let (cp, _) = admin().await;
-    let path = cp.kubeconfig_path();
     let mode = std::fs::metadata(path)
         .expect("kubeconfig exists")
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(mode & 0o777, 0o600, "{}", path.display());
 
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig parses");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("kubeconfig loads");
-    let client = Client::try_from(config).expect("client");
+    Client::try_from(config).expect("client")
+}
+
+#[tokio::test]
+async fn admin_kubeconfig_file_is_private_and_works() {
+    let (cp, _) = admin().await;
+    let client = client_from_private_kubeconfig(cp.kubeconfig_path()).await;
     Api::<Namespace>::all(client)
         .get("default")
         .await
         .expect("admin from the kubeconfig file can read namespaces");
+}
+
+/// The audit records of `user` in namespace `ns` since `mark`.
+fn audit_of(cp: &ControlPlane, mark: usize, user: &str, ns: &str) -> Vec<AuditRecord> {
+    cp.audit_records_since(mark)
+        .expect("audit log readable")
+        .into_iter()
+        .filter(|r| r.user == user && r.namespace.as_deref() == Some(ns))
+        .collect()
+}
+
+#[tokio::test]
+async fn operator_kubeconfig_file_is_private_and_authenticates_as_the_operator() {
+    let (cp, admin_client) = admin().await;
+    assert_ne!(cp.operator_token(), cp.admin_token());
+    assert_ne!(cp.operator_kubeconfig_path(), cp.kubeconfig_path());
+    let ns = "cp-test-operator-kubeconfig";
+    namespace(&admin_client, ns).await;
+
+    let mark = cp.audit_mark().expect("audit mark");
+    let client = client_from_private_kubeconfig(cp.operator_kubeconfig_path()).await;
+    // system:masters: may read secrets anywhere.
+    Api::<Secret>::namespaced(client, ns)
+        .list(&ListParams::default())
+        .await
+        .expect("the operator from its kubeconfig file can list secrets");
+
+    let records = audit_of(cp, mark, OPERATOR_USER, ns);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].verb, "list");
+    assert_eq!(records[0].resource, "secrets");
+    assert_eq!(records[0].code, Some(200));
+}
+
+#[tokio::test]
+async fn audit_log_records_the_operators_requests() {
+    let (cp, admin_client) = admin().await;
+    let ns = "cp-test-audit";
+    namespace(&admin_client, ns).await;
+    let started = SystemTime::now();
+    let mark = cp.audit_mark().expect("audit mark");
+    assert!(mark > 0, "the readiness checks alone are audited");
+
+    let cms = Api::<ConfigMap>::namespaced(cp.operator_client().await.expect("client"), ns);
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("audited".to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..ConfigMap::default()
+    };
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    cms.patch(
+        "audited",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "data": { "k": "v" } })),
+    )
+    .await
+    .expect("patch");
+    cms.get("audited").await.expect("get");
+    cms.list(&ListParams::default()).await.expect("list");
+    // The admin's traffic in the same namespace is someone else's.
+    Api::<ConfigMap>::namespaced(admin_client, ns)
+        .get("audited")
+        .await
+        .expect("admin get");
+
+    // Records are written before responses complete: no waiting needed.
+    let records = audit_of(cp, mark, OPERATOR_USER, ns);
+    let summary: Vec<(&str, &str, Option<&str>, Option<u16>)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.verb.as_str(),
+                r.resource.as_str(),
+                r.name.as_deref(),
+                r.code,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("create", "configmaps", Some("audited"), Some(201)),
+            ("patch", "configmaps", Some("audited"), Some(200)),
+            ("get", "configmaps", Some("audited"), Some(200)),
+            ("list", "configmaps", None, Some(200)),
+        ],
+        "{records:#?}"
+    );
+    assert_eq!(records.iter().filter(|r| r.is_write()).count(), 2);
+    for record in &records {
+        assert_eq!(record.api_group, None, "core group");
+        assert_eq!(record.subresource, None);
+        assert!(
+            record
+                .request_uri
+                .starts_with(&format!("/api/v1/namespaces/{ns}/configmaps")),
+            "{}",
+            record.request_uri
+        );
+        // Allow for clock granularity between us and the apiserver.
+        let slack = Duration::from_secs(1);
+        assert!(record.at + slack >= started, "{record:?}");
+        assert!(record.at <= SystemTime::now() + slack, "{record:?}");
+    }
+
+    let admin_records = audit_of(cp, mark, "admin", ns);
+    assert_eq!(admin_records.len(), 1, "{admin_records:#?}");
+    assert!(!admin_records[0].is_write());
+
+    // Marks and "since" agree with the full log.
+    let all = cp.audit_records().expect("all records");
+    assert!(all.len() >= mark + 5);
+    assert_eq!(cp.audit_records_since(mark).expect("since"), all[mark..]);
+    let later = cp.audit_mark().expect("later mark");
+    assert!(later >= all.len());
+    assert!(cp
+        .audit_records_since(later)
+        .expect("since later")
+        .iter()
+        .all(|r| r.namespace.as_deref() != Some(ns)));
+    assert!(cp
+        .audit_records_since(usize::MAX)
+        .expect("past the end")
+        .is_empty());
 }
 
 #[tokio::test]

@@ -175,7 +175,7 @@ pub struct IntegrationAccountStatus {
 
     /// The roles the account holds in the target app, as last observed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub roles: Vec<String>,
+    pub roles: Vec<GrantedRole>,
 
     /// The key currently published in the Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,11 +190,27 @@ pub struct IntegrationAccountStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_at: Option<Time>,
 
+    /// The last value of the `keysmith.dev/rotate-now` annotation that keysmith
+    /// acted on. Setting the annotation to any other value rotates the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_request: Option<String>,
+
     /// An external operation that was started but whose result has not been
     /// recorded yet. Written before the call, so a crash in between leaves a
     /// trace the next reconcile acts on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingOperation>,
+}
+
+/// A role the account holds, and where.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantedRole {
+    /// The role, in the target app's terms.
+    pub role: String,
+    /// Where it applies (namespace, database...), if the provider has scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// The account as it exists in the target app.
@@ -211,6 +227,10 @@ pub struct ExternalAccount {
     /// Whether the account is disabled in the target app.
     #[serde(default)]
     pub disabled: bool,
+    /// The connection (`Kind/name`) the account was created through. keysmith
+    /// refuses to act if spec.connectionRef no longer matches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
 }
 
 /// The key currently published in the output Secret.
@@ -267,6 +287,9 @@ pub struct KeyRecord {
     /// When the target app stops accepting the key by itself, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// When the rotation policy's restart targets were rolled for this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<Time>,
     /// Why the key reached its current state (for example `Rotated`,
     /// `ManualRotation`, `Orphaned`, `AccountDeleted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -29,7 +29,7 @@ pub mod condition_types {
 }
 
 /// A reference to an object in the same namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalObjectReference {
     /// Name of the object, in the same namespace as the referring object.

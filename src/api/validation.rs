@@ -63,10 +63,8 @@ pub fn parse_duration(field: &str, text: &str) -> Result<Duration, InvalidField>
         total += value * seconds_per_unit;
         rest = &rest[unit_len..];
     }
-    if !total.is_finite() || total > Duration::MAX.as_secs_f64() {
-        return Err(InvalidField::new(field, format!("{text:?} is too long")));
-    }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total)
+        .map_err(|_| InvalidField::new(field, format!("{text:?} is too long")))
 }
 
 #[cfg(test)]
@@ -107,6 +105,14 @@ mod tests {
                 err.to_string().contains("is not a duration"),
                 "{text}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_panicked_on() {
+        for text in ["5124095576030431h", "99999999999999999999999h"] {
+            let err = parse_duration("spec.rotateEvery", text).unwrap_err();
+            assert!(err.message.contains("too long"), "{err}");
         }
     }
 

@@ -1,1 +1,1260 @@
-//! The built-in `kubernetes` provider (being written).
+//! The built-in `kubernetes` provider: the target app is a Kubernetes cluster.
+//!
+//! - account → a ServiceAccount, labelled with the IntegrationAccount's uid;
+//! - role → an RBAC RoleBinding to the named ClusterRole in the scope
+//!   namespace, or a ClusterRoleBinding for scope `*` (only where the
+//!   connection allows it);
+//! - key → a TokenRequest token bound to a per-key "anchor" Secret. Deleting
+//!   the anchor revokes the token: the apiserver refuses tokens whose bound
+//!   object is gone.
+//!
+//! Everything keysmith creates carries `app.kubernetes.io/managed-by=keysmith`
+//! and `keysmith.dev/account-uid=<IntegrationAccount uid>`, so it can be found
+//! by label and is never confused with objects someone else made.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use async_trait::async_trait;
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
+use k8s_openapi::{
+    api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        },
+        core::v1::{Secret, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{
+    api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    config::{
+        AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
+        NamedContext,
+    },
+    Client,
+};
+use serde_json::json;
+
+use super::{
+    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey,
+    Provider, ProviderError, RoleGrant,
+};
+
+/// The label saying keysmith manages an object.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "keysmith";
+/// The label holding the owning IntegrationAccount's uid: the ownership tag.
+pub const ACCOUNT_UID_LABEL: &str = "keysmith.dev/account-uid";
+/// The label (and annotation, which holds the exact id) naming a key anchor's key.
+pub const KEY_ID_LABEL: &str = "keysmith.dev/key-id";
+/// `<namespace>/<name>` of the owning IntegrationAccount.
+pub const INTEGRATION_ACCOUNT_ANNOTATION: &str = "keysmith.dev/integration-account";
+/// The IntegrationAccount's spec.description, for audits.
+pub const DESCRIPTION_ANNOTATION: &str = "keysmith.dev/description";
+/// The IntegrationAccount's spec.owner, for audits.
+pub const OWNER_ANNOTATION: &str = "keysmith.dev/owner";
+/// Set to `true` on a disabled ServiceAccount.
+pub const DISABLED_ANNOTATION: &str = "keysmith.dev/disabled";
+/// The ClusterRole a binding grants, as requested.
+pub const ROLE_ANNOTATION: &str = "keysmith.dev/role";
+/// The scope a binding takes effect on: its namespace, or `*`.
+pub const SCOPE_ANNOTATION: &str = "keysmith.dev/scope";
+/// The `type` of key anchor Secrets.
+pub const KEY_ANCHOR_TYPE: &str = "keysmith.dev/key-anchor";
+/// The field manager keysmith writes with.
+pub const FIELD_MANAGER: &str = "keysmith";
+/// The scope that means "cluster-wide" (a ClusterRoleBinding).
+pub const CLUSTER_SCOPE: &str = "*";
+
+/// The shortest token lifetime the TokenRequest API accepts.
+const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
+/// The token lifetime when the request names none.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest name of a namespaced or cluster object (a DNS-1123 subdomain).
+const MAX_NAME_LEN: usize = 253;
+/// Longest label value.
+const MAX_LABEL_VALUE_LEN: usize = 63;
+/// Hex digits of the hash added to names that were shortened or sanitised.
+const HASH_LEN: usize = 10;
+/// The name of the cluster entry in issued kubeconfigs.
+const KUBECONFIG_CLUSTER: &str = "keysmith-target";
+
+/// A Kubernetes cluster as the target app, reached with an admin client.
+#[derive(Clone)]
+pub struct KubernetesProvider {
+    client: Client,
+    server_url: String,
+    ca_pem: Option<String>,
+    allow_cluster_scope: bool,
+    tls_server_name: Option<String>,
+    insecure_skip_tls_verify: bool,
+}
+
+impl fmt::Debug for KubernetesProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubernetesProvider")
+            .field("server_url", &self.server_url)
+            .field("has_ca", &self.ca_pem.is_some())
+            .field("allow_cluster_scope", &self.allow_cluster_scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubernetesProvider {
+    /// A provider acting through `client` (the connection's admin
+    /// credential). `server_url` and `ca_pem` (the apiserver's CA, PEM) go
+    /// into the kubeconfigs handed out with each key, so they must be how
+    /// the integration reaches the same cluster.
+    pub fn new(
+        client: Client,
+        server_url: String,
+        ca_pem: Option<String>,
+        allow_cluster_scope: bool,
+    ) -> Self {
+        Self {
+            client,
+            server_url: server_url.trim_end_matches('/').to_owned(),
+            ca_pem,
+            allow_cluster_scope,
+            tls_server_name: None,
+            insecure_skip_tls_verify: false,
+        }
+    }
+
+    /// A provider built from a client configuration: the client is built
+    /// from it, and the server URL, CA, TLS server name and (in)secure
+    /// verification setting are carried into issued kubeconfigs.
+    pub fn from_config(
+        config: kube::Config,
+        allow_cluster_scope: bool,
+    ) -> Result<Self, ProviderError> {
+        let server_url = config.cluster_url.to_string();
+        let ca_pem = match (&config.root_cert, &config.root_cert_file) {
+            (Some(certs), _) if !certs.is_empty() => Some(der_certs_to_pem(certs)),
+            (_, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| {
+                ProviderError::Invalid(format!("reading the CA bundle {}: {e}", file.display()))
+            })?),
+            _ => None,
+        };
+        let tls_server_name = config.tls_server_name.clone();
+        let insecure_skip_tls_verify = config.accept_invalid_certs;
+        let client = Client::try_from(config).map_err(classify)?;
+        let mut provider = Self::new(client, server_url, ca_pem, allow_cluster_scope);
+        provider.tls_server_name = tls_server_name;
+        provider.insecure_skip_tls_verify = insecure_skip_tls_verify;
+        Ok(provider)
+    }
+
+    /// The apiserver URL written into issued kubeconfigs.
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
+    /// Whether scope `*` (a ClusterRoleBinding) may be granted.
+    pub fn allow_cluster_scope(&self) -> bool {
+        self.allow_cluster_scope
+    }
+
+    fn service_accounts(&self, namespace: &str) -> Api<ServiceAccount> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// The ServiceAccount, if it exists.
+    async fn get_service_account(
+        &self,
+        account: &AccountRequest,
+    ) -> Result<Option<ServiceAccount>, ProviderError> {
+        self.service_accounts(sa_namespace(account))
+            .get_opt(&account.name)
+            .await
+            .map_err(classify)
+    }
+
+    /// The ServiceAccount, which must exist and be ours.
+    async fn owned_service_account(
+        &self,
+        account: &AccountRequest,
+    ) -> Result<ServiceAccount, ProviderError> {
+        match self.get_service_account(account).await? {
+            None => Err(ProviderError::NotFound(format!(
+                "ServiceAccount {} does not exist",
+                sa_ref(account)
+            ))),
+            Some(sa) if !is_owned(&sa.metadata, account) => Err(foreign_account(account)),
+            Some(sa) => Ok(sa),
+        }
+    }
+
+    /// Merge-patches the ServiceAccount's labels and annotations to what we
+    /// want, `disabled` setting or clearing the disabled annotation. The
+    /// resourceVersion guards against the ownership changing under us.
+    async fn patch_service_account(
+        &self,
+        account: &AccountRequest,
+        current: &ServiceAccount,
+        disabled: bool,
+    ) -> Result<ServiceAccount, ProviderError> {
+        let mut annotations: serde_json::Map<String, serde_json::Value> =
+            desired_annotations(account)
+                .into_iter()
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
+        for key in [DESCRIPTION_ANNOTATION, OWNER_ANNOTATION] {
+            annotations.entry(key).or_insert(serde_json::Value::Null);
+        }
+        annotations.insert(
+            DISABLED_ANNOTATION.to_owned(),
+            if disabled {
+                json!("true")
+            } else {
+                serde_json::Value::Null
+            },
+        );
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": current.metadata.resource_version,
+                "labels": desired_labels(account),
+                "annotations": annotations,
+            }
+        });
+        self.service_accounts(sa_namespace(account))
+            .patch(
+                &account.name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(classify)
+    }
+
+    /// The key anchors of the account (in the ServiceAccount's namespace).
+    async fn list_anchors(&self, account: &AccountRequest) -> Result<Vec<Secret>, ProviderError> {
+        let selector = format!("{},{KEY_ID_LABEL}", owned_selector(account));
+        let anchors = self
+            .secrets(sa_namespace(account))
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(classify)?;
+        Ok(anchors
+            .items
+            .into_iter()
+            .filter(|s| s.type_.as_deref() == Some(KEY_ANCHOR_TYPE))
+            .collect())
+    }
+
+    /// Deletes every key anchor of the account, revoking all its tokens.
+    async fn revoke_all_keys(&self, account: &AccountRequest) -> Result<(), ProviderError> {
+        let secrets = self.secrets(sa_namespace(account));
+        for anchor in self.list_anchors(account).await? {
+            if let Some(name) = anchor.metadata.name.as_deref() {
+                delete_ignoring_not_found(&secrets, name, anchor.metadata.uid.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kubeconfig that authenticates as the ServiceAccount with `token`.
+    fn kubeconfig(&self, account: &AccountRequest, token: &str) -> Kubeconfig {
+        let user = format!(
+            "system:serviceaccount:{}:{}",
+            sa_namespace(account),
+            account.name
+        );
+        Kubeconfig {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Config".to_owned()),
+            clusters: vec![NamedCluster {
+                name: KUBECONFIG_CLUSTER.to_owned(),
+                cluster: Some(Cluster {
+                    server: Some(self.server_url.clone()),
+                    certificate_authority_data: self.ca_pem.as_ref().map(|pem| BASE64.encode(pem)),
+                    tls_server_name: self.tls_server_name.clone(),
+                    insecure_skip_tls_verify: self.insecure_skip_tls_verify.then_some(true),
+                    ..Cluster::default()
+                }),
+                ..NamedCluster::default()
+            }],
+            auth_infos: vec![NamedAuthInfo {
+                name: user.clone(),
+                auth_info: Some(AuthInfo {
+                    token: Some(token.to_owned().into()),
+                    ..AuthInfo::default()
+                }),
+                ..NamedAuthInfo::default()
+            }],
+            contexts: vec![NamedContext {
+                name: user.clone(),
+                context: Some(Context {
+                    cluster: KUBECONFIG_CLUSTER.to_owned(),
+                    user: Some(user.clone()),
+                    namespace: Some(sa_namespace(account).to_owned()),
+                    ..Context::default()
+                }),
+                ..NamedContext::default()
+            }],
+            current_context: Some(user),
+            ..Kubeconfig::default()
+        }
+    }
+
+    /// What goes into the output Secret for a token.
+    fn material(
+        &self,
+        account: &AccountRequest,
+        token: &str,
+    ) -> Result<KeyMaterial, ProviderError> {
+        // A serialisation error names a position, never a value.
+        let kubeconfig = serde_yaml::to_string(&self.kubeconfig(account, token))
+            .map_err(|e| ProviderError::Invalid(format!("rendering the kubeconfig: {e}")))?;
+        let mut values = BTreeMap::new();
+        values.insert("token".to_owned(), token.to_owned());
+        values.insert("server".to_owned(), self.server_url.clone());
+        values.insert("namespace".to_owned(), sa_namespace(account).to_owned());
+        values.insert("kubeconfig".to_owned(), kubeconfig);
+        if let Some(ca) = &self.ca_pem {
+            values.insert("ca.crt".to_owned(), ca.clone());
+        }
+        Ok(KeyMaterial::new(values))
+    }
+
+    /// Creates the anchor Secret of a key, or finds ours from an earlier
+    /// attempt. Returns it and whether it was created now.
+    async fn ensure_anchor(
+        &self,
+        account: &AccountRequest,
+        sa: &ServiceAccount,
+        key_id: &str,
+    ) -> Result<(Secret, bool), ProviderError> {
+        let name = anchor_name(&account.name, key_id);
+        let mut labels = desired_labels(account);
+        labels.insert(KEY_ID_LABEL.to_owned(), label_value(key_id));
+        let mut annotations = BTreeMap::new();
+        annotations.insert(KEY_ID_LABEL.to_owned(), key_id.to_owned());
+        annotations.insert(
+            INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
+            integration_account(account),
+        );
+        let anchor = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(sa_namespace(account).to_owned()),
+                labels: Some(labels),
+                annotations: Some(annotations),
+                // When the ServiceAccount goes, the garbage collector takes
+                // its anchors with it.
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".to_owned(),
+                    kind: "ServiceAccount".to_owned(),
+                    name: account.name.clone(),
+                    uid: sa.metadata.uid.clone().unwrap_or_default(),
+                    ..OwnerReference::default()
+                }])
+                .filter(|refs| refs.iter().all(|r| !r.uid.is_empty())),
+                ..ObjectMeta::default()
+            },
+            type_: Some(KEY_ANCHOR_TYPE.to_owned()),
+            ..Secret::default()
+        };
+        let secrets = self.secrets(sa_namespace(account));
+        match secrets.create(&post_params(), &anchor).await {
+            Ok(created) => Ok((created, true)),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = secrets.get(&name).await.map_err(classify)?;
+                let same_key = existing
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(KEY_ID_LABEL))
+                    .is_some_and(|id| id == key_id);
+                if is_owned(&existing.metadata, account)
+                    && same_key
+                    && existing.type_.as_deref() == Some(KEY_ANCHOR_TYPE)
+                {
+                    Ok((existing, false))
+                } else {
+                    Err(ProviderError::Conflict(format!(
+                        "Secret {}/{name} exists and is not keysmith's anchor for key {key_id}",
+                        sa_namespace(account)
+                    )))
+                }
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for KubernetesProvider {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_keys_per_account: None,
+            key_expiry: true,
+            disable: true,
+        }
+    }
+
+    fn default_scope(&self, account: &AccountRequest) -> Option<String> {
+        Some(sa_namespace(account).to_owned())
+    }
+
+    async fn verify_connection(&self) -> Result<(), ProviderError> {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some("create".to_owned()),
+                    resource: Some("serviceaccounts".to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let review = Api::<SelfSubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(classify)?;
+        match review.status {
+            Some(status) if status.allowed => Ok(()),
+            _ => Err(ProviderError::Unauthorized(
+                "the connection's credential may not create ServiceAccounts".to_owned(),
+            )),
+        }
+    }
+
+    async fn observe_account(
+        &self,
+        account: &AccountRequest,
+    ) -> Result<Option<ObservedAccount>, ProviderError> {
+        Ok(self
+            .get_service_account(account)
+            .await?
+            .map(|sa| observed_account(&sa, account)))
+    }
+
+    async fn create_account(
+        &self,
+        account: &AccountRequest,
+    ) -> Result<ObservedAccount, ProviderError> {
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(account.name.clone()),
+                namespace: Some(sa_namespace(account).to_owned()),
+                labels: Some(desired_labels(account)),
+                annotations: Some(desired_annotations(account)),
+                ..ObjectMeta::default()
+            },
+            // The account is for a system outside the cluster: pods have no
+            // business running as it.
+            automount_service_account_token: Some(false),
+            ..ServiceAccount::default()
+        };
+        let api = self.service_accounts(sa_namespace(account));
+        match api.create(&post_params(), &sa).await {
+            Ok(created) => Ok(observed_account(&created, account)),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = api.get(&account.name).await.map_err(classify)?;
+                if is_owned(&existing.metadata, account) {
+                    Ok(observed_account(&existing, account))
+                } else {
+                    Err(foreign_account(account))
+                }
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn update_account(
+        &self,
+        account: &AccountRequest,
+    ) -> Result<ObservedAccount, ProviderError> {
+        let current = self.owned_service_account(account).await?;
+        let updated = self.patch_service_account(account, &current, false).await?;
+        Ok(observed_account(&updated, account))
+    }
+
+    async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
+        // Tokens only come from anchors, so revoking them all leaves the
+        // account unable to authenticate; its role bindings are kept for
+        // when it is enabled again.
+        self.revoke_all_keys(account).await?;
+        match self.get_service_account(account).await? {
+            None => Ok(()),
+            Some(sa) if !is_owned(&sa.metadata, account) => {
+                tracing::warn!(service_account = %sa_ref(account), "not disabling a ServiceAccount keysmith does not own");
+                Ok(())
+            }
+            Some(sa) => match self.patch_service_account(account, &sa, true).await {
+                Err(ProviderError::NotFound(_)) => Ok(()),
+                other => other.map(|_| ()),
+            },
+        }
+    }
+
+    async fn delete_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
+        // Keys first, so nothing can use the account while the rest goes.
+        self.revoke_all_keys(account).await?;
+
+        let selector = owned_selector(account);
+        let bindings = Api::<RoleBinding>::all(self.client.clone())
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(classify)?;
+        for binding in bindings.items {
+            if let (Some(name), Some(ns)) = (&binding.metadata.name, &binding.metadata.namespace) {
+                let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
+                delete_ignoring_not_found(&api, name, binding.metadata.uid.clone()).await?;
+            }
+        }
+        let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone());
+        let listed = cluster_bindings
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(classify)?;
+        for binding in listed.items {
+            if let Some(name) = &binding.metadata.name {
+                delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone())
+                    .await?;
+            }
+        }
+
+        match self.get_service_account(account).await? {
+            None => Ok(()),
+            Some(sa) if !is_owned(&sa.metadata, account) => {
+                tracing::warn!(service_account = %sa_ref(account), "not deleting a ServiceAccount keysmith does not own");
+                Ok(())
+            }
+            Some(sa) => {
+                let api = self.service_accounts(sa_namespace(account));
+                delete_ignoring_not_found(&api, &account.name, sa.metadata.uid.clone()).await
+            }
+        }
+    }
+
+    async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
+        let params = ListParams::default().labels(&owned_selector(account));
+        let bindings = Api::<RoleBinding>::all(self.client.clone())
+            .list(&params)
+            .await
+            .map_err(classify)?;
+        let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone())
+            .list(&params)
+            .await
+            .map_err(classify)?;
+        let mut grants: Vec<RoleGrant> = bindings
+            .items
+            .iter()
+            .map(|b| grant_from(&b.metadata, &b.role_ref))
+            .chain(
+                cluster_bindings
+                    .items
+                    .iter()
+                    .map(|b| grant_from(&b.metadata, &b.role_ref)),
+            )
+            .collect();
+        grants.sort();
+        grants.dedup();
+        Ok(grants)
+    }
+
+    async fn grant_role(
+        &self,
+        account: &AccountRequest,
+        grant: &RoleGrant,
+    ) -> Result<(), ProviderError> {
+        let target = binding_target(account, grant);
+        if target.is_none() && !self.allow_cluster_scope {
+            return Err(ProviderError::Invalid(format!(
+                "cluster-wide scope \"{CLUSTER_SCOPE}\" is not allowed by this connection"
+            )));
+        }
+        if grant.role.is_empty() {
+            return Err(ProviderError::Invalid("the role name is empty".to_owned()));
+        }
+        // RBAC accepts bindings to ClusterRoles that do not exist (they grant
+        // nothing). A typo should surface, so look first; an admin that may
+        // not read ClusterRoles skips the check.
+        match Api::<ClusterRole>::all(self.client.clone())
+            .get_opt(&grant.role)
+            .await
+        {
+            Ok(None) => {
+                return Err(ProviderError::NotFound(format!(
+                    "ClusterRole \"{}\" does not exist",
+                    grant.role
+                )))
+            }
+            Ok(Some(_)) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(classify(e)),
+        }
+
+        let name = binding_name(account, grant);
+        let metadata = ObjectMeta {
+            name: Some(name.clone()),
+            namespace: target.clone(),
+            labels: Some(desired_labels(account)),
+            annotations: Some(binding_annotations(account, grant)),
+            ..ObjectMeta::default()
+        };
+        let role_ref = RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: grant.role.clone(),
+        };
+        let subjects = Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: account.name.clone(),
+            namespace: Some(sa_namespace(account).to_owned()),
+            ..Subject::default()
+        }]);
+        let (created, existing) = match &target {
+            Some(ns) => {
+                let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
+                let binding = RoleBinding {
+                    metadata,
+                    role_ref,
+                    subjects,
+                };
+                match api.create(&post_params(), &binding).await {
+                    Ok(_) => (true, None),
+                    Err(kube::Error::Api(s)) if s.code == 409 => (
+                        false,
+                        Some(api.get(&name).await.map_err(classify)?.metadata),
+                    ),
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+            None => {
+                let api = Api::<ClusterRoleBinding>::all(self.client.clone());
+                let binding = ClusterRoleBinding {
+                    metadata,
+                    role_ref,
+                    subjects,
+                };
+                match api.create(&post_params(), &binding).await {
+                    Ok(_) => (true, None),
+                    Err(kube::Error::Api(s)) if s.code == 409 => (
+                        false,
+                        Some(api.get(&name).await.map_err(classify)?.metadata),
+                    ),
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+        };
+        match existing {
+            Some(meta) if !created && !is_owned(&meta, account) => {
+                let what = match &target {
+                    Some(ns) => format!("RoleBinding {ns}/{name}"),
+                    None => format!("ClusterRoleBinding {name}"),
+                };
+                Err(ProviderError::Conflict(format!(
+                    "{what} exists and was not created by keysmith for this IntegrationAccount"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn revoke_role(
+        &self,
+        account: &AccountRequest,
+        grant: &RoleGrant,
+    ) -> Result<(), ProviderError> {
+        let name = binding_name(account, grant);
+        // Only delete what is ours: a same-named binding someone else made stays.
+        match binding_target(account, grant) {
+            Some(ns) => {
+                let api = Api::<RoleBinding>::namespaced(self.client.clone(), &ns);
+                match api.get_opt(&name).await.map_err(classify)? {
+                    Some(b) if is_owned(&b.metadata, account) => {
+                        delete_ignoring_not_found(&api, &name, b.metadata.uid).await
+                    }
+                    _ => Ok(()),
+                }
+            }
+            None => {
+                let api = Api::<ClusterRoleBinding>::all(self.client.clone());
+                match api.get_opt(&name).await.map_err(classify)? {
+                    Some(b) if is_owned(&b.metadata, account) => {
+                        delete_ignoring_not_found(&api, &name, b.metadata.uid).await
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn issue_key(
+        &self,
+        account: &AccountRequest,
+        request: &KeyRequest,
+    ) -> Result<IssuedKey, ProviderError> {
+        if request.key_id.is_empty() {
+            return Err(ProviderError::Invalid("the key id is empty".to_owned()));
+        }
+        let sa = self.owned_service_account(account).await?;
+        let (anchor, created) = self.ensure_anchor(account, &sa, &request.key_id).await?;
+        let lifetime = request
+            .lifetime
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .max(MIN_TOKEN_LIFETIME);
+        let token_request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".to_owned()),
+                    kind: Some("Secret".to_owned()),
+                    name: anchor.metadata.name.clone(),
+                    uid: anchor.metadata.uid.clone(),
+                }),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        let issued = self
+            .service_accounts(sa_namespace(account))
+            .create_token_request(&account.name, &post_params(), &token_request)
+            .await;
+        let status = match issued {
+            Ok(TokenRequest {
+                status: Some(status),
+                ..
+            }) if !status.token.is_empty() => status,
+            failed => {
+                if created {
+                    if let Some(name) = anchor.metadata.name.as_deref() {
+                        let _ = delete_ignoring_not_found(
+                            &self.secrets(sa_namespace(account)),
+                            name,
+                            anchor.metadata.uid.clone(),
+                        )
+                        .await;
+                    }
+                }
+                return Err(match failed {
+                    Err(e) => classify(e),
+                    Ok(_) => ProviderError::transient("the TokenRequest returned no token"),
+                });
+            }
+        };
+        Ok(IssuedKey {
+            id: request.key_id.clone(),
+            expires_at: Some(status.expiration_timestamp.0),
+            material: self.material(account, &status.token)?,
+        })
+    }
+
+    async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
+        let mut keys: Vec<ObservedKey> = self
+            .list_anchors(account)
+            .await?
+            .into_iter()
+            .filter_map(|anchor| {
+                let meta = anchor.metadata;
+                let id = meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(KEY_ID_LABEL))
+                    .or_else(|| meta.labels.as_ref().and_then(|l| l.get(KEY_ID_LABEL)))?
+                    .clone();
+                Some(ObservedKey {
+                    id,
+                    created_at: meta.creation_timestamp.map(|t| t.0),
+                })
+            })
+            .collect();
+        keys.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(keys)
+    }
+
+    async fn revoke_key(
+        &self,
+        account: &AccountRequest,
+        key_id: &str,
+    ) -> Result<(), ProviderError> {
+        let secrets = self.secrets(sa_namespace(account));
+        let name = anchor_name(&account.name, key_id);
+        match secrets.get_opt(&name).await.map_err(classify)? {
+            Some(anchor) if is_owned(&anchor.metadata, account) => {
+                delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid).await
+            }
+            // Gone, or someone else's Secret: our key cannot be behind it.
+            _ => Ok(()),
+        }
+    }
+
+    async fn verify_key(
+        &self,
+        account: &AccountRequest,
+        key: &IssuedKey,
+    ) -> Result<(), ProviderError> {
+        let token = key
+            .material
+            .expose()
+            .get("token")
+            .ok_or_else(|| ProviderError::Invalid("the key has no token".to_owned()))?;
+        let config = kube::Config::from_custom_kubeconfig(
+            self.kubeconfig(account, token),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| ProviderError::Invalid(format!("the issued kubeconfig is unusable: {e}")))?;
+        let client = Client::try_from(config).map_err(classify)?;
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(sa_namespace(account).to_owned()),
+                    verb: Some("get".to_owned()),
+                    resource: Some("serviceaccounts".to_owned()),
+                    name: Some(account.name.clone()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        // Any answer but 401 means the apiserver knew who we were.
+        match Api::<SelfSubjectAccessReview>::all(client)
+            .create(&PostParams::default(), &review)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 401 => Err(ProviderError::Invalid(
+                "the new token was not accepted".to_owned(),
+            )),
+            Err(kube::Error::Api(status)) if status.code == 403 => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+/// Classifies a Kubernetes API error by what the caller should do.
+pub fn classify(err: kube::Error) -> ProviderError {
+    match err {
+        kube::Error::Api(status) => {
+            let message = if status.reason.is_empty() {
+                format!("{} (HTTP {})", status.message, status.code)
+            } else {
+                format!(
+                    "{} (HTTP {} {})",
+                    status.message, status.code, status.reason
+                )
+            };
+            match status.code {
+                401 | 403 => ProviderError::Unauthorized(message),
+                404 => ProviderError::NotFound(message),
+                409 => ProviderError::Conflict(message),
+                400 | 405 | 406 | 413 | 415 | 422 => ProviderError::Invalid(message),
+                _ => ProviderError::Transient {
+                    message,
+                    retry_after: status
+                        .details
+                        .as_ref()
+                        .map(|d| d.retry_after_seconds)
+                        .filter(|s| *s > 0)
+                        .map(|s| Duration::from_secs(u64::from(s))),
+                },
+            }
+        }
+        kube::Error::Auth(e) => ProviderError::Unauthorized(e.to_string()),
+        e @ (kube::Error::BuildRequest(_)
+        | kube::Error::HttpError(_)
+        | kube::Error::InferConfig(_)
+        | kube::Error::InferKubeconfig(_)
+        | kube::Error::ProxyProtocolUnsupported { .. }
+        | kube::Error::ProxyProtocolDisabled { .. }
+        | kube::Error::RustlsTls(_)
+        | kube::Error::TlsRequired) => ProviderError::Invalid(e.to_string()),
+        // Connection failures, timeouts, garbled responses.
+        e => ProviderError::transient(e.to_string()),
+    }
+}
+
+/// The namespace of the account's ServiceAccount.
+fn sa_namespace(account: &AccountRequest) -> &str {
+    account
+        .options
+        .get("namespace")
+        .map(String::as_str)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(&account.namespace)
+}
+
+/// `namespace/name` of the ServiceAccount, for messages.
+fn sa_ref(account: &AccountRequest) -> String {
+    format!("{}/{}", sa_namespace(account), account.name)
+}
+
+fn integration_account(account: &AccountRequest) -> String {
+    format!("{}/{}", account.namespace, account.account_name)
+}
+
+fn foreign_account(account: &AccountRequest) -> ProviderError {
+    ProviderError::Conflict(format!(
+        "ServiceAccount {} exists and was not created by keysmith for this IntegrationAccount",
+        sa_ref(account)
+    ))
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    }
+}
+
+/// The labels on everything keysmith creates for the account.
+fn desired_labels(account: &AccountRequest) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+        (ACCOUNT_UID_LABEL.to_owned(), account.owner_uid.clone()),
+    ])
+}
+
+/// The label selector for everything keysmith created for the account.
+fn owned_selector(account: &AccountRequest) -> String {
+    format!(
+        "{MANAGED_BY_LABEL}={MANAGED_BY},{ACCOUNT_UID_LABEL}={}",
+        account.owner_uid
+    )
+}
+
+/// The annotations keysmith keeps on the ServiceAccount (disabled aside).
+fn desired_annotations(account: &AccountRequest) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([(
+        INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
+        integration_account(account),
+    )]);
+    if let Some(description) = &account.description {
+        annotations.insert(DESCRIPTION_ANNOTATION.to_owned(), description.clone());
+    }
+    if let Some(owner) = &account.owner {
+        annotations.insert(OWNER_ANNOTATION.to_owned(), owner.clone());
+    }
+    annotations
+}
+
+fn is_owned(meta: &ObjectMeta, account: &AccountRequest) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(ACCOUNT_UID_LABEL))
+        .is_some_and(|uid| *uid == account.owner_uid)
+}
+
+fn observed_account(sa: &ServiceAccount, account: &AccountRequest) -> ObservedAccount {
+    let meta = &sa.metadata;
+    let labels = meta.labels.clone().unwrap_or_default();
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let labels_match = desired_labels(account)
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let desired = desired_annotations(account);
+    let annotations_match = [
+        INTEGRATION_ACCOUNT_ANNOTATION,
+        DESCRIPTION_ANNOTATION,
+        OWNER_ANNOTATION,
+    ]
+    .into_iter()
+    .all(|key| annotations.get(key) == desired.get(key));
+    ObservedAccount {
+        id: meta.uid.clone().unwrap_or_default(),
+        name: format!(
+            "system:serviceaccount:{}:{}",
+            sa_namespace(account),
+            account.name
+        ),
+        disabled: annotations
+            .get(DISABLED_ANNOTATION)
+            .is_some_and(|v| v == "true"),
+        owned: is_owned(meta, account),
+        drifted: !(labels_match && annotations_match),
+    }
+}
+
+/// Where a grant's binding lives: `Some(namespace)` for a RoleBinding,
+/// `None` for a ClusterRoleBinding.
+fn binding_target(account: &AccountRequest, grant: &RoleGrant) -> Option<String> {
+    match grant.scope.as_deref() {
+        Some(CLUSTER_SCOPE) => None,
+        Some(ns) if !ns.is_empty() => Some(ns.to_owned()),
+        _ => Some(sa_namespace(account).to_owned()),
+    }
+}
+
+/// The scope a grant takes effect on: a namespace, or `*` for cluster-wide.
+/// No scope (or an empty one) means the ServiceAccount's own namespace.
+fn effective_scope(account: &AccountRequest, grant: &RoleGrant) -> String {
+    binding_target(account, grant).unwrap_or_else(|| CLUSTER_SCOPE.to_owned())
+}
+
+/// The binding's name: readable, and unique per ServiceAccount, role and
+/// effective scope (the hash covers all of them, so a ServiceAccount of the
+/// same name in another namespace gets other bindings).
+fn binding_name(account: &AccountRequest, grant: &RoleGrant) -> String {
+    let identity = format!(
+        "{}\0{}\0{}\0{}",
+        sa_namespace(account),
+        account.name,
+        grant.role,
+        effective_scope(account, grant)
+    );
+    hashed_name(
+        &format!("keysmith-{}-{}", account.name, grant.role),
+        &identity,
+    )
+}
+
+fn binding_annotations(account: &AccountRequest, grant: &RoleGrant) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (ROLE_ANNOTATION.to_owned(), grant.role.clone()),
+        (SCOPE_ANNOTATION.to_owned(), effective_scope(account, grant)),
+        (
+            INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
+            integration_account(account),
+        ),
+    ])
+}
+
+/// The grant a binding stands for, always with its effective scope (the
+/// namespace, or `*`), from its annotations, falling back to the role it
+/// refers to and where it lives.
+fn grant_from(meta: &ObjectMeta, role_ref: &RoleRef) -> RoleGrant {
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let located = match &meta.namespace {
+        Some(ns) => ns.clone(),
+        None => CLUSTER_SCOPE.to_owned(),
+    };
+    RoleGrant {
+        role: annotations
+            .get(ROLE_ANNOTATION)
+            .cloned()
+            .unwrap_or_else(|| role_ref.name.clone()),
+        scope: Some(
+            annotations
+                .get(SCOPE_ANNOTATION)
+                .cloned()
+                .unwrap_or(located),
+        ),
+    }
+}
+
+/// The anchor Secret's name for a key.
+fn anchor_name(sa_name: &str, key_id: &str) -> String {
+    let raw = format!("{sa_name}-key-{key_id}");
+    let sanitised = sanitise(&raw, MAX_NAME_LEN);
+    if sanitised == raw {
+        raw
+    } else {
+        hashed_name(&raw, &format!("{sa_name}\0{key_id}"))
+    }
+}
+
+/// `raw` made a DNS-1123 subdomain, shortened to leave room for a hash of
+/// `identity`, which is appended.
+fn hashed_name(raw: &str, identity: &str) -> String {
+    let prefix = sanitise(raw, MAX_NAME_LEN - HASH_LEN - 1);
+    let hash = short_hash(identity);
+    if prefix.is_empty() {
+        hash
+    } else {
+        format!("{prefix}-{hash}")
+    }
+}
+
+/// Lowercase; anything but `[a-z0-9.-]` becomes `-`; at most `max` long;
+/// starting and ending with an alphanumeric character.
+fn sanitise(raw: &str, max: usize) -> String {
+    let mapped: String = raw
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(max)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+/// A label value standing for `value`: itself if valid, else a sanitised,
+/// hashed form (the exact value lives in an annotation).
+fn label_value(value: &str) -> String {
+    let valid = value.len() <= MAX_LABEL_VALUE_LEN
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        return value.to_owned();
+    }
+    let prefix: String = value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_LABEL_VALUE_LEN - HASH_LEN - 1)
+        .collect();
+    let prefix = prefix.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() {
+        short_hash(value)
+    } else {
+        format!("{prefix}-{}", short_hash(value))
+    }
+}
+
+/// The first [`HASH_LEN`] hex digits of the 64-bit FNV-1a hash: stable across
+/// Rust releases and platforms, unlike `DefaultHasher`.
+fn short_hash(input: &str) -> String {
+    let hash = input.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut hex = format!("{hash:016x}");
+    hex.truncate(HASH_LEN);
+    hex
+}
+
+/// DER certificates as a PEM bundle.
+fn der_certs_to_pem(certs: &[Vec<u8>]) -> String {
+    let mut pem = String::new();
+    for der in certs {
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        let encoded = BASE64.encode(der);
+        let mut rest = encoded.as_str();
+        while !rest.is_empty() {
+            let (line, tail) = rest.split_at(rest.len().min(64));
+            pem.push_str(line);
+            pem.push('\n');
+            rest = tail;
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem
+}
+
+/// Deletes an object (only the one with `uid`, when known); gone is fine.
+async fn delete_ignoring_not_found<K>(
+    api: &Api<K>,
+    name: &str,
+    uid: Option<String>,
+) -> Result<(), ProviderError>
+where
+    K: kube::Resource + Clone + fmt::Debug + serde::de::DeserializeOwned,
+{
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_subdomains_with_a_stable_hash() {
+        let account = AccountRequest {
+            name: "ci".to_owned(),
+            namespace: "team".to_owned(),
+            account_name: "ci".to_owned(),
+            owner_uid: "uid".to_owned(),
+            description: None,
+            owner: None,
+            options: BTreeMap::new(),
+        };
+        let grant = RoleGrant {
+            role: "system:aggregate-to-view".to_owned(),
+            scope: None,
+        };
+        let name = binding_name(&account, &grant);
+        assert!(
+            name.starts_with("keysmith-ci-system-aggregate-to-view-"),
+            "{name}"
+        );
+        assert_eq!(name, binding_name(&account, &grant));
+        let explicit = RoleGrant {
+            scope: Some("team".to_owned()),
+            ..grant.clone()
+        };
+        assert_eq!(
+            name,
+            binding_name(&account, &explicit),
+            "no scope is the ServiceAccount's namespace"
+        );
+        let elsewhere = AccountRequest {
+            namespace: "other".to_owned(),
+            ..account.clone()
+        };
+        assert_ne!(name, binding_name(&elsewhere, &grant));
+
+        let long = RoleGrant {
+            role: "x".repeat(400),
+            scope: None,
+        };
+        let name = binding_name(&account, &long);
+        assert!(name.len() <= MAX_NAME_LEN, "{}", name.len());
+
+        assert_eq!(anchor_name("ci", "k-1"), "ci-key-k-1");
+        let odd = anchor_name("ci", "Key_1");
+        assert!(odd.starts_with("ci-key-key-1-"), "{odd}");
+        assert_ne!(odd, anchor_name("ci", "key-1"));
+    }
+
+    #[test]
+    fn label_values_stay_valid() {
+        assert_eq!(label_value("k-20250101-abc"), "k-20250101-abc");
+        let long = label_value(&"a".repeat(100));
+        assert!(long.len() <= MAX_LABEL_VALUE_LEN);
+        assert!(label_value("::").chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn short_hash_is_fnv1a() {
+        // FNV-1a 64 of "" is cbf29ce484222325, of "a" af63dc4c8601ec8c.
+        assert_eq!(short_hash(""), "cbf29ce484");
+        assert_eq!(short_hash("a"), "af63dc4c86");
+    }
+
+    #[test]
+    fn der_is_wrapped_at_64_columns() {
+        let pem = der_certs_to_pem(&[vec![0u8; 100]]);
+        let body: Vec<&str> = pem.lines().collect();
+        assert_eq!(body.first(), Some(&"-----BEGIN CERTIFICATE-----"));
+        assert_eq!(body.last(), Some(&"-----END CERTIFICATE-----"));
+        assert!(body.iter().all(|l| l.len() <= 64));
+    }
+}

@@ -1,7 +1,166 @@
-//! Picks and builds the provider for a connection (being written).
+//! Picks and builds the provider for a connection: the one field set under
+//! spec.provider decides.
 
-/// A connection resolved for one account.
-pub struct ResolvedConnection;
+use std::{collections::HashMap, sync::Arc};
 
-/// Builds providers.
-pub struct ProviderRegistry;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{config::KubeConfigOptions, Api, Client};
+use tokio::sync::Mutex;
+
+use super::{kubernetes::KubernetesProvider, Provider, ProviderError};
+use crate::api::{AppConnectionSpec, ConnectionKind, SecretKeySelector};
+
+/// A connection resolved for one account: where it is and what it says.
+#[derive(Debug, Clone)]
+pub struct ResolvedConnection {
+    /// AppConnection or ClusterAppConnection.
+    pub kind: ConnectionKind,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (AppConnection only).
+    pub namespace: Option<String>,
+    /// Its uid, to key caches.
+    pub uid: String,
+    /// Its spec.
+    pub spec: AppConnectionSpec,
+}
+
+impl ResolvedConnection {
+    /// `Kind/name`, as recorded on accounts.
+    pub fn display(&self) -> String {
+        format!("{:?}/{}", self.kind, self.name)
+    }
+
+    /// The namespace a credential Secret reference points into: an
+    /// AppConnection's own, or the one a ClusterAppConnection names.
+    pub fn secret_namespace(&self, selector: &SecretKeySelector) -> Result<String, ProviderError> {
+        match (&self.kind, &self.namespace, &selector.namespace) {
+            (ConnectionKind::AppConnection, Some(own), None) => Ok(own.clone()),
+            (ConnectionKind::AppConnection, Some(own), Some(other)) if own == other => Ok(own.clone()),
+            (ConnectionKind::AppConnection, _, Some(other)) => Err(ProviderError::Invalid(format!(
+                "an AppConnection may only read Secrets in its own namespace, not {other:?}; use a ClusterAppConnection"
+            ))),
+            (ConnectionKind::ClusterAppConnection, _, Some(ns)) => Ok(ns.clone()),
+            _ => Err(ProviderError::Invalid(format!(
+                "the Secret reference {:?} must name its namespace on a ClusterAppConnection",
+                selector.name
+            ))),
+        }
+    }
+}
+
+/// Builds providers, reusing clients where the credential has not changed.
+pub struct ProviderRegistry {
+    client: Client,
+    config: kube::Config,
+    cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
+}
+
+impl ProviderRegistry {
+    /// A registry whose `kubernetes` provider targets the cluster `client`
+    /// (built from `config`) talks to, unless a connection names another.
+    pub fn new(client: Client, config: kube::Config) -> Self {
+        Self {
+            client,
+            config,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The provider for `connection`.
+    pub async fn provider_for(
+        &self,
+        connection: &ResolvedConnection,
+    ) -> Result<Arc<dyn Provider>, ProviderError> {
+        let provider = &connection.spec.provider;
+        if let Some(kubernetes) = &provider.kubernetes {
+            let (cache_key, config) = match &kubernetes.kubeconfig_secret_ref {
+                None => (
+                    format!("local/{}", kubernetes.allow_cluster_scope),
+                    self.config.clone(),
+                ),
+                Some(selector) => {
+                    let (text, version) =
+                        self.read_secret(connection, selector, "kubeconfig").await?;
+                    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).map_err(|e| {
+                        ProviderError::Invalid(format!(
+                            "the kubeconfig in Secret {:?} does not parse: {e}",
+                            selector.name
+                        ))
+                    })?;
+                    let config = kube::Config::from_custom_kubeconfig(
+                        kubeconfig,
+                        &KubeConfigOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        ProviderError::Invalid(format!(
+                            "the kubeconfig in Secret {:?} is not usable: {e}",
+                            selector.name
+                        ))
+                    })?;
+                    (
+                        format!(
+                            "{}/{}/{}",
+                            connection.uid, version, kubernetes.allow_cluster_scope
+                        ),
+                        config,
+                    )
+                }
+            };
+            let mut cache = self.cache.lock().await;
+            if let Some(found) = cache.get(&cache_key) {
+                return Ok(found.clone());
+            }
+            let built: Arc<dyn Provider> = Arc::new(KubernetesProvider::from_config(
+                config,
+                kubernetes.allow_cluster_scope,
+            )?);
+            cache.insert(cache_key, built.clone());
+            return Ok(built);
+        }
+        match provider.selected() {
+            Some(name) => Err(ProviderError::Invalid(format!(
+                "the {name} provider is not available in this build of keysmith"
+            ))),
+            None => Err(ProviderError::Invalid(
+                "spec.provider must set exactly one provider".into(),
+            )),
+        }
+    }
+
+    /// Reads one key of a credential Secret; returns it and the Secret's
+    /// resourceVersion (to key caches). Never puts the value in an error.
+    async fn read_secret(
+        &self,
+        connection: &ResolvedConnection,
+        selector: &SecretKeySelector,
+        default_key: &str,
+    ) -> Result<(String, String), ProviderError> {
+        let namespace = connection.secret_namespace(selector)?;
+        let key = selector.key.as_deref().unwrap_or(default_key);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        let secret = match api.get_opt(&selector.name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
+                return Err(ProviderError::Invalid(format!(
+                    "credential Secret {namespace}/{} does not exist",
+                    selector.name
+                )))
+            }
+            Err(e) => return Err(super::kubernetes::classify(e)),
+        };
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "credential Secret {namespace}/{} has no key {key:?}",
+                    selector.name
+                ))
+            })?;
+        Ok((value, secret.metadata.resource_version.unwrap_or_default()))
+    }
+}

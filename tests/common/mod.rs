@@ -5,11 +5,11 @@
 use std::{path::Path, process::Output, time::Duration};
 
 use k8s_openapi::api::core::v1::Namespace;
+use keysmith::controlplane::{self, ControlPlane};
 use kube::{
     api::{Api, DeleteParams, PostParams},
     Client,
 };
-use keysmith::controlplane::{self, ControlPlane};
 
 /// The shared control plane, with keysmith's CRDs installed and Established.
 pub async fn control_plane() -> &'static ControlPlane {
@@ -39,7 +39,10 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
-        Self { name, client: client.clone() }
+        Self {
+            name,
+            client: client.clone(),
+        }
     }
 
     /// Deletes the namespace (the controller-manager removes what is in it).
@@ -53,8 +56,13 @@ impl TestNamespace {
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    nanos ^ (std::process::id() << 16) ^ COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    nanos
+        ^ (std::process::id() << 16)
+        ^ COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Runs kubectl against the control plane as admin.
@@ -81,7 +89,9 @@ pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
 
 /// The manifests of an examples/ file, as JSON values.
 pub fn example(path: &str) -> Vec<serde_json::Value> {
-    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path);
+    let full = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(path);
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|doc| serde::Deserialize::deserialize(doc).unwrap())

@@ -1,0 +1,1386 @@
+//! The IntegrationAccount controller: the one writer per external account.
+//!
+//! observe (target app, caches) → [`plan`](super::plan) (pure) → apply
+//! (provider calls, the output Secret, restarts) → status (written only when
+//! it changed).
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use futures::Stream;
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        core::v1::{Namespace, Secret},
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    api::{Patch, PatchParams},
+    core::{PartialObjectMeta, SelectorExt},
+    runtime::{
+        controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller,
+    },
+    Api, Resource, ResourceExt,
+};
+use serde_json::json;
+
+use super::{
+    conditions::{merge_conditions, ConditionUpdate},
+    plan::{
+        self, Action, Plan, PlanInput, RotationReason, DEFAULT_GRACE_PERIOD, DEFAULT_KEY_LIFETIME,
+    },
+    secret::{self as output, SecretOwnership},
+    stream::{generation, hash_of},
+    succeeded, Context, Error, Stores,
+};
+use crate::{
+    api::{
+        condition_types::*, AppConnectionSpec, ConnectionKind, CurrentKey, DeletionPolicy,
+        ExternalAccount, IntegrationAccount, IntegrationAccountStatus, KeyRecord, KeyState,
+        PendingOperation, RestartTargetKind,
+    },
+    install::FIELD_MANAGER,
+    policy::RolePolicy,
+    provider::{
+        AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection,
+        RoleGrant,
+    },
+    schedule::RotationSchedule,
+};
+
+/// The finalizer that lets keysmith deprovision before an account goes away.
+pub const FINALIZER: &str = "keysmith.dev/deprovision";
+/// Set this annotation to a new value (a timestamp, say) to rotate now.
+pub const ROTATE_NOW_ANNOTATION: &str = "keysmith.dev/rotate-now";
+/// The pod-template annotation that rolls a restart target.
+pub const RESTARTED_AT_ANNOTATION: &str = "keysmith.dev/restartedAt";
+/// How often an unchanged account is checked for drift in the target app.
+pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(600);
+/// How many revoked key records status keeps as an audit trail.
+const REVOKED_RECORDS_KEPT: usize = 5;
+
+/// What retriggers an account: its spec, the rotate-now annotation, its
+/// deletion and finalizers. Status updates do not.
+fn trigger_key(account: &IntegrationAccount) -> u64 {
+    let meta = account.meta();
+    hash_of((
+        meta.generation,
+        account.annotations().get(ROTATE_NOW_ANNOTATION),
+        meta.deletion_timestamp.is_some(),
+        &meta.finalizers,
+    ))
+}
+
+/// What in an output Secret matters: its existence and keysmith's annotations.
+fn secret_key(secret: &PartialObjectMeta<Secret>) -> u64 {
+    hash_of((
+        secret.meta().resource_version.is_some(),
+        secret.annotations().get(output::KEY_ID_ANNOTATION),
+        secret.meta().deletion_timestamp.is_some(),
+    ))
+}
+
+/// The controller with its triggers.
+pub fn controller(
+    stores: &Stores,
+    accounts: impl Stream<Item = watcher::Event<IntegrationAccount>> + Send + 'static,
+    bindings: impl Stream<Item = watcher::Event<crate::api::RoleBinding>> + Send + 'static,
+    policies: impl Stream<Item = watcher::Event<crate::api::KeyRotationPolicy>> + Send + 'static,
+    connections: impl Stream<Item = watcher::Event<crate::api::AppConnection>> + Send + 'static,
+    cluster_connections: impl Stream<Item = watcher::Event<crate::api::ClusterAppConnection>>
+        + Send
+        + 'static,
+    secrets: impl Stream<Item = watcher::Event<PartialObjectMeta<Secret>>> + Send + 'static,
+) -> Controller<IntegrationAccount> {
+    let by_policy = stores.accounts.clone();
+    let by_connection = stores.accounts.clone();
+    let by_cluster_connection = stores.accounts.clone();
+    super::controller_for(&stores.accounts, accounts, trigger_key)
+        .owns_stream(super::stream::changes(secrets, secret_key))
+        .watches_stream(super::stream::changes(bindings, generation), |binding| {
+            Some(ObjectRef::new(&binding.spec.account_ref.name).within(&binding.namespace()?))
+        })
+        .watches_stream(
+            super::stream::changes(policies, generation),
+            move |policy| {
+                let ns = policy.namespace();
+                let name = policy.name_any();
+                by_policy
+                    .state()
+                    .into_iter()
+                    .filter(|a| {
+                        a.namespace() == ns
+                            && a.spec
+                                .rotation_policy_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name == name)
+                    })
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches_stream(
+            super::stream::changes(connections, generation),
+            move |connection| {
+                let ns = connection.namespace();
+                let name = connection.name_any();
+                by_connection
+                    .state()
+                    .into_iter()
+                    .filter(|a| {
+                        a.namespace() == ns
+                            && a.spec.connection_ref.kind == ConnectionKind::AppConnection
+                            && a.spec.connection_ref.name == name
+                    })
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches_stream(
+            super::stream::changes(cluster_connections, generation),
+            move |connection| {
+                let name = connection.name_any();
+                by_cluster_connection
+                    .state()
+                    .into_iter()
+                    .filter(|a| {
+                        a.spec.connection_ref.kind == ConnectionKind::ClusterAppConnection
+                            && a.spec.connection_ref.name == name
+                    })
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+}
+
+/// Whole seconds: what the apiserver stores, so recomputed times compare equal.
+pub fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+/// Reconciles one IntegrationAccount.
+pub async fn reconcile(
+    account: Arc<IntegrationAccount>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let namespace = account.namespace().unwrap_or_default();
+    let api: Api<IntegrationAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    let span = tracing::info_span!("reconcile", kind = "IntegrationAccount", account = %super::key_of(account.as_ref()), trace_id = %trace_id());
+    let _enter = span.enter();
+    let has_finalizer = account.finalizers().iter().any(|f| f == FINALIZER);
+
+    if account.meta().deletion_timestamp.is_some() {
+        if has_finalizer {
+            deprovision(&account, &ctx).await?;
+            remove_finalizer(&api, &account).await?;
+        }
+        return Ok(Requeue::await_change());
+    }
+    if !has_finalizer {
+        add_finalizer(&api, &account).await?;
+    }
+
+    let mut run = Run::new(&account);
+    let outcome = converge(&account, &ctx, &mut run).await;
+    let status = run.finish(&account);
+    if account.status.as_ref() != Some(&status) {
+        write_status(&api, &account, &status).await?;
+    }
+    match outcome {
+        Ok(wait) => {
+            succeeded(account.as_ref(), &ctx);
+            Ok(wait)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn trace_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// What one reconcile learns and decides, turned into status at the end.
+struct Run {
+    status: IntegrationAccountStatus,
+    conditions: Vec<ConditionUpdate>,
+    now: Timestamp,
+}
+
+impl Run {
+    fn new(account: &IntegrationAccount) -> Self {
+        Self {
+            status: account.status.clone().unwrap_or_default(),
+            conditions: Vec::new(),
+            now: now(),
+        }
+    }
+
+    fn condition(&mut self, update: ConditionUpdate) {
+        self.conditions.retain(|c| c.type_ != update.type_);
+        self.conditions.push(update);
+    }
+
+    fn finish(mut self, account: &IntegrationAccount) -> IntegrationAccountStatus {
+        let failing: Vec<&ConditionUpdate> = self
+            .conditions
+            .iter()
+            .filter(|c| [ACCOUNT_READY, ROLES_SYNCED, KEY_READY].contains(&c.type_) && !c.status)
+            .collect();
+        let ready = if account.spec.suspend {
+            ConditionUpdate::falsy(
+                READY,
+                "Suspended",
+                "spec.suspend is true: keysmith makes no changes in the target app",
+            )
+        } else if let Some(first) = failing.first() {
+            ConditionUpdate::falsy(READY, first.reason.clone(), first.message.clone())
+        } else if self.conditions.iter().filter(|c| c.status).count() >= 3 {
+            ConditionUpdate::truthy(
+                READY,
+                "Ready",
+                "the account, its roles and its key are in place",
+            )
+        } else {
+            ConditionUpdate::falsy(
+                READY,
+                "Reconciling",
+                "keysmith is still working on this account",
+            )
+        };
+        self.conditions.push(ready);
+        let time = Time(self.now);
+        self.status.common.conditions = merge_conditions(
+            &self.status.common.conditions,
+            &self.conditions,
+            account.meta().generation,
+            &time,
+        );
+        self.status.common.observed_generation = account.meta().generation;
+        self.status
+    }
+}
+
+/// The account request the provider acts on.
+pub fn account_request(account: &IntegrationAccount) -> AccountRequest {
+    AccountRequest {
+        name: account
+            .spec
+            .provider_options
+            .get("name")
+            .cloned()
+            .unwrap_or_else(|| account.name_any()),
+        namespace: account.namespace().unwrap_or_default(),
+        account_name: account.name_any(),
+        owner_uid: account.uid().unwrap_or_default(),
+        description: account.spec.description.clone(),
+        owner: account.spec.owner.clone(),
+        options: account.spec.provider_options.clone(),
+    }
+}
+
+/// Why an account cannot use its connection.
+#[derive(Debug)]
+pub struct ConnectionProblem {
+    /// CamelCase.
+    pub reason: &'static str,
+    /// For users.
+    pub message: String,
+}
+
+/// Finds the account's connection and checks the account may use it.
+pub async fn resolve_connection(
+    account: &IntegrationAccount,
+    ctx: &Context,
+) -> Result<Result<ResolvedConnection, ConnectionProblem>, Error> {
+    let reference = &account.spec.connection_ref;
+    let namespace = account.namespace().unwrap_or_default();
+    match reference.kind {
+        ConnectionKind::AppConnection => {
+            let found = ctx
+                .stores
+                .connections
+                .get(&ObjectRef::new(&reference.name).within(&namespace));
+            Ok(match found {
+                Some(conn) => Ok(ResolvedConnection {
+                    kind: ConnectionKind::AppConnection,
+                    name: reference.name.clone(),
+                    namespace: Some(namespace),
+                    uid: conn.uid().unwrap_or_default(),
+                    spec: conn.spec.clone(),
+                }),
+                None => Err(ConnectionProblem {
+                    reason: "ConnectionNotFound",
+                    message: format!(
+                        "AppConnection {namespace}/{} does not exist",
+                        reference.name
+                    ),
+                }),
+            })
+        }
+        ConnectionKind::ClusterAppConnection => {
+            let Some(conn) = ctx
+                .stores
+                .cluster_connections
+                .get(&ObjectRef::new(&reference.name))
+            else {
+                return Ok(Err(ConnectionProblem {
+                    reason: "ConnectionNotFound",
+                    message: format!("ClusterAppConnection {} does not exist", reference.name),
+                }));
+            };
+            let admitted = match &conn.spec.namespace_selector {
+                None => false,
+                Some(selector) => {
+                    let ns = Api::<Namespace>::all(ctx.client.clone())
+                        .get(&namespace)
+                        .await?;
+                    kube::core::Selector::try_from(selector.clone())
+                        .map(|s| s.matches(ns.labels()))
+                        .unwrap_or(false)
+                }
+            };
+            if !admitted {
+                return Ok(Err(ConnectionProblem {
+                    reason: "ConnectionNotAdmitted",
+                    message: format!(
+                        "ClusterAppConnection {}'s namespaceSelector does not admit namespace {namespace}",
+                        reference.name
+                    ),
+                }));
+            }
+            Ok(Ok(ResolvedConnection {
+                kind: ConnectionKind::ClusterAppConnection,
+                name: reference.name.clone(),
+                namespace: None,
+                uid: conn.uid().unwrap_or_default(),
+                spec: conn.spec.connection.clone(),
+            }))
+        }
+    }
+}
+
+/// The roles the account's RoleBindings grant, after the connection's
+/// policy, with each grant's scope made explicit.
+pub fn desired_roles(
+    account: &IntegrationAccount,
+    stores: &Stores,
+    spec: &AppConnectionSpec,
+    default_scope: Option<String>,
+) -> BTreeSet<RoleGrant> {
+    let policy = RolePolicy::new(spec.policy.as_ref());
+    let namespace = account.namespace();
+    stores
+        .bindings
+        .state()
+        .iter()
+        .filter(|b| b.namespace() == namespace && b.spec.account_ref.name == account.name_any())
+        .filter(|b| b.meta().deletion_timestamp.is_none())
+        .flat_map(|b| {
+            let scope = b
+                .spec
+                .scope
+                .clone()
+                .filter(|s| !s.is_empty())
+                .or_else(|| default_scope.clone());
+            b.spec
+                .roles
+                .iter()
+                .map(move |role| RoleGrant {
+                    role: role.clone(),
+                    scope: scope.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|grant| policy.check(&grant.role).is_allowed())
+        .collect()
+}
+
+/// Everything between "the object exists" and "status is written".
+async fn converge(
+    account: &IntegrationAccount,
+    ctx: &Context,
+    run: &mut Run,
+) -> Result<Requeue, Error> {
+    // connectionRef is immutable (CEL where the apiserver enforces it; here
+    // for those that do not).
+    let reference = format!(
+        "{:?}/{}",
+        account.spec.connection_ref.kind, account.spec.connection_ref.name
+    );
+    if let Some(recorded) = run
+        .status
+        .account
+        .as_ref()
+        .and_then(|a| a.connection.clone())
+    {
+        if recorded != reference {
+            let message = format!(
+                "spec.connectionRef changed from {recorded} to {reference}; connectionRef is immutable, restore it or create a new IntegrationAccount"
+            );
+            run.condition(ConditionUpdate::falsy(
+                ACCOUNT_READY,
+                "ConnectionChanged",
+                message,
+            ));
+            return Ok(Requeue::await_change());
+        }
+    }
+
+    let connection = match resolve_connection(account, ctx).await? {
+        Ok(connection) => connection,
+        Err(problem) => {
+            run.condition(ConditionUpdate::falsy(
+                ACCOUNT_READY,
+                problem.reason,
+                problem.message,
+            ));
+            return Ok(Requeue::await_change());
+        }
+    };
+    if account.spec.suspend {
+        return Ok(Requeue::await_change());
+    }
+    let provider = match ctx.providers.provider_for(&connection).await {
+        Ok(provider) => provider,
+        Err(error) => return provider_failed(run, ACCOUNT_READY, error),
+    };
+    let request = account_request(account);
+
+    // The rotation policy, if any.
+    let schedule = match &account.spec.rotation_policy_ref {
+        None => None,
+        Some(reference) => {
+            let key = ObjectRef::new(&reference.name).within(&request.namespace);
+            match ctx.stores.policies.get(&key) {
+                None => {
+                    run.condition(ConditionUpdate::falsy(
+                        KEY_READY,
+                        "RotationPolicyNotFound",
+                        format!("KeyRotationPolicy {} does not exist", reference.name),
+                    ));
+                    None
+                }
+                Some(policy) => match RotationSchedule::from_spec(&policy.spec) {
+                    Ok(schedule) => Some(schedule),
+                    Err(problems) => {
+                        let messages: Vec<String> =
+                            problems.iter().map(ToString::to_string).collect();
+                        run.condition(ConditionUpdate::falsy(
+                            KEY_READY,
+                            "RotationPolicyInvalid",
+                            format!(
+                                "KeyRotationPolicy {}: {}",
+                                reference.name,
+                                messages.join("; ")
+                            ),
+                        ));
+                        None
+                    }
+                },
+            }
+        }
+    };
+    let keys_blocked = run
+        .conditions
+        .iter()
+        .any(|c| c.type_ == KEY_READY && !c.status);
+
+    // The output Secret.
+    let secret_meta = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&account.spec.secret.name).within(&request.namespace));
+    let ownership = output::ownership(
+        secret_meta.as_ref().map(|m| &m.metadata),
+        &request.owner_uid,
+    );
+    let secret_key_id = match &ownership {
+        SecretOwnership::Ours { key_id } => key_id.clone(),
+        SecretOwnership::Absent => None,
+        SecretOwnership::Foreign => None,
+    };
+    let secret_foreign = ownership == SecretOwnership::Foreign
+        || (ownership == SecretOwnership::Absent && secret_exists_unlabelled(ctx, account).await?);
+    if secret_foreign {
+        run.condition(ConditionUpdate::falsy(
+            KEY_READY,
+            "SecretNotOwned",
+            format!(
+                "Secret {} exists and was not created by keysmith for this IntegrationAccount; keysmith will not overwrite it. Delete it or choose another spec.secret.name",
+                account.spec.secret.name
+            ),
+        ));
+    }
+
+    // Observe the target app.
+    let observed = match provider.observe_account(&request).await {
+        Ok(observed) => observed,
+        Err(error) => return provider_failed(run, ACCOUNT_READY, error),
+    };
+    let owned = observed.as_ref().is_some_and(|a| a.owned);
+    let (observed_roles, observed_keys) = if owned {
+        let roles = match provider.list_roles(&request).await {
+            Ok(roles) => roles,
+            Err(error) => return provider_failed(run, ROLES_SYNCED, error),
+        };
+        let keys = match provider.list_keys(&request).await {
+            Ok(keys) => keys,
+            Err(error) => return provider_failed(run, KEY_READY, error),
+        };
+        (roles.into_iter().collect::<BTreeSet<_>>(), keys)
+    } else {
+        (BTreeSet::new(), Vec::new())
+    };
+    let desired = desired_roles(
+        account,
+        &ctx.stores,
+        &connection.spec,
+        provider.default_scope(&request),
+    );
+    let max_keys = max_keys(&connection, provider.as_ref());
+
+    let status = run.status.clone();
+    let plan = plan::plan(&PlanInput {
+        now: run.now,
+        account: observed.as_ref(),
+        desired_roles: &desired,
+        observed_roles: &observed_roles,
+        observed_keys: &observed_keys,
+        records: &status.keys,
+        current: status.current_key.as_ref(),
+        secret_key_id: secret_key_id.as_deref(),
+        schedule: schedule.as_ref(),
+        seed: &request.owner_uid,
+        rotate_request: account
+            .annotations()
+            .get(ROTATE_NOW_ANNOTATION)
+            .map(String::as_str),
+        last_rotation_request: status.last_rotation_request.as_deref(),
+        max_keys,
+    });
+    if let Some(blocked) = &plan.blocked {
+        run.condition(ConditionUpdate::falsy(
+            ACCOUNT_READY,
+            "AccountConflict",
+            blocked.clone(),
+        ));
+        return Ok(Requeue::await_change());
+    }
+
+    let mut apply = Apply {
+        account,
+        ctx,
+        provider: provider.as_ref(),
+        request: &request,
+        connection: &connection,
+        schedule: schedule.as_ref(),
+        roles: observed_roles,
+        keys: observed_keys,
+        role_problem: None,
+    };
+    let result = apply.run(&plan, run, keys_blocked || secret_foreign).await;
+    let roles_now = apply.roles.clone();
+    let role_problem = apply.role_problem.take();
+    let live_keys: BTreeSet<String> = apply.keys.iter().map(|k| k.id.clone()).collect();
+
+    // Status from what is now true.
+    if let Some(observed) = observed.as_ref().filter(|a| a.owned).cloned().or_else(|| {
+        run.status
+            .account
+            .as_ref()
+            .map(|a| crate::provider::ObservedAccount {
+                id: a.id.clone(),
+                name: a.name.clone().unwrap_or_default(),
+                disabled: a.disabled,
+                owned: true,
+                drifted: false,
+            })
+    }) {
+        run.status.account = Some(ExternalAccount {
+            provider: provider.name().to_owned(),
+            id: observed.id,
+            name: Some(observed.name),
+            disabled: false,
+            connection: Some(connection.display()),
+        });
+    }
+    run.status.roles = roles_now
+        .iter()
+        .map(|g| crate::api::GrantedRole {
+            role: g.role.clone(),
+            scope: g.scope.clone(),
+        })
+        .collect();
+    if run.status.account.is_some()
+        && !result
+            .as_ref()
+            .is_err_and(|e| matches!(e, Error::Provider(ProviderError::Transient { .. })))
+    {
+        run.condition(ConditionUpdate::truthy(
+            ACCOUNT_READY,
+            "Created",
+            format!("{} account {} exists", provider.name(), request.name),
+        ));
+    }
+    match role_problem {
+        Some(problem) => run.condition(ConditionUpdate::falsy(
+            ROLES_SYNCED,
+            "RoleNotGranted",
+            problem,
+        )),
+        None if roles_now == desired => run.condition(ConditionUpdate::truthy(
+            ROLES_SYNCED,
+            "Synced",
+            format!(
+                "the account holds exactly the {} declared role(s)",
+                desired.len()
+            ),
+        )),
+        None => {}
+    }
+    for record in &mut run.status.keys {
+        if matches!(record.state, KeyState::Published | KeyState::Retiring)
+            && !live_keys.contains(&record.id)
+        {
+            record.state = KeyState::Revoked;
+            record.revoked_at.get_or_insert(Time(run.now));
+            record.reason.get_or_insert_with(|| "GoneFromTarget".into());
+        }
+    }
+    prune_records(&mut run.status.keys);
+    let current = run
+        .status
+        .current_key
+        .clone()
+        .filter(|c| live_keys.contains(&c.id));
+    run.status.next_rotation_at = current.as_ref().and_then(|c| {
+        plan::rotation_due(
+            schedule.as_ref(),
+            c.issued_at.0,
+            c.expires_at.as_ref().map(|t| t.0),
+            &plan::seed_for(&request.owner_uid, &c.id),
+        )
+        .map(|t| Time(whole_seconds(t)))
+    });
+    if !run.conditions.iter().any(|c| c.type_ == KEY_READY) {
+        match &current {
+            Some(key) => run.condition(ConditionUpdate::truthy(
+                KEY_READY,
+                "Published",
+                format!(
+                    "key {} is published in Secret {}",
+                    key.id, account.spec.secret.name
+                ),
+            )),
+            None => run.condition(ConditionUpdate::falsy(
+                KEY_READY,
+                "NoKey",
+                "no key has been published yet",
+            )),
+        }
+    }
+    result?;
+
+    // Come back when something is due, or for a drift check.
+    let wake = [
+        plan.wake_at,
+        run.status.next_rotation_at.as_ref().map(|t| t.0),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(
+        run.status
+            .keys
+            .iter()
+            .filter(|k| k.state == KeyState::Retiring)
+            .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
+    )
+    .min();
+    let delay = wake
+        .map(|t| {
+            Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO)
+                + Duration::from_secs(1)
+        })
+        .unwrap_or(DRIFT_CHECK_INTERVAL)
+        .min(DRIFT_CHECK_INTERVAL);
+    Ok(Requeue::requeue(delay))
+}
+
+/// A provider failure becomes a condition; transient ones also retry.
+fn provider_failed(
+    run: &mut Run,
+    condition: &'static str,
+    error: ProviderError,
+) -> Result<Requeue, Error> {
+    run.condition(ConditionUpdate::falsy(
+        condition,
+        error.category(),
+        error.to_string(),
+    ));
+    match error {
+        ProviderError::Transient { .. } | ProviderError::Unauthorized(_) => {
+            Err(Error::Provider(error))
+        }
+        _ => Ok(Requeue::await_change()),
+    }
+}
+
+fn max_keys(connection: &ResolvedConnection, provider: &dyn Provider) -> usize {
+    let ours = usize::try_from(connection.spec.max_keys_per_account.max(1)).unwrap_or(2);
+    match provider.capabilities().max_keys_per_account {
+        Some(theirs) => ours.min(usize::try_from(theirs).unwrap_or(ours)),
+        None => ours,
+    }
+}
+
+/// A Secret by that name that the label-selected cache cannot see is not ours.
+async fn secret_exists_unlabelled(
+    ctx: &Context,
+    account: &IntegrationAccount,
+) -> Result<bool, Error> {
+    let api: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &account.namespace().unwrap_or_default());
+    Ok(api
+        .get_metadata_opt(&account.spec.secret.name)
+        .await?
+        .is_some())
+}
+
+fn prune_records(records: &mut Vec<KeyRecord>) {
+    records.sort_by_key(|r| std::cmp::Reverse(r.created_at.0));
+    let mut revoked_seen = 0;
+    records.retain(|r| {
+        if r.state == KeyState::Revoked {
+            revoked_seen += 1;
+            revoked_seen <= REVOKED_RECORDS_KEPT
+        } else {
+            true
+        }
+    });
+}
+
+/// Carries out a plan.
+struct Apply<'a> {
+    account: &'a IntegrationAccount,
+    ctx: &'a Context,
+    provider: &'a dyn Provider,
+    request: &'a AccountRequest,
+    connection: &'a ResolvedConnection,
+    schedule: Option<&'a RotationSchedule>,
+    roles: BTreeSet<RoleGrant>,
+    keys: Vec<ObservedKey>,
+    role_problem: Option<String>,
+}
+
+impl Apply<'_> {
+    async fn run(&mut self, plan: &Plan, run: &mut Run, keys_blocked: bool) -> Result<(), Error> {
+        for action in &plan.actions {
+            match action {
+                Action::CreateAccount => {
+                    match self.provider.create_account(self.request).await {
+                        Ok(_) => {}
+                        Err(ProviderError::Conflict(message)) => {
+                            run.condition(ConditionUpdate::falsy(
+                                ACCOUNT_READY,
+                                "AccountConflict",
+                                message,
+                            ));
+                            return Ok(());
+                        }
+                        Err(error) => {
+                            provider_failed(run, ACCOUNT_READY, error.clone())?;
+                            return Ok(());
+                        }
+                    }
+                    run.status.account = Some(ExternalAccount {
+                        provider: self.provider.name().into(),
+                        id: self.request.name.clone(),
+                        name: Some(self.request.name.clone()),
+                        disabled: false,
+                        connection: Some(self.connection.display()),
+                    });
+                    self.changed(
+                        "AccountCreated",
+                        "CreateAccount",
+                        format!(
+                            "created {} account {}",
+                            self.provider.name(),
+                            self.request.name
+                        ),
+                        None,
+                    )
+                    .await;
+                }
+                Action::UpdateAccount => {
+                    if let Err(error) = self.provider.update_account(self.request).await {
+                        provider_failed(run, ACCOUNT_READY, error)?;
+                        return Ok(());
+                    }
+                    self.changed(
+                        "AccountUpdated",
+                        "UpdateAccount",
+                        format!(
+                            "updated {} account {}",
+                            self.provider.name(),
+                            self.request.name
+                        ),
+                        None,
+                    )
+                    .await;
+                }
+                Action::Grant(grant) => match self.provider.grant_role(self.request, grant).await {
+                    Ok(()) => {
+                        self.roles.insert(grant.clone());
+                        self.changed("RoleGranted", "GrantRole", format!("granted {grant}"), None)
+                            .await;
+                    }
+                    Err(ProviderError::Invalid(message))
+                    | Err(ProviderError::Conflict(message))
+                    | Err(ProviderError::NotFound(message)) => {
+                        self.role_problem = Some(format!("{grant}: {message}"));
+                        self.ctx
+                            .event(
+                                self.account,
+                                EventType::Warning,
+                                "RoleNotGranted",
+                                "GrantRole",
+                                format!("could not grant {grant}: {message}"),
+                            )
+                            .await;
+                    }
+                    Err(error) => {
+                        provider_failed(run, ROLES_SYNCED, error)?;
+                        return Ok(());
+                    }
+                },
+                Action::Revoke(grant) => match self.provider.revoke_role(self.request, grant).await
+                {
+                    Ok(()) => {
+                        self.roles.remove(grant);
+                        self.changed(
+                            "RoleRevoked",
+                            "RevokeRole",
+                            format!("revoked {grant}, which no RoleBinding declares"),
+                            None,
+                        )
+                        .await;
+                    }
+                    Err(error) => {
+                        provider_failed(run, ROLES_SYNCED, error)?;
+                        return Ok(());
+                    }
+                },
+                Action::RevokeKey { id, reason } => {
+                    self.revoke_key(run, id, reason.as_str()).await?;
+                }
+                Action::Rotate {
+                    reason,
+                    revoke_previous_at_once,
+                } => {
+                    if keys_blocked {
+                        continue;
+                    }
+                    self.rotate(run, *reason, *revoke_previous_at_once).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An event and an audit line for a change in the target app.
+    async fn changed(&self, reason: &str, action: &str, note: String, key_id: Option<&str>) {
+        tracing::info!(
+            target: "keysmith::audit",
+            account = %super::key_of(self.account),
+            provider = self.provider.name(),
+            connection = %self.connection.display(),
+            action,
+            key_id = key_id.unwrap_or(""),
+            "{note}"
+        );
+        self.ctx
+            .event(self.account, EventType::Normal, reason, action, note)
+            .await;
+    }
+
+    async fn revoke_key(&mut self, run: &mut Run, id: &str, reason: &str) -> Result<(), Error> {
+        match self.provider.revoke_key(self.request, id).await {
+            Ok(()) | Err(ProviderError::NotFound(_)) => {}
+            Err(error) => {
+                provider_failed(run, KEY_READY, error)?;
+                return Ok(());
+            }
+        }
+        self.keys.retain(|k| k.id != id);
+        let now = Time(run.now);
+        match run.status.keys.iter_mut().find(|r| r.id == id) {
+            Some(record) => {
+                record.state = KeyState::Revoked;
+                record.revoked_at = Some(now);
+                record.reason = Some(reason.into());
+            }
+            None => run.status.keys.push(KeyRecord {
+                id: id.into(),
+                state: KeyState::Revoked,
+                created_at: now.clone(),
+                published_at: None,
+                retiring_at: None,
+                revoke_at: None,
+                revoked_at: Some(now),
+                expires_at: None,
+                restarted_at: None,
+                reason: Some(reason.into()),
+            }),
+        }
+        if run.status.pending.as_ref().is_some_and(|p| p.token == id) {
+            run.status.pending = None;
+        }
+        self.changed(
+            "KeyRevoked",
+            "RevokeKey",
+            format!("revoked key {id} ({reason})"),
+            Some(id),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn rotate(
+        &mut self,
+        run: &mut Run,
+        reason: RotationReason,
+        revoke_previous_at_once: bool,
+    ) -> Result<(), Error> {
+        let key_id = new_key_id();
+        let now = run.now;
+        // Record the intent before the external create, so a crash between
+        // issuing and publishing leaves a key the next reconcile can find.
+        run.status.pending = Some(PendingOperation {
+            operation: "IssueKey".into(),
+            token: key_id.clone(),
+            started_at: Time(now),
+        });
+        run.status.keys.push(KeyRecord {
+            id: key_id.clone(),
+            state: KeyState::Pending,
+            created_at: Time(now),
+            published_at: None,
+            retiring_at: None,
+            revoke_at: None,
+            revoked_at: None,
+            expires_at: None,
+            restarted_at: None,
+            reason: Some(reason.as_str().into()),
+        });
+        let api: Api<IntegrationAccount> =
+            Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
+        write_status(&api, self.account, &run.status).await?;
+
+        let lifetime = self
+            .provider
+            .capabilities()
+            .key_expiry
+            .then(|| match self.schedule {
+                Some(schedule) => {
+                    let due = schedule
+                        .next_rotation(now, &plan::seed_for(&self.request.owner_uid, &key_id));
+                    schedule.key_lifetime(now, due)
+                }
+                None => DEFAULT_KEY_LIFETIME,
+            });
+        let issued = match self
+            .provider
+            .issue_key(
+                self.request,
+                &KeyRequest {
+                    key_id: key_id.clone(),
+                    lifetime,
+                },
+            )
+            .await
+        {
+            Ok(issued) => issued,
+            Err(error) => {
+                provider_failed(run, KEY_READY, error)?;
+                return Ok(());
+            }
+        };
+        self.ctx.failpoints.hit("after-issue");
+        self.keys.push(ObservedKey {
+            id: issued.id.clone(),
+            created_at: Some(now),
+        });
+        if let Some(record) = run.status.keys.iter_mut().find(|r| r.id == key_id) {
+            record.id = issued.id.clone();
+            record.state = KeyState::Issued;
+            record.expires_at = issued.expires_at.map(|t| Time(whole_seconds(t)));
+        }
+        if let Err(error) = self.provider.verify_key(self.request, &issued).await {
+            self.revoke_key(run, &issued.id, "VerificationFailed")
+                .await?;
+            run.status.pending = None;
+            return provider_failed(run, KEY_READY, error).map(|_| ());
+        }
+
+        // Publish.
+        let secret = match output::render(self.account, &issued, now) {
+            Ok(secret) => secret,
+            Err(invalid) => {
+                self.revoke_key(run, &issued.id, "NotPublishable").await?;
+                run.status.pending = None;
+                run.condition(ConditionUpdate::falsy(
+                    KEY_READY,
+                    "InvalidSecretSpec",
+                    invalid.to_string(),
+                ));
+                return Ok(());
+            }
+        };
+        let secrets: Api<Secret> =
+            Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
+        secrets
+            .patch(
+                &self.account.spec.secret.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        self.ctx.failpoints.hit("after-publish");
+
+        // The previous key starts retiring.
+        let grace = self
+            .schedule
+            .map(RotationSchedule::grace_period)
+            .unwrap_or(DEFAULT_GRACE_PERIOD);
+        let previous = run.status.current_key.take();
+        let revoke_at = if revoke_previous_at_once {
+            now
+        } else {
+            whole_seconds(plan::saturating_add(now, grace))
+        };
+        for record in &mut run.status.keys {
+            if record.id == issued.id {
+                record.state = KeyState::Published;
+                record.published_at = Some(Time(now));
+            } else if matches!(record.state, KeyState::Published) {
+                record.state = KeyState::Retiring;
+                record.retiring_at = Some(Time(now));
+                record.revoke_at = Some(Time(revoke_at));
+                record.reason = Some("Rotated".into());
+            }
+        }
+        run.status.current_key = Some(CurrentKey {
+            id: issued.id.clone(),
+            issued_at: Time(now),
+            expires_at: issued.expires_at.map(|t| Time(whole_seconds(t))),
+        });
+        run.status.pending = None;
+        if reason == RotationReason::Manual {
+            run.status.last_rotation_request = self
+                .account
+                .annotations()
+                .get(ROTATE_NOW_ANNOTATION)
+                .cloned();
+        }
+        let note = match &previous {
+            Some(old) => format!(
+                "published key {} ({}); key {} stays valid until {}",
+                issued.id,
+                reason.as_str(),
+                old.id,
+                Timestamp::from_second(revoke_at.as_second()).unwrap_or(revoke_at)
+            ),
+            None => format!("published key {} ({})", issued.id, reason.as_str()),
+        };
+        self.changed("KeyRotated", "RotateKey", note, Some(&issued.id))
+            .await;
+        if revoke_previous_at_once {
+            if let Some(old) = &previous {
+                self.revoke_key(run, &old.id, "KeyLimit").await?;
+            }
+        }
+        write_status(&api, self.account, &run.status).await?;
+
+        // Roll the workloads that read the Secret.
+        if previous.is_some() {
+            self.restart_targets(run, &issued.id).await;
+        }
+        Ok(())
+    }
+
+    async fn restart_targets(&self, run: &mut Run, key_id: &str) {
+        let Some(policy_ref) = &self.account.spec.rotation_policy_ref else {
+            return;
+        };
+        let Some(policy) = self
+            .ctx
+            .stores
+            .policies
+            .get(&ObjectRef::new(&policy_ref.name).within(&self.request.namespace))
+        else {
+            return;
+        };
+        let stamp = run.now.to_string();
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: stamp}}}}});
+        let params = PatchParams::default();
+        let client = self.ctx.client.clone();
+        let ns = &self.request.namespace;
+        for target in &policy.spec.restart_targets {
+            let result = match target.kind {
+                RestartTargetKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+                RestartTargetKind::StatefulSet => {
+                    Api::<StatefulSet>::namespaced(client.clone(), ns)
+                        .patch(&target.name, &params, &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+                RestartTargetKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), ns)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    self.ctx
+                        .event(
+                            self.account,
+                            EventType::Normal,
+                            "WorkloadRestarted",
+                            "RestartWorkload",
+                            format!(
+                                "restarted {:?} {} to pick up key {key_id}",
+                                target.kind, target.name
+                            ),
+                        )
+                        .await;
+                }
+                Err(error) => {
+                    self.ctx
+                        .event(
+                            self.account,
+                            EventType::Warning,
+                            "WorkloadRestartFailed",
+                            "RestartWorkload",
+                            format!(
+                                "could not restart {:?} {}: {error}",
+                                target.kind, target.name
+                            ),
+                        )
+                        .await;
+                }
+            }
+        }
+        if let Some(record) = run.status.keys.iter_mut().find(|r| r.id == key_id) {
+            record.restarted_at = Some(Time(run.now));
+        }
+    }
+}
+
+/// A fresh key id: 10 lowercase alphanumerics, usable in object names.
+fn new_key_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..10)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+async fn write_status(
+    api: &Api<IntegrationAccount>,
+    account: &IntegrationAccount,
+    status: &IntegrationAccountStatus,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": IntegrationAccount::api_version(&()),
+        "kind": IntegrationAccount::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &account.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn add_finalizer(
+    api: &Api<IntegrationAccount>,
+    account: &IntegrationAccount,
+) -> Result<(), Error> {
+    let mut finalizers = account.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": account.resource_version()}});
+    api.patch(
+        &account.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn remove_finalizer(
+    api: &Api<IntegrationAccount>,
+    account: &IntegrationAccount,
+) -> Result<(), Error> {
+    let finalizers: Vec<&String> = account
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": account.resource_version()}});
+    match api
+        .patch(
+            &account.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Carries out spec.deletionPolicy in the target app. Idempotent; copes with
+/// an account that was never created. When the connection is gone there is
+/// nothing keysmith can reach: it says so in an event and lets go.
+async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), Error> {
+    let policy = account.spec.deletion_policy;
+    if policy == DeletionPolicy::Orphan {
+        ctx.event(
+            account,
+            EventType::Normal,
+            "Orphaned",
+            "Deprovision",
+            "deletionPolicy Orphan: the account and its keys stay in the target app".into(),
+        )
+        .await;
+        return Ok(());
+    }
+    let connection = match resolve_connection(account, ctx).await? {
+        Ok(connection) => connection,
+        Err(problem) => {
+            ctx.event(
+                account,
+                EventType::Warning,
+                "DeprovisionSkipped",
+                "Deprovision",
+                format!(
+                    "cannot reach the target app ({}); the account is left there",
+                    problem.message
+                ),
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let provider = match ctx.providers.provider_for(&connection).await {
+        Ok(provider) => provider,
+        Err(ProviderError::Invalid(message)) => {
+            ctx.event(
+                account,
+                EventType::Warning,
+                "DeprovisionSkipped",
+                "Deprovision",
+                format!("cannot reach the target app ({message}); the account is left there"),
+            )
+            .await;
+            return Ok(());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let request = account_request(account);
+    match provider.observe_account(&request).await? {
+        Some(observed) if observed.owned => {}
+        _ => return Ok(()),
+    }
+    for key in provider.list_keys(&request).await? {
+        match provider.revoke_key(&request, &key.id).await {
+            Ok(()) | Err(ProviderError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        audit(
+            account,
+            provider.name(),
+            "RevokeKey",
+            Some(&key.id),
+            "revoked key on deletion",
+        );
+    }
+    let disable = policy == DeletionPolicy::Disable && provider.capabilities().disable;
+    if disable {
+        provider.disable_account(&request).await?;
+        audit(
+            account,
+            provider.name(),
+            "DisableAccount",
+            None,
+            "disabled the account on deletion",
+        );
+        ctx.event(
+            account,
+            EventType::Normal,
+            "AccountDisabled",
+            "Deprovision",
+            format!(
+                "revoked every key and disabled {} account {}",
+                provider.name(),
+                request.name
+            ),
+        )
+        .await;
+    } else {
+        for grant in provider.list_roles(&request).await? {
+            match provider.revoke_role(&request, &grant).await {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        match provider.delete_account(&request).await {
+            Ok(()) | Err(ProviderError::NotFound(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        audit(
+            account,
+            provider.name(),
+            "DeleteAccount",
+            None,
+            "deleted the account on deletion",
+        );
+        ctx.event(
+            account,
+            EventType::Normal,
+            "AccountDeleted",
+            "Deprovision",
+            format!(
+                "revoked every key and deleted {} account {}",
+                provider.name(),
+                request.name
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+fn audit(
+    account: &IntegrationAccount,
+    provider: &str,
+    action: &str,
+    key_id: Option<&str>,
+    note: &str,
+) {
+    tracing::info!(target: "keysmith::audit", account = %super::key_of(account), provider, action, key_id = key_id.unwrap_or(""), "{note}");
+}

@@ -1,0 +1,178 @@
+//! The AppConnection and ClusterAppConnection controllers: check that the
+//! admin credential works and say which provider a connection selects.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::Stream;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{controller::Action as Requeue, events::EventType, watcher, Controller},
+    Api, Resource, ResourceExt,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::json;
+
+use super::{
+    account::now,
+    conditions::{merge_conditions, ConditionUpdate},
+    stream::generation,
+    succeeded, Context, Error, Stores,
+};
+use crate::{
+    api::{
+        condition_types::READY, AppConnection, AppConnectionSpec, AppConnectionStatus,
+        ClusterAppConnection, ConnectionKind,
+    },
+    install::FIELD_MANAGER,
+    provider::{ProviderError, ResolvedConnection},
+};
+
+/// How often a working credential is checked again.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(300);
+
+/// The AppConnection controller.
+pub fn namespaced_controller(
+    stores: &Stores,
+    events: impl Stream<Item = watcher::Event<AppConnection>> + Send + 'static,
+) -> Controller<AppConnection> {
+    super::controller_for(&stores.connections, events, generation)
+}
+
+/// The ClusterAppConnection controller.
+pub fn cluster_controller(
+    stores: &Stores,
+    events: impl Stream<Item = watcher::Event<ClusterAppConnection>> + Send + 'static,
+) -> Controller<ClusterAppConnection> {
+    super::controller_for(&stores.cluster_connections, events, generation)
+}
+
+/// Reconciles one AppConnection.
+pub async fn reconcile_namespaced(
+    connection: Arc<AppConnection>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let resolved = ResolvedConnection {
+        kind: ConnectionKind::AppConnection,
+        name: connection.name_any(),
+        namespace: connection.namespace(),
+        uid: connection.uid().unwrap_or_default(),
+        spec: connection.spec.clone(),
+    };
+    let api: Api<AppConnection> = Api::namespaced(
+        ctx.client.clone(),
+        &connection.namespace().unwrap_or_default(),
+    );
+    check(
+        connection.as_ref(),
+        connection.status.clone(),
+        &resolved,
+        &api,
+        &ctx,
+    )
+    .await
+}
+
+/// Reconciles one ClusterAppConnection.
+pub async fn reconcile_cluster(
+    connection: Arc<ClusterAppConnection>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let resolved = ResolvedConnection {
+        kind: ConnectionKind::ClusterAppConnection,
+        name: connection.name_any(),
+        namespace: None,
+        uid: connection.uid().unwrap_or_default(),
+        spec: connection.spec.connection.clone(),
+    };
+    let api: Api<ClusterAppConnection> = Api::all(ctx.client.clone());
+    check(
+        connection.as_ref(),
+        connection.status.clone(),
+        &resolved,
+        &api,
+        &ctx,
+    )
+    .await
+}
+
+async fn check<K>(
+    obj: &K,
+    previous: Option<AppConnectionStatus>,
+    resolved: &ResolvedConnection,
+    api: &Api<K>,
+    ctx: &Context,
+) -> Result<Requeue, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    if obj.meta().deletion_timestamp.is_some() {
+        return Ok(Requeue::await_change());
+    }
+    let spec: &AppConnectionSpec = &resolved.spec;
+    let outcome = match ctx.providers.provider_for(resolved).await {
+        Ok(provider) => provider.verify_connection().await,
+        Err(error) => Err(error),
+    };
+    let (update, retry) = match &outcome {
+        Ok(()) => (
+            ConditionUpdate::truthy(READY, "Verified", "the admin credential works"),
+            None,
+        ),
+        Err(error) => {
+            let retry = match error {
+                ProviderError::Transient { retry_after, .. } => {
+                    Some(retry_after.unwrap_or(Duration::from_secs(30)))
+                }
+                _ => Some(Duration::from_secs(60)),
+            };
+            (
+                ConditionUpdate::falsy(READY, error.category(), error.to_string()),
+                retry,
+            )
+        }
+    };
+    let previous = previous.unwrap_or_default();
+    let was_ready = previous
+        .common
+        .conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True");
+    let now = Time(now());
+    let mut status = AppConnectionStatus {
+        provider: spec.provider.selected().map(str::to_owned),
+        ..previous.clone()
+    };
+    status.common.conditions = merge_conditions(
+        &previous.common.conditions,
+        std::slice::from_ref(&update),
+        obj.meta().generation,
+        &now,
+    );
+    status.common.observed_generation = obj.meta().generation;
+    if update.status && !was_ready {
+        status.last_verified_at = Some(now);
+    }
+    if status != previous {
+        if !update.status {
+            ctx.event(
+                obj,
+                EventType::Warning,
+                &update.reason,
+                "VerifyConnection",
+                update.message.clone(),
+            )
+            .await;
+        }
+        let patch =
+            json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    succeeded(obj, ctx);
+    Ok(Requeue::requeue(retry.unwrap_or(RECHECK_INTERVAL)))
+}

@@ -1,0 +1,400 @@
+//! The controllers, one per kind, sharing one [`Context`].
+//!
+//! Every kind is watched once; its events fan out to the controllers that
+//! care (see [`stream`]). The IntegrationAccount controller is the only code
+//! that talks to a target app about an account.
+
+pub mod account;
+pub mod binding;
+pub mod conditions;
+pub mod connection;
+pub mod plan;
+pub mod rotation;
+pub mod secret;
+pub mod stream;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    core::PartialObjectMeta,
+    runtime::{
+        controller::{self, Action},
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher, Controller,
+    },
+    Api, Client, Resource, ResourceExt,
+};
+
+use crate::{
+    api::{
+        AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding,
+    },
+    provider::{ProviderError, ProviderRegistry},
+};
+
+/// Why a reconcile failed. Most problems are not errors but conditions; these
+/// are the failures worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API refused or failed a request.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The target app failed.
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    /// A cache was not ready (the operator is starting).
+    #[error("caches are not ready yet")]
+    NotReady,
+}
+
+impl Error {
+    /// A stable name for metrics labels and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApi",
+            Error::Provider(e) => e.category(),
+            Error::NotReady => "NotReady",
+        }
+    }
+
+    /// The target's own Retry-After, if it gave one.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Provider(ProviderError::Transient { retry_after, .. }) => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The caches every controller reads.
+#[derive(Clone)]
+pub struct Stores {
+    /// IntegrationAccounts.
+    pub accounts: Store<IntegrationAccount>,
+    /// keysmith RoleBindings.
+    pub bindings: Store<RoleBinding>,
+    /// KeyRotationPolicies.
+    pub policies: Store<KeyRotationPolicy>,
+    /// AppConnections.
+    pub connections: Store<AppConnection>,
+    /// ClusterAppConnections.
+    pub cluster_connections: Store<ClusterAppConnection>,
+    /// Metadata of the Secrets keysmith manages (label-selected; no data cached).
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+}
+
+impl Stores {
+    /// Waits until every cache holds a complete list. Call it once, before
+    /// the controllers start: a store wakes only its latest waiter while it
+    /// is still syncing, so concurrent waiters can hang.
+    pub async fn ready(&self) -> Result<(), Error> {
+        let not_ready = |_| Error::NotReady;
+        self.accounts.wait_until_ready().await.map_err(not_ready)?;
+        self.bindings.wait_until_ready().await.map_err(not_ready)?;
+        self.policies.wait_until_ready().await.map_err(not_ready)?;
+        self.connections
+            .wait_until_ready()
+            .await
+            .map_err(not_ready)?;
+        self.cluster_connections
+            .wait_until_ready()
+            .await
+            .map_err(not_ready)?;
+        self.secrets.wait_until_ready().await.map_err(not_ready)
+    }
+}
+
+/// Test-only crash points, set with the KEYSMITH_FAILPOINT environment
+/// variable: the process exits at that point, as a crash would.
+#[derive(Debug, Clone, Default)]
+pub struct Failpoints(Option<String>);
+
+impl Failpoints {
+    /// Reads KEYSMITH_FAILPOINT.
+    pub fn from_env() -> Self {
+        Self(
+            std::env::var("KEYSMITH_FAILPOINT")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        )
+    }
+    /// Exits the process (code 86) if `name` is armed.
+    pub fn hit(&self, name: &str) {
+        if self.0.as_deref() == Some(name) {
+            tracing::error!(failpoint = name, "failpoint hit; exiting");
+            std::process::exit(86);
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The operator's client.
+    pub client: Client,
+    /// Builds providers for connections.
+    pub providers: ProviderRegistry,
+    /// Publishes Kubernetes events.
+    pub recorder: Recorder,
+    /// The caches.
+    pub stores: Stores,
+    /// Crash points for tests.
+    pub failpoints: Failpoints,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Publishes an event about `obj`; a failure to publish is logged, not fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(%error, reason, "could not publish event");
+        }
+    }
+
+    fn reset_failures(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+
+    fn next_backoff(&self, key: &str) -> Duration {
+        let attempt = match self.failures.lock() {
+            Ok(mut failures) => {
+                let n = failures.entry(key.to_owned()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        backoff(attempt)
+    }
+}
+
+/// Exponential backoff with ±20 % jitter: 1 s, 2 s, 4 s ... up to 5 minutes.
+pub fn backoff(attempt: u32) -> Duration {
+    let base =
+        Duration::from_secs(1u64 << attempt.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    base.mul_f64(jitter)
+}
+
+/// The error policy every controller uses: honour the target's Retry-After,
+/// else back off per object with jitter.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = ObjectRef::from_obj(obj.as_ref()).to_string();
+    let delay = error
+        .retry_after()
+        .unwrap_or_else(|| ctx.next_backoff(&key));
+    tracing::warn!(object = %key, category = error.category(), %error, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Records a successful reconcile (resets the object's backoff).
+pub fn succeeded<K: Resource<DynamicType = ()>>(obj: &K, ctx: &Context) {
+    ctx.reset_failures(&ObjectRef::from_obj(obj).to_string());
+}
+
+/// Options for [`run`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Name reported on events.
+    pub controller_name: String,
+    /// How long to wait for the CRDs to be Established.
+    pub crd_timeout: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            controller_name: "keysmith".into(),
+            crd_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Runs every controller until `shutdown` resolves, then stops gracefully
+/// (in-flight reconciles finish).
+pub async fn run(
+    client: Client,
+    config: kube::Config,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::install::wait_for_crds(&client, options.crd_timeout).await?;
+
+    let (accounts, accounts_driver) = stream::watch::<IntegrationAccount, 3>(
+        Api::<IntegrationAccount>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (bindings, bindings_driver) = stream::watch::<RoleBinding, 2>(
+        Api::<RoleBinding>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (policies, policies_driver) = stream::watch::<KeyRotationPolicy, 2>(
+        Api::<KeyRotationPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (connections, connections_driver) = stream::watch::<AppConnection, 3>(
+        Api::<AppConnection>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (cluster_connections, cluster_connections_driver) = stream::watch::<ClusterAppConnection, 3>(
+        Api::<ClusterAppConnection>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let secret_selector = format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY);
+    let (secrets, secrets_driver) = stream::watch::<PartialObjectMeta<Secret>, 1>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(&secret_selector),
+    );
+    let stores = Stores {
+        accounts: accounts.store.clone(),
+        bindings: bindings.store.clone(),
+        policies: policies.store.clone(),
+        connections: connections.store.clone(),
+        cluster_connections: cluster_connections.store.clone(),
+        secrets: secrets.store.clone(),
+    };
+    let reporter = Reporter {
+        controller: options.controller_name.clone(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        providers: ProviderRegistry::new(client.clone(), config),
+        recorder: Recorder::new(client.clone(), reporter),
+        stores: stores.clone(),
+        failpoints: Failpoints::from_env(),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;
+    let [binding_events, binding_for_accounts] = bindings.consumers;
+    let [policy_events, policy_for_accounts] = policies.consumers;
+    let [connection_events, connection_for_accounts, connection_for_bindings] =
+        connections.consumers;
+    let [cluster_events, cluster_for_accounts, cluster_for_bindings] =
+        cluster_connections.consumers;
+    let [secret_events] = secrets.consumers;
+
+    // The watches run on their own tasks; the controllers start once every
+    // cache is complete, so no reconcile ever sees a partial picture (an
+    // empty RoleBinding cache would otherwise revoke every role).
+    let drivers = [
+        tokio::spawn(accounts_driver),
+        tokio::spawn(bindings_driver),
+        tokio::spawn(policies_driver),
+        tokio::spawn(connections_driver),
+        tokio::spawn(cluster_connections_driver),
+        tokio::spawn(secrets_driver),
+    ];
+    stores.ready().await?;
+    tracing::info!("caches synced; starting controllers");
+
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let config = controller::Config::default().concurrency(8);
+    let account_controller = account::controller(
+        &stores,
+        account_events,
+        binding_for_accounts,
+        policy_for_accounts,
+        connection_for_accounts,
+        cluster_for_accounts,
+        secret_events,
+    )
+    .with_config(config.clone())
+    .graceful_shutdown_on(shutdown.clone())
+    .run(account::reconcile, error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let binding_controller = binding::controller(
+        &stores,
+        binding_events,
+        account_for_bindings,
+        connection_for_bindings,
+        cluster_for_bindings,
+    )
+    .with_config(config.clone())
+    .graceful_shutdown_on(shutdown.clone())
+    .run(binding::reconcile, error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let policy_controller = rotation::controller(&stores, policy_events, account_for_policies)
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(rotation::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let connection_controller = connection::namespaced_controller(&stores, connection_events)
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(connection::reconcile_namespaced, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let cluster_connection_controller = connection::cluster_controller(&stores, cluster_events)
+        .with_config(config)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(connection::reconcile_cluster, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let controllers = [
+        tokio::spawn(account_controller),
+        tokio::spawn(binding_controller),
+        tokio::spawn(policy_controller),
+        tokio::spawn(connection_controller),
+        tokio::spawn(cluster_connection_controller),
+    ];
+    tracing::info!("controllers started");
+    for handle in controllers {
+        handle.await?;
+    }
+    for handle in drivers {
+        handle.abort();
+    }
+    tracing::info!("controllers stopped");
+    Ok(())
+}
+
+/// The namespace and name of a namespaced object, for messages.
+pub fn key_of<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Builds a `Controller` over a shared kind's events.
+pub fn controller_for<K>(
+    store: &Store<K>,
+    events: impl futures::Stream<Item = watcher::Event<K>> + Send + 'static,
+    key: fn(&K) -> u64,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    Controller::for_stream(stream::changes(events, key), store.clone())
+}

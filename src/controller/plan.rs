@@ -1,0 +1,668 @@
+//! The pure middle of the IntegrationAccount reconciler: from the spec, what
+//! was observed in the target app, the status and the clock, decide what to
+//! do. No I/O here, so every timing and diff rule is unit-tested.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use jiff::Timestamp;
+
+use crate::{
+    api::{CurrentKey, KeyRecord, KeyState},
+    provider::{ObservedAccount, ObservedKey, RoleGrant},
+    schedule::RotationSchedule,
+};
+
+/// How long a key lives when no rotation policy says otherwise, for
+/// providers whose keys expire.
+pub const DEFAULT_KEY_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long a replaced key stays valid when no rotation policy says.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(3600);
+/// An expiring key is replaced this long before it expires, at the latest.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(3600);
+
+/// Why a key is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationReason {
+    /// The account has no key yet.
+    Initial,
+    /// The key recorded in status is gone from the target app.
+    KeyMissing,
+    /// The output Secret does not hold the current key.
+    SecretOutdated,
+    /// The rotation policy says it is time.
+    Scheduled,
+    /// The key is older than maxKeyAge.
+    MaxKeyAge,
+    /// The key is about to expire by itself.
+    Expiring,
+    /// Someone set the rotate-now annotation.
+    Manual,
+}
+
+impl RotationReason {
+    /// CamelCase, for events and key records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationReason::Initial => "Initial",
+            RotationReason::KeyMissing => "KeyMissing",
+            RotationReason::SecretOutdated => "SecretOutdated",
+            RotationReason::Scheduled => "Scheduled",
+            RotationReason::MaxKeyAge => "MaxKeyAge",
+            RotationReason::Expiring => "Expiring",
+            RotationReason::Manual => "ManualRotation",
+        }
+    }
+}
+
+/// Why a key is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeReason {
+    /// Its grace period after a rotation is over.
+    GracePeriodEnded,
+    /// The target holds it but status does not track it (for example, a key
+    /// whose creation result was lost in a crash).
+    Untracked,
+    /// Room is needed for a new key under the key limit.
+    KeyLimit,
+}
+
+impl RevokeReason {
+    /// CamelCase, for events and key records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::GracePeriodEnded => "GracePeriodEnded",
+            RevokeReason::Untracked => "Untracked",
+            RevokeReason::KeyLimit => "KeyLimit",
+        }
+    }
+}
+
+/// One step towards the desired state, in the order it must run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create the account.
+    CreateAccount,
+    /// Bring the account's description, owner and state in line.
+    UpdateAccount,
+    /// Grant a role.
+    Grant(RoleGrant),
+    /// Revoke a role nobody declared (or one the policy now denies).
+    Revoke(RoleGrant),
+    /// Revoke a key.
+    RevokeKey {
+        /// The key's id.
+        id: String,
+        /// Why.
+        reason: RevokeReason,
+    },
+    /// Issue, verify and publish a new key; the current one starts retiring.
+    Rotate {
+        /// Why.
+        reason: RotationReason,
+        /// The key limit leaves no room for a grace period: revoke the old
+        /// key as soon as the new one is published.
+        revoke_previous_at_once: bool,
+    },
+}
+
+/// What the planner looks at.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// The clock.
+    pub now: Timestamp,
+    /// The account in the target app, if it exists.
+    pub account: Option<&'a ObservedAccount>,
+    /// The roles the RoleBindings grant, after policy.
+    pub desired_roles: &'a BTreeSet<RoleGrant>,
+    /// The roles the account holds.
+    pub observed_roles: &'a BTreeSet<RoleGrant>,
+    /// The keys the account holds.
+    pub observed_keys: &'a [ObservedKey],
+    /// status.keys.
+    pub records: &'a [KeyRecord],
+    /// status.currentKey.
+    pub current: Option<&'a CurrentKey>,
+    /// The key id in the output Secret, if the Secret exists and is ours.
+    pub secret_key_id: Option<&'a str>,
+    /// The parsed rotation policy, if any.
+    pub schedule: Option<&'a RotationSchedule>,
+    /// A stable per-account seed for jitter (the account's uid).
+    pub seed: &'a str,
+    /// The rotate-now annotation's value, and the last one acted on.
+    pub rotate_request: Option<&'a str>,
+    /// status.lastRotationRequest.
+    pub last_rotation_request: Option<&'a str>,
+    /// The most keys the account may hold.
+    pub max_keys: usize,
+}
+
+/// The decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// When the current key is next due for rotation (before this plan runs).
+    pub next_rotation: Option<Timestamp>,
+    /// When something becomes due without any change: the next reconcile.
+    pub wake_at: Option<Timestamp>,
+    /// A reason the account cannot be managed at all (it belongs to someone else).
+    pub blocked: Option<String>,
+}
+
+/// When a key issued at `issued_at` is due for rotation.
+pub fn rotation_due(
+    schedule: Option<&RotationSchedule>,
+    issued_at: Timestamp,
+    expires_at: Option<Timestamp>,
+    seed: &str,
+) -> Option<Timestamp> {
+    let scheduled = schedule.map(|s| s.next_rotation(issued_at, seed));
+    let before_expiry =
+        expires_at.map(|e| saturating_sub(e, EXPIRY_MARGIN.min(lifetime_of(issued_at, e) / 5)));
+    match (scheduled, before_expiry) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn lifetime_of(issued: Timestamp, expires: Timestamp) -> Duration {
+    Duration::try_from(expires.duration_since(issued)).unwrap_or(Duration::ZERO)
+}
+
+/// `t - d`, saturating at the earliest representable instant.
+pub fn saturating_sub(t: Timestamp, d: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_sub(d).ok())
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// `t + d`, saturating at the latest representable instant.
+pub fn saturating_add(t: Timestamp, d: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Decides what to do.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let mut actions = Vec::new();
+    match input.account {
+        None => actions.push(Action::CreateAccount),
+        Some(account) if !account.owned => {
+            return Plan {
+                actions,
+                next_rotation: None,
+                wake_at: None,
+                blocked: Some(format!(
+                    "an account named {:?} already exists in the target app and was not created by keysmith for this IntegrationAccount",
+                    account.name
+                )),
+            }
+        }
+        Some(account) if account.drifted || account.disabled => actions.push(Action::UpdateAccount),
+        Some(_) => {}
+    }
+
+    for grant in input.desired_roles.difference(input.observed_roles) {
+        actions.push(Action::Grant(grant.clone()));
+    }
+    for grant in input.observed_roles.difference(input.desired_roles) {
+        actions.push(Action::Revoke(grant.clone()));
+    }
+
+    let observed_ids: BTreeSet<&str> = input.observed_keys.iter().map(|k| k.id.as_str()).collect();
+    let current = input.current.filter(|_| input.account.is_some());
+    let retiring: Vec<&KeyRecord> = input
+        .records
+        .iter()
+        .filter(|r| r.state == KeyState::Retiring && observed_ids.contains(r.id.as_str()))
+        .filter(|r| current.is_none_or(|c| c.id != r.id))
+        .collect();
+
+    // Keys nobody tracks: revoke. Retiring keys past their grace: revoke.
+    let mut revoked: BTreeSet<String> = BTreeSet::new();
+    for key in input.observed_keys {
+        let tracked =
+            current.is_some_and(|c| c.id == key.id) || retiring.iter().any(|r| r.id == key.id);
+        if !tracked {
+            revoked.insert(key.id.clone());
+            actions.push(Action::RevokeKey {
+                id: key.id.clone(),
+                reason: RevokeReason::Untracked,
+            });
+        }
+    }
+    let mut wake_at: Option<Timestamp> = None;
+    let mut wake = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
+    for record in &retiring {
+        match record.revoke_at.as_ref().map(|t| t.0) {
+            Some(at) if at > input.now => wake(at),
+            _ => {
+                revoked.insert(record.id.clone());
+                actions.push(Action::RevokeKey {
+                    id: record.id.clone(),
+                    reason: RevokeReason::GracePeriodEnded,
+                });
+            }
+        }
+    }
+
+    // Is the current key usable, and is it time to replace it?
+    let next_rotation = current.and_then(|c| {
+        rotation_due(
+            input.schedule,
+            c.issued_at.0,
+            c.expires_at.as_ref().map(|t| t.0),
+            &seed_for(input.seed, &c.id),
+        )
+    });
+    let reason = match current {
+        None => Some(RotationReason::Initial),
+        Some(c) if !observed_ids.contains(c.id.as_str()) => Some(RotationReason::KeyMissing),
+        Some(c) if input.secret_key_id != Some(c.id.as_str()) => {
+            Some(RotationReason::SecretOutdated)
+        }
+        Some(_)
+            if input.rotate_request.is_some()
+                && input.rotate_request != input.last_rotation_request =>
+        {
+            Some(RotationReason::Manual)
+        }
+        Some(c)
+            if input
+                .schedule
+                .is_some_and(|s| s.key_too_old(c.issued_at.0, input.now)) =>
+        {
+            Some(RotationReason::MaxKeyAge)
+        }
+        Some(c)
+            if c.expires_at
+                .as_ref()
+                .is_some_and(|e| saturating_sub(e.0, EXPIRY_MARGIN) <= input.now)
+                && input.schedule.is_none() =>
+        {
+            Some(RotationReason::Expiring)
+        }
+        Some(_) => match next_rotation {
+            Some(due) if due <= input.now => Some(if input.schedule.is_some() {
+                RotationReason::Scheduled
+            } else {
+                RotationReason::Expiring
+            }),
+            Some(due) => {
+                wake(due);
+                None
+            }
+            None => None,
+        },
+    };
+
+    if let Some(reason) = reason {
+        // Make room under the key limit: oldest retiring keys first, never the
+        // current one.
+        let live_after = |revoked: &BTreeSet<String>| {
+            input
+                .observed_keys
+                .iter()
+                .filter(|k| !revoked.contains(&k.id))
+                .count()
+        };
+        let mut by_age = retiring.clone();
+        by_age.sort_by_key(|r| r.retiring_at.as_ref().map(|t| t.0));
+        for record in by_age {
+            if live_after(&revoked) < input.max_keys {
+                break;
+            }
+            if revoked.insert(record.id.clone()) {
+                actions.push(Action::RevokeKey {
+                    id: record.id.clone(),
+                    reason: RevokeReason::KeyLimit,
+                });
+            }
+        }
+        let revoke_previous_at_once = live_after(&revoked) + 1 > input.max_keys;
+        actions.push(Action::Rotate {
+            reason,
+            revoke_previous_at_once,
+        });
+    }
+
+    Plan {
+        actions,
+        next_rotation,
+        wake_at,
+        blocked: None,
+    }
+}
+
+/// The jitter seed for one key of one account.
+pub fn seed_for(account_seed: &str, key_id: &str) -> String {
+    format!("{account_seed}/{key_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::api::KeyRotationPolicySpec;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn owned() -> ObservedAccount {
+        ObservedAccount {
+            id: "sa".into(),
+            name: "sa".into(),
+            disabled: false,
+            owned: true,
+            drifted: false,
+        }
+    }
+
+    fn key(id: &str) -> ObservedKey {
+        ObservedKey {
+            id: id.into(),
+            created_at: None,
+        }
+    }
+
+    fn record(
+        id: &str,
+        state: KeyState,
+        revoke_at: Option<i64>,
+        retiring_at: Option<i64>,
+    ) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            state,
+            created_at: Time(t(0)),
+            published_at: None,
+            retiring_at: retiring_at.map(|s| Time(t(s))),
+            revoke_at: revoke_at.map(|s| Time(t(s))),
+            revoked_at: None,
+            expires_at: None,
+            restarted_at: None,
+            reason: None,
+        }
+    }
+
+    fn schedule(every: &str) -> RotationSchedule {
+        let spec: KeyRotationPolicySpec =
+            serde_json::from_value(serde_json::json!({"rotateEvery": every, "gracePeriod": "10m"}))
+                .unwrap();
+        RotationSchedule::from_spec(&spec).unwrap()
+    }
+
+    struct Case {
+        account: Option<ObservedAccount>,
+        desired: BTreeSet<RoleGrant>,
+        observed: BTreeSet<RoleGrant>,
+        keys: Vec<ObservedKey>,
+        records: Vec<KeyRecord>,
+        current: Option<CurrentKey>,
+        secret_key: Option<String>,
+        schedule: Option<RotationSchedule>,
+        request: Option<String>,
+        last_request: Option<String>,
+        max_keys: usize,
+        now: Timestamp,
+    }
+
+    impl Case {
+        /// A healthy account with key k1 issued at t(0), published.
+        fn steady() -> Self {
+            Case {
+                account: Some(owned()),
+                desired: BTreeSet::new(),
+                observed: BTreeSet::new(),
+                keys: vec![key("k1")],
+                records: vec![record("k1", KeyState::Published, None, None)],
+                current: Some(CurrentKey {
+                    id: "k1".into(),
+                    issued_at: Time(t(0)),
+                    expires_at: None,
+                }),
+                secret_key: Some("k1".into()),
+                schedule: None,
+                request: None,
+                last_request: None,
+                max_keys: 2,
+                now: t(60),
+            }
+        }
+
+        fn run(&self) -> Plan {
+            plan(&PlanInput {
+                now: self.now,
+                account: self.account.as_ref(),
+                desired_roles: &self.desired,
+                observed_roles: &self.observed,
+                observed_keys: &self.keys,
+                records: &self.records,
+                current: self.current.as_ref(),
+                secret_key_id: self.secret_key.as_deref(),
+                schedule: self.schedule.as_ref(),
+                seed: "uid",
+                rotate_request: self.request.as_deref(),
+                last_rotation_request: self.last_request.as_deref(),
+                max_keys: self.max_keys,
+            })
+        }
+    }
+
+    fn grant(role: &str) -> RoleGrant {
+        RoleGrant {
+            role: role.into(),
+            scope: Some("ns".into()),
+        }
+    }
+
+    #[test]
+    fn steady_state_does_nothing() {
+        let plan = Case::steady().run();
+        assert_eq!(plan.actions, vec![]);
+        assert_eq!(plan.blocked, None);
+    }
+
+    #[test]
+    fn new_account_is_created_granted_and_keyed() {
+        let mut case = Case::steady();
+        case.account = None;
+        case.keys = vec![];
+        case.records = vec![];
+        case.current = None;
+        case.secret_key = None;
+        case.desired = BTreeSet::from([grant("view")]);
+        assert_eq!(
+            case.run().actions,
+            vec![
+                Action::CreateAccount,
+                Action::Grant(grant("view")),
+                Action::Rotate {
+                    reason: RotationReason::Initial,
+                    revoke_previous_at_once: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn foreign_account_blocks_everything() {
+        let mut case = Case::steady();
+        case.account = Some(ObservedAccount {
+            owned: false,
+            ..owned()
+        });
+        let plan = case.run();
+        assert!(plan.actions.is_empty());
+        assert!(plan.blocked.unwrap().contains("not created by keysmith"));
+    }
+
+    #[test]
+    fn roles_converge_to_exactly_the_declared_set() {
+        let mut case = Case::steady();
+        case.desired = BTreeSet::from([grant("view"), grant("edit")]);
+        case.observed = BTreeSet::from([grant("view"), grant("admin")]);
+        assert_eq!(
+            case.run().actions,
+            vec![Action::Grant(grant("edit")), Action::Revoke(grant("admin"))]
+        );
+    }
+
+    #[test]
+    fn drifted_or_disabled_account_is_updated() {
+        let mut case = Case::steady();
+        case.account = Some(ObservedAccount {
+            drifted: true,
+            ..owned()
+        });
+        assert_eq!(case.run().actions, vec![Action::UpdateAccount]);
+    }
+
+    #[test]
+    fn scheduled_rotation_waits_then_fires() {
+        let mut case = Case::steady();
+        case.schedule = Some(schedule("1h"));
+        let plan = case.run();
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.next_rotation, Some(t(3600)));
+        assert_eq!(plan.wake_at, Some(t(3600)));
+        case.now = t(3600);
+        assert_eq!(
+            case.run().actions,
+            vec![Action::Rotate {
+                reason: RotationReason::Scheduled,
+                revoke_previous_at_once: false
+            }]
+        );
+    }
+
+    #[test]
+    fn manual_request_rotates_once() {
+        let mut case = Case::steady();
+        case.request = Some("2026-11-30T10:00:00Z".into());
+        assert!(matches!(
+            case.run().actions[..],
+            [Action::Rotate {
+                reason: RotationReason::Manual,
+                ..
+            }]
+        ));
+        case.last_request = case.request.clone();
+        assert!(case.run().actions.is_empty());
+    }
+
+    #[test]
+    fn missing_key_or_stale_secret_rotates() {
+        let mut case = Case::steady();
+        case.keys = vec![];
+        assert!(matches!(
+            case.run().actions[..],
+            [Action::Rotate {
+                reason: RotationReason::KeyMissing,
+                ..
+            }]
+        ));
+        let mut case = Case::steady();
+        case.secret_key = None;
+        assert!(matches!(
+            case.run().actions[..],
+            [Action::Rotate {
+                reason: RotationReason::SecretOutdated,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn retiring_key_revoked_after_grace_only() {
+        let mut case = Case::steady();
+        case.keys = vec![key("k0"), key("k1")];
+        case.records
+            .push(record("k0", KeyState::Retiring, Some(120), Some(0)));
+        let plan = case.run();
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.wake_at, Some(t(120)));
+        case.now = t(120);
+        assert_eq!(
+            case.run().actions,
+            vec![Action::RevokeKey {
+                id: "k0".into(),
+                reason: RevokeReason::GracePeriodEnded
+            }]
+        );
+    }
+
+    #[test]
+    fn untracked_keys_are_revoked() {
+        let mut case = Case::steady();
+        case.keys = vec![key("k1"), key("lost")];
+        case.records
+            .push(record("lost", KeyState::Pending, None, None));
+        assert_eq!(
+            case.run().actions,
+            vec![Action::RevokeKey {
+                id: "lost".into(),
+                reason: RevokeReason::Untracked
+            }]
+        );
+    }
+
+    #[test]
+    fn key_limit_revokes_retiring_first_never_the_live_key() {
+        let mut case = Case::steady();
+        case.keys = vec![key("k0"), key("k1")];
+        case.records
+            .push(record("k0", KeyState::Retiring, Some(10_000), Some(0)));
+        case.request = Some("now".into());
+        assert_eq!(
+            case.run().actions,
+            vec![
+                Action::RevokeKey {
+                    id: "k0".into(),
+                    reason: RevokeReason::KeyLimit
+                },
+                Action::Rotate {
+                    reason: RotationReason::Manual,
+                    revoke_previous_at_once: false
+                }
+            ]
+        );
+        // With a limit of one, the old key cannot have a grace period.
+        let mut case = Case::steady();
+        case.max_keys = 1;
+        case.request = Some("now".into());
+        assert_eq!(
+            case.run().actions,
+            vec![Action::Rotate {
+                reason: RotationReason::Manual,
+                revoke_previous_at_once: true
+            }]
+        );
+    }
+
+    #[test]
+    fn expiring_keys_are_replaced_before_they_expire() {
+        let mut case = Case::steady();
+        case.current = Some(CurrentKey {
+            id: "k1".into(),
+            issued_at: Time(t(0)),
+            expires_at: Some(Time(t(86_400))),
+        });
+        let plan = case.run();
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.wake_at, Some(t(86_400 - 3600)));
+        case.now = t(86_400 - 3600);
+        assert!(matches!(
+            case.run().actions[..],
+            [Action::Rotate {
+                reason: RotationReason::Expiring,
+                ..
+            }]
+        ));
+    }
+}
