@@ -35,8 +35,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use kube::config::{
-    AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
-    NamedContext,
+    AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
 };
 
 /// Number of pre-provisioned unprivileged users (`user-1` ..= `user-N`).
@@ -166,10 +165,7 @@ pub enum ControlPlaneError {
 
 impl ControlPlaneError {
     fn io(what: impl Into<String>, source: io::Error) -> Self {
-        ControlPlaneError::Io {
-            what: what.into(),
-            source,
-        }
+        ControlPlaneError::Io { what: what.into(), source }
     }
 
     /// Whether the failure looks like a lost race for a free port.
@@ -267,9 +263,7 @@ impl ControlPlane {
         let admin_token = random_token()?;
         let operator_token = random_token()?;
         let controller_manager_token = random_token()?;
-        let user_tokens = (0..USER_COUNT)
-            .map(|_| random_token())
-            .collect::<Result<Vec<_>, _>>()?;
+        let user_tokens = (0..USER_COUNT).map(|_| random_token()).collect::<Result<Vec<_>, _>>()?;
 
         let mut cp = ControlPlane {
             server_url,
@@ -288,10 +282,7 @@ impl ControlPlane {
         // From here on, dropping `cp` on an error cleans up what was started.
         cp.spawn_reaper()?;
         cp.write_token_file(&controller_manager_token)?;
-        write_private(
-            &cp.kubeconfig_path,
-            &serialize_kubeconfig(&cp.kubeconfig())?,
-        )?;
+        write_private(&cp.kubeconfig_path, &serialize_kubeconfig(&cp.kubeconfig())?)?;
         write_private(
             &cp.operator_kubeconfig_path,
             &serialize_kubeconfig(&cp.kubeconfig_for_token(&cp.operator_token))?,
@@ -329,9 +320,7 @@ impl ControlPlane {
             .arg(arg("--service-account-key-file", &pki.sa_pub_file))
             .arg(arg("--service-account-signing-key-file", &pki.sa_key_file))
             .arg("--endpoint-reconciler-type=none")
-            .arg(format!(
-                "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
-            ))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"))
             .arg("--allow-privileged=true")
             .arg(arg("--audit-policy-file", &audit_policy_file))
             .arg(arg("--audit-log-path", &cp.audit_log_path))
@@ -344,28 +333,16 @@ impl ControlPlane {
 
         let http = reqwest::Client::builder()
             .add_root_certificate(
-                reqwest::Certificate::from_pem(cp.ca_pem.as_bytes())
-                    .map_err(ControlPlaneError::Http)?,
+                reqwest::Certificate::from_pem(cp.ca_pem.as_bytes()).map_err(ControlPlaneError::Http)?,
             )
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(ControlPlaneError::Http)?;
         let deadline = Instant::now() + READY_TIMEOUT;
 
-        cp.wait_for(&http, deadline, "kube-apiserver", "/readyz", |_| true)
-            .await?;
-        cp.wait_for(
-            &http,
-            deadline,
-            "kube-apiserver",
-            "/api/v1/namespaces/default",
-            |_| true,
-        )
-        .await?;
-        tracing::debug!(
-            elapsed_ms = attempt_started.elapsed().as_millis() as u64,
-            "kube-apiserver ready"
-        );
+        cp.wait_for(&http, deadline, "kube-apiserver", "/readyz", |_| true).await?;
+        cp.wait_for(&http, deadline, "kube-apiserver", "/api/v1/namespaces/default", |_| true).await?;
+        tracing::debug!(elapsed_ms = attempt_started.elapsed().as_millis() as u64, "kube-apiserver ready");
 
         match &assets.controller_manager {
             Some(binary) => {
@@ -392,11 +369,7 @@ impl ControlPlane {
                     |body| {
                         serde_json::from_str::<serde_json::Value>(body)
                             .ok()
-                            .and_then(|sa| {
-                                sa.get("secrets")
-                                    .and_then(|s| s.as_array())
-                                    .map(|s| !s.is_empty())
-                            })
+                            .and_then(|sa| sa.get("secrets").and_then(|s| s.as_array()).map(|s| !s.is_empty()))
                             .unwrap_or(false)
                     },
                 )
@@ -440,9 +413,7 @@ impl ControlPlane {
     /// Bearer token of the unprivileged user `user-<n>`, for `n` in
     /// `1..=USER_COUNT`. These users have no RBAC bindings at all.
     pub fn user_token(&self, n: usize) -> Option<&str> {
-        n.checked_sub(1)
-            .and_then(|i| self.user_tokens.get(i))
-            .map(String::as_str)
+        n.checked_sub(1).and_then(|i| self.user_tokens.get(i)).map(String::as_str)
     }
 
     /// A kubeconfig for the admin user.
@@ -467,10 +438,7 @@ impl ControlPlane {
             }],
             auth_infos: vec![NamedAuthInfo {
                 name: KUBECONFIG_NAME.to_owned(),
-                auth_info: Some(AuthInfo {
-                    token: Some(token.to_owned().into()),
-                    ..AuthInfo::default()
-                }),
+                auth_info: Some(AuthInfo { token: Some(token.to_owned().into()), ..AuthInfo::default() }),
                 ..NamedAuthInfo::default()
             }],
             contexts: vec![NamedContext {
@@ -535,10 +503,7 @@ impl ControlPlane {
     fn with_audit<T>(&self, f: impl FnOnce(&[AuditRecord]) -> T) -> Result<T, ControlPlaneError> {
         // The cache is only updated once a read fully succeeded, so a
         // poisoned lock still guards consistent data.
-        let mut cache = self
-            .audit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self.audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = &self.audit_log_path;
         let io_err = |e| ControlPlaneError::io(format!("reading {}", path.display()), e);
         let mut bytes = Vec::new();
@@ -552,21 +517,15 @@ impl ControlPlane {
                         cache.offset
                     )));
                 }
-                file.seek(io::SeekFrom::Start(cache.offset))
-                    .map_err(io_err)?;
+                file.seek(io::SeekFrom::Start(cache.offset)).map_err(io_err)?;
                 file.read_to_end(&mut bytes).map_err(io_err)?;
             }
             // The apiserver creates the log with its first event.
             Err(e) if e.kind() == io::ErrorKind::NotFound && cache.offset == 0 => {}
             Err(e) => return Err(io_err(e)),
         }
-        let (complete, mut parsed) = parse_audit_log(&bytes).map_err(|e| {
-            ControlPlaneError::Audit(format!(
-                "{} (after byte {}): {e}",
-                path.display(),
-                cache.offset
-            ))
-        })?;
+        let (complete, mut parsed) = parse_audit_log(&bytes)
+            .map_err(|e| ControlPlaneError::Audit(format!("{} (after byte {}): {e}", path.display(), cache.offset)))?;
         cache.offset += complete as u64;
         cache.records.append(&mut parsed);
         Ok(f(&cache.records))
@@ -580,12 +539,10 @@ impl ControlPlane {
 
     /// A new client that authenticates with the given bearer token.
     pub async fn client_for_token(&self, token: &str) -> Result<kube::Client, ControlPlaneError> {
-        let config = kube::Config::from_custom_kubeconfig(
-            self.kubeconfig_for_token(token),
-            &KubeConfigOptions::default(),
-        )
-        .await
-        .map_err(ControlPlaneError::KubeconfigLoad)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(self.kubeconfig_for_token(token), &KubeConfigOptions::default())
+                .await
+                .map_err(ControlPlaneError::KubeconfigLoad)?;
         kube::Client::try_from(config).map_err(ControlPlaneError::Client)
     }
 
@@ -618,11 +575,7 @@ impl ControlPlane {
         };
         line(&self.admin_token, "admin", "system:masters");
         line(&self.operator_token, OPERATOR_USER, "system:masters");
-        line(
-            controller_manager_token,
-            "keysmith:kube-controller-manager",
-            "system:masters",
-        );
+        line(controller_manager_token, "keysmith:kube-controller-manager", "system:masters");
         for (i, token) in self.user_tokens.iter().enumerate() {
             line(token, &format!("user-{}", i + 1), "");
         }
@@ -633,11 +586,9 @@ impl ControlPlane {
     /// record its pid for the reaper.
     fn spawn(&mut self, name: &'static str, mut command: Command) -> Result<(), ControlPlaneError> {
         let log = self.dir.path().join(format!("{name}.log"));
-        let out = fs::File::create(&log)
-            .map_err(|e| ControlPlaneError::io(format!("creating {}", log.display()), e))?;
-        let err = out
-            .try_clone()
-            .map_err(|e| ControlPlaneError::io(format!("opening {}", log.display()), e))?;
+        let out =
+            fs::File::create(&log).map_err(|e| ControlPlaneError::io(format!("creating {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| ControlPlaneError::io(format!("opening {}", log.display()), e))?;
         let child = command
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -699,12 +650,8 @@ impl ControlPlane {
                 }
             }
             if Instant::now() >= deadline {
-                let log_tail = self
-                    .components
-                    .iter()
-                    .find(|c| c.name == blame)
-                    .map(|c| log_tail(&c.log))
-                    .unwrap_or_default();
+                let log_tail =
+                    self.components.iter().find(|c| c.name == blame).map(|c| log_tail(&c.log)).unwrap_or_default();
                 return Err(ControlPlaneError::Timeout {
                     what: format!("GET {path}"),
                     timeout: READY_TIMEOUT,
@@ -775,10 +722,7 @@ impl AuditRecord {
     /// Whether the request asked to change state: `create`, `update`,
     /// `patch`, `delete` or `deletecollection` (whether or not it succeeded).
     pub fn is_write(&self) -> bool {
-        matches!(
-            self.verb.as_str(),
-            "create" | "update" | "patch" | "delete" | "deletecollection"
-        )
+        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
     }
 }
 
@@ -869,15 +813,13 @@ fn parse_audit_log(bytes: &[u8]) -> Result<(usize, Vec<AuditRecord>), String> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let event: AuditEvent =
-            serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        let event: AuditEvent = serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", i + 1))?;
         records.extend(event.into_record());
     }
     Ok((complete, records))
 }
 
-static SHARED: tokio::sync::OnceCell<Result<ControlPlane, String>> =
-    tokio::sync::OnceCell::const_new();
+static SHARED: tokio::sync::OnceCell<Result<ControlPlane, String>> = tokio::sync::OnceCell::const_new();
 
 /// The process-wide control plane, started on first use and shared by every
 /// caller (e.g. all tests of one test binary). It is never dropped: the
@@ -887,12 +829,8 @@ static SHARED: tokio::sync::OnceCell<Result<ControlPlane, String>> =
 /// Do not cache a [`kube::Client`] across tests: each `#[tokio::test]` has
 /// its own runtime; call [`ControlPlane::client`] in each test instead.
 pub async fn shared() -> Result<&'static ControlPlane, ControlPlaneError> {
-    let started = SHARED
-        .get_or_init(|| async { ControlPlane::start().await.map_err(|e| error_chain(&e)) })
-        .await;
-    started
-        .as_ref()
-        .map_err(|e| ControlPlaneError::SharedStartFailed(e.clone()))
+    let started = SHARED.get_or_init(|| async { ControlPlane::start().await.map_err(|e| error_chain(&e)) }).await;
+    started.as_ref().map_err(|e| ControlPlaneError::SharedStartFailed(e.clone()))
 }
 
 /// Where the component binaries are.
@@ -932,12 +870,7 @@ async fn locate_assets() -> Result<Assets, ControlPlaneError> {
             let last = stdout.lines().map(str::trim).rfind(|l| !l.is_empty());
             match last {
                 Some(line) => PathBuf::from(line),
-                None => {
-                    return Err(ControlPlaneError::Assets(format!(
-                        "{} printed no directory",
-                        script.display()
-                    )))
-                }
+                None => return Err(ControlPlaneError::Assets(format!("{} printed no directory", script.display()))),
             }
         }
     };
@@ -945,41 +878,28 @@ async fn locate_assets() -> Result<Assets, ControlPlaneError> {
     let etcd = dir.join("etcd");
     for binary in [&apiserver, &etcd] {
         if !binary.is_file() {
-            return Err(ControlPlaneError::Assets(format!(
-                "{} does not exist",
-                binary.display()
-            )));
+            return Err(ControlPlaneError::Assets(format!("{} does not exist", binary.display())));
         }
     }
     let controller_manager = Some(dir.join("kube-controller-manager")).filter(|p| p.is_file());
-    Ok(Assets {
-        apiserver,
-        etcd,
-        controller_manager,
-    })
+    Ok(Assets { apiserver, etcd, controller_manager })
 }
 
 /// Generate the CA, the apiserver serving certificate and the service
 /// account signing key, and write them into `dir`.
 fn write_pki(dir: &Path) -> Result<Pki, ControlPlaneError> {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
     let cert_err = ControlPlaneError::Certificates;
 
     let ca_key = KeyPair::generate().map_err(cert_err)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "keysmith local control plane CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "keysmith local control plane CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
@@ -995,18 +915,11 @@ fn write_pki(dir: &Path) -> Result<Pki, ControlPlaneError> {
     ])
     .map_err(cert_err)?;
     serving_params.distinguished_name = rcgen::DistinguishedName::new();
-    serving_params
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
+    serving_params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     serving_params.use_authority_key_identifier_extension = true;
-    serving_params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    serving_params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     serving_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let serving_cert = serving_params
-        .signed_by(&serving_key, &issuer)
-        .map_err(cert_err)?;
+    let serving_cert = serving_params.signed_by(&serving_key, &issuer).map_err(cert_err)?;
 
     let sa_key = KeyPair::generate().map_err(cert_err)?;
 
@@ -1030,17 +943,13 @@ fn write_pki(dir: &Path) -> Result<Pki, ControlPlaneError> {
 /// process may still grab one before our component binds it).
 fn free_ports() -> Result<[u16; 3], ControlPlaneError> {
     let bind = || {
-        TcpListener::bind(("127.0.0.1", 0))
-            .map_err(|e| ControlPlaneError::io("picking a free port on 127.0.0.1", e))
+        TcpListener::bind(("127.0.0.1", 0)).map_err(|e| ControlPlaneError::io("picking a free port on 127.0.0.1", e))
     };
     // Keep all three bound at once so they differ.
     let listeners = [bind()?, bind()?, bind()?];
     let mut ports = [0u16; 3];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener
-            .local_addr()
-            .map_err(|e| ControlPlaneError::io("reading a bound port", e))?
-            .port();
+        *port = listener.local_addr().map_err(|e| ControlPlaneError::io("reading a bound port", e))?.port();
     }
     Ok(ports)
 }
@@ -1119,11 +1028,7 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -1177,19 +1082,13 @@ mod tests {
         let status_patch = &records[0];
         assert_eq!(status_patch.user, "system:apiserver");
         assert_eq!(status_patch.verb, "patch");
-        assert_eq!(
-            status_patch.api_group.as_deref(),
-            Some("flowcontrol.apiserver.k8s.io")
-        );
+        assert_eq!(status_patch.api_group.as_deref(), Some("flowcontrol.apiserver.k8s.io"));
         assert_eq!(status_patch.resource, "flowschemas");
         assert_eq!(status_patch.subresource.as_deref(), Some("status"));
         assert_eq!(status_patch.namespace, None);
         assert_eq!(status_patch.name.as_deref(), Some("global-default"));
         assert_eq!(status_patch.code, Some(200));
-        assert_eq!(
-            status_patch.at,
-            SystemTime::UNIX_EPOCH + Duration::new(1_638_254_764, 649_691_000)
-        );
+        assert_eq!(status_patch.at, SystemTime::UNIX_EPOCH + Duration::new(1_638_254_764, 649_691_000));
         assert!(status_patch.request_uri.starts_with("/apis/flowcontrol"));
         assert!(status_patch.is_write());
 
@@ -1214,10 +1113,7 @@ mod tests {
         assert_eq!(consumed, first_line);
         assert_eq!(records.len(), 1);
 
-        assert_eq!(
-            parse_audit_log(b"{\"stage\":").expect("parses"),
-            (0, vec![])
-        );
+        assert_eq!(parse_audit_log(b"{\"stage\":").expect("parses"), (0, vec![]));
         let err = parse_audit_log(b"{}\nnot json\n").expect_err("garbage is an error");
         assert!(err.starts_with("line 1:"), "{err}");
     }

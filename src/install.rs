@@ -44,33 +44,19 @@ pub async fn install_crds(client: &Client, timeout: Duration) -> Result<(), Inst
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let supports_cel = match client.apiserver_version().await {
         Ok(info) => supports_validation_rules(&info.major, &info.minor),
-        Err(source) => {
-            return Err(InstallError::Apply {
-                name: "(server version)".into(),
-                source,
-            })
-        }
+        Err(source) => return Err(InstallError::Apply { name: "(server version)".into(), source }),
     };
     if !supports_cel {
-        tracing::warn!(
-            "this apiserver predates CEL validation rules; installing the CRDs without them"
-        );
+        tracing::warn!("this apiserver predates CEL validation rules; installing the CRDs without them");
     }
     for mut crd in crate::api::crds() {
         if !supports_cel {
             strip_validation_rules(&mut crd);
         }
         let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .map_err(|source| InstallError::Apply {
-            name: name.clone(),
-            source,
-        })?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .map_err(|source| InstallError::Apply { name: name.clone(), source })?;
     }
     wait_for_crds(client, timeout).await
 }
@@ -92,13 +78,7 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Ins
 /// Whether an apiserver of this version accepts `x-kubernetes-validations`
 /// (added in 1.23). Minor versions may carry a suffix, as in `23+`.
 pub fn supports_validation_rules(major: &str, minor: &str) -> bool {
-    let digits = |s: &str| {
-        s.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse::<u32>()
-            .ok()
-    };
+    let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse::<u32>().ok();
     match (digits(major), digits(minor)) {
         (Some(major), Some(minor)) => major > 1 || minor >= 23,
         _ => true,

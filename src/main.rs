@@ -34,6 +34,9 @@ enum Command {
         /// A kubeconfig file; defaults to KUBECONFIG, then in-cluster config.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "KEYSMITH_NAMESPACE")]
+        namespace: Option<String>,
     },
     /// Start a throwaway local control plane, install keysmith's CRDs, run
     /// the operator in it, and apply examples/quickstart. Stops on Ctrl-C.
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log_level, cli.log_format);
     let result = match cli.command {
         Command::Crd { output_dir } => print_crds(output_dir),
-        Command::Run { kubeconfig } => runtime().and_then(|rt| rt.block_on(run(kubeconfig))),
+        Command::Run { kubeconfig, namespace } => runtime().and_then(|rt| rt.block_on(run(kubeconfig, namespace))),
         Command::Dev { examples } => runtime().and_then(|rt| rt.block_on(dev(examples))),
     };
     match result {
@@ -70,24 +73,16 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 
@@ -111,44 +106,30 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn run(kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>) -> anyhow::Result<()> {
     let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(&path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig and not running in a cluster")?,
+        None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
     };
     let client = kube::Client::try_from(config.clone())?;
-    controller::run(
-        client,
-        config,
-        controller::RunOptions::default(),
-        shutdown_signal(),
-    )
-    .await
+    let options = controller::RunOptions { namespace, ..Default::default() };
+    controller::run(client, config, options, shutdown_signal()).await
 }
 
 async fn dev(examples: PathBuf) -> anyhow::Result<()> {
     eprintln!("starting a local control plane (the first run builds kube-apiserver; this takes a few minutes)...");
-    let cp = ControlPlane::start()
-        .await
-        .context("starting the local control plane")?;
+    let cp = ControlPlane::start().await.context("starting the local control plane")?;
     let client = cp.client().await?;
     install::install_crds(&client, Duration::from_secs(60)).await?;
     let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(controller::run(
-        client.clone(),
-        config,
-        controller::RunOptions::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let operator = tokio::spawn(controller::run(client.clone(), config, controller::RunOptions::default(), async {
+        let _ = stop_rx.await;
+    }));
     let applied = manifest::apply_dir(&client, &examples).await?;
     println!("KUBECONFIG={}", cp.kubeconfig_path().display());
     eprintln!(
@@ -182,10 +163,7 @@ fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         None => {
-            let docs = crds
-                .iter()
-                .map(serde_yaml::to_string)
-                .collect::<Result<Vec<_>, _>>()?;
+            let docs = crds.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?;
             print!("---\n{}", docs.join("---\n"));
         }
     }

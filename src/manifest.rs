@@ -10,7 +10,11 @@ use kube::{
     Client,
 };
 
-use crate::install::FIELD_MANAGER;
+/// The field manager for what keysmith's CLI applies on a user's behalf.
+/// Distinct from the operator's own manager: on apiservers before 1.22, a
+/// status apply by the same manager would take over ownership of the spec
+/// fields and orphan list items the user later removes.
+pub const FIELD_MANAGER: &str = "keysmith-cli";
 
 /// Failures reading or applying manifests.
 #[derive(Debug, thiserror::Error)]
@@ -50,22 +54,15 @@ pub enum ManifestError {
 /// Every object in a multi-document YAML file.
 pub fn read(path: &Path) -> Result<Vec<DynamicObject>, ManifestError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-        path: display.clone(),
-        source,
-    })?;
-    parse(&text).map_err(|message| ManifestError::Parse {
-        path: display,
-        message,
-    })
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: display.clone(), source })?;
+    parse(&text).map_err(|message| ManifestError::Parse { path: display, message })
 }
 
 /// Every object in a multi-document YAML text.
 pub fn parse(text: &str) -> Result<Vec<DynamicObject>, String> {
     let mut out = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value: serde_json::Value =
-            serde::Deserialize::deserialize(document).map_err(|e| e.to_string())?;
+        let value: serde_json::Value = serde::Deserialize::deserialize(document).map_err(|e| e.to_string())?;
         if value.is_null() {
             continue;
         }
@@ -81,10 +78,7 @@ pub fn parse(text: &str) -> Result<Vec<DynamicObject>, String> {
 /// Server-side applies every `*.yaml` file in `dir`, in file-name order.
 pub async fn apply_dir(client: &Client, dir: &Path) -> Result<usize, ManifestError> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| ManifestError::Read {
-            path: dir.display().to_string(),
-            source,
-        })?
+        .map_err(|source| ManifestError::Read { path: dir.display().to_string(), source })?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
@@ -101,11 +95,7 @@ pub async fn apply_dir(client: &Client, dir: &Path) -> Result<usize, ManifestErr
 }
 
 /// Server-side applies one object.
-pub async fn apply(
-    client: &Client,
-    object: &DynamicObject,
-    path: &str,
-) -> Result<(), ManifestError> {
+pub async fn apply(client: &Client, object: &DynamicObject, path: &str) -> Result<(), ManifestError> {
     let types = object.types.clone().unwrap_or_default();
     let name = object.metadata.name.clone().unwrap_or_default();
     let fail = |source: kube::Error| ManifestError::Apply {
@@ -114,22 +104,14 @@ pub async fn apply(
         name: name.clone(),
         source: Box::new(source),
     };
-    let gvk = GroupVersionKind::try_from(&types).map_err(|e| ManifestError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let gvk = GroupVersionKind::try_from(&types)
+        .map_err(|e| ManifestError::Parse { path: path.into(), message: e.to_string() })?;
     let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await.map_err(fail)?;
     let api: Api<DynamicObject> = match (capabilities.scope, &object.metadata.namespace) {
         (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
         (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
         (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
     };
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .map_err(fail)?;
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)).await.map_err(fail)?;
     Ok(())
 }

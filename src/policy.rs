@@ -42,10 +42,7 @@ impl Glob {
             }
             tokens.push(token);
         }
-        Self {
-            pattern: pattern.to_owned(),
-            tokens,
-        }
+        Self { pattern: pattern.to_owned(), tokens }
     }
 
     /// The pattern as written.
@@ -92,9 +89,7 @@ impl Glob {
             }
         }
         // The text is used up: what is left of the pattern must match nothing.
-        tokens[p.min(tokens.len())..]
-            .iter()
-            .all(|token| *token == Token::Star)
+        tokens[p.min(tokens.len())..].iter().all(|token| *token == Token::Star)
     }
 }
 
@@ -137,10 +132,7 @@ impl RolePolicy {
     pub fn new(policy: Option<&ConnectionPolicy>) -> Self {
         let compile = |patterns: &[String]| patterns.iter().map(|p| Glob::new(p)).collect();
         match policy {
-            Some(policy) => Self {
-                allowed: compile(&policy.allowed_roles),
-                denied: compile(&policy.denied_roles),
-            },
+            Some(policy) => Self { allowed: compile(&policy.allowed_roles), denied: compile(&policy.denied_roles) },
             None => Self::default(),
         }
     }
@@ -149,9 +141,7 @@ impl RolePolicy {
     /// no denied pattern; denied wins.
     pub fn check(&self, role: &str) -> Verdict {
         if let Some(glob) = self.denied.iter().find(|glob| glob.matches(role)) {
-            return Verdict::Denied {
-                pattern: glob.as_str().to_owned(),
-            };
+            return Verdict::Denied { pattern: glob.as_str().to_owned() };
         }
         if self.allowed.is_empty() || self.allowed.iter().any(|glob| glob.matches(role)) {
             Verdict::Allowed
@@ -240,10 +230,7 @@ mod tests {
 
     #[test]
     fn no_policy_and_empty_policy_allow_everything() {
-        assert_eq!(
-            RolePolicy::new(None).check("cluster-admin"),
-            Verdict::Allowed
-        );
+        assert_eq!(RolePolicy::new(None).check("cluster-admin"), Verdict::Allowed);
         assert_eq!(policy(&[], &[]).check("anything"), Verdict::Allowed);
         assert!(RolePolicy::new(None).check("").is_allowed());
     }
@@ -252,18 +239,8 @@ mod tests {
     fn empty_allowed_list_allows_all_but_denied() {
         let p = policy(&[], &["cluster-admin", "*:write"]);
         assert_eq!(p.check("view"), Verdict::Allowed);
-        assert_eq!(
-            p.check("cluster-admin"),
-            Verdict::Denied {
-                pattern: "cluster-admin".into()
-            }
-        );
-        assert_eq!(
-            p.check("billing:write"),
-            Verdict::Denied {
-                pattern: "*:write".into()
-            }
-        );
+        assert_eq!(p.check("cluster-admin"), Verdict::Denied { pattern: "cluster-admin".into() });
+        assert_eq!(p.check("billing:write"), Verdict::Denied { pattern: "*:write".into() });
     }
 
     #[test]
@@ -282,43 +259,18 @@ mod tests {
     fn denied_wins_over_allowed() {
         let p = policy(&["*"], &["cluster-admin", "admin-*"]);
         assert_eq!(p.check("view"), Verdict::Allowed);
-        assert_eq!(
-            p.check("cluster-admin"),
-            Verdict::Denied {
-                pattern: "cluster-admin".into()
-            }
-        );
-        assert_eq!(
-            p.check("admin-users"),
-            Verdict::Denied {
-                pattern: "admin-*".into()
-            }
-        );
+        assert_eq!(p.check("cluster-admin"), Verdict::Denied { pattern: "cluster-admin".into() });
+        assert_eq!(p.check("admin-users"), Verdict::Denied { pattern: "admin-*".into() });
         // The same pattern in both lists: denied still wins.
         let p = policy(&["Modify All Data"], &["Modify All Data"]);
-        assert_eq!(
-            p.check("Modify All Data"),
-            Verdict::Denied {
-                pattern: "Modify All Data".into()
-            }
-        );
+        assert_eq!(p.check("Modify All Data"), Verdict::Denied { pattern: "Modify All Data".into() });
     }
 
     #[test]
     fn first_matching_denied_pattern_is_reported() {
         let p = policy(&[], &["admin-*", "*-users", "*"]);
-        assert_eq!(
-            p.check("admin-users"),
-            Verdict::Denied {
-                pattern: "admin-*".into()
-            }
-        );
-        assert_eq!(
-            p.check("x"),
-            Verdict::Denied {
-                pattern: "*".into()
-            }
-        );
+        assert_eq!(p.check("admin-users"), Verdict::Denied { pattern: "admin-*".into() });
+        assert_eq!(p.check("x"), Verdict::Denied { pattern: "*".into() });
     }
 
     #[test]

@@ -50,11 +50,7 @@ impl RotationSchedule {
         let mut errors = Vec::new();
 
         // In the order of the spec's fields.
-        let every = interval(
-            &mut errors,
-            "spec.rotateEvery",
-            spec.rotate_every.as_deref(),
-        );
+        let every = interval(&mut errors, "spec.rotateEvery", spec.rotate_every.as_deref());
         let cron = match spec.schedule.as_deref().map(parse_cron) {
             Some(Ok(cron)) => Some(cron),
             Some(Err(message)) => {
@@ -68,25 +64,17 @@ impl RotationSchedule {
             Err(_) => {
                 errors.push(InvalidField::new(
                     "spec.timeZone",
-                    format!(
-                        "{:?} is not an IANA time zone; use a name such as UTC or Europe/Berlin",
-                        spec.time_zone
-                    ),
+                    format!("{:?} is not an IANA time zone; use a name such as UTC or Europe/Berlin", spec.time_zone),
                 ));
                 None
             }
         };
-        let jitter =
-            duration(&mut errors, "spec.jitter", spec.jitter.as_deref()).unwrap_or_default();
-        let grace =
-            duration(&mut errors, "spec.gracePeriod", Some(&spec.grace_period)).unwrap_or_default();
+        let jitter = duration(&mut errors, "spec.jitter", spec.jitter.as_deref()).unwrap_or_default();
+        let grace = duration(&mut errors, "spec.gracePeriod", Some(&spec.grace_period)).unwrap_or_default();
         let max_key_age = interval(&mut errors, "spec.maxKeyAge", spec.max_key_age.as_deref());
 
         if spec.rotate_every.is_none() && spec.schedule.is_none() {
-            errors.push(InvalidField::new(
-                "spec",
-                "set rotateEvery, schedule, or both",
-            ));
+            errors.push(InvalidField::new("spec", "set rotateEvery, schedule, or both"));
         }
 
         if !errors.is_empty() {
@@ -115,10 +103,8 @@ impl RotationSchedule {
     /// rather than overflowing.
     pub fn next_rotation(&self, issued_at: Timestamp, seed: &str) -> Timestamp {
         let by_interval = self.every.map(|every| saturating_add(issued_at, every));
-        let by_schedule = self
-            .cron
-            .as_ref()
-            .map(|(cron, tz)| next_cron_time(cron, tz, issued_at).unwrap_or(Timestamp::MAX));
+        let by_schedule =
+            self.cron.as_ref().map(|(cron, tz)| next_cron_time(cron, tz, issued_at).unwrap_or(Timestamp::MAX));
         let due = match (by_interval, by_schedule) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
@@ -135,11 +121,8 @@ impl RotationSchedule {
     /// `now` until its rotation is due, plus the grace period, plus
     /// [`SAFETY_MARGIN`].
     pub fn key_lifetime(&self, now: Timestamp, next_rotation: Timestamp) -> Duration {
-        let until_rotation =
-            Duration::try_from(next_rotation.duration_since(now)).unwrap_or(Duration::ZERO);
-        until_rotation
-            .saturating_add(self.grace)
-            .saturating_add(SAFETY_MARGIN)
+        let until_rotation = Duration::try_from(next_rotation.duration_since(now)).unwrap_or(Duration::ZERO);
+        until_rotation.saturating_add(self.grace).saturating_add(SAFETY_MARGIN)
     }
 
     /// Whether a key issued at `issued_at` is older than `maxKeyAge` at `now`.
@@ -167,13 +150,7 @@ fn duration(errors: &mut Vec<InvalidField>, field: &str, text: Option<&str>) -> 
 fn interval(errors: &mut Vec<InvalidField>, field: &str, text: Option<&str>) -> Option<Duration> {
     let d = duration(errors, field, text)?;
     if d < MIN_INTERVAL {
-        errors.push(InvalidField::new(
-            field,
-            format!(
-                "{:?} is too short; use at least 1m",
-                text.unwrap_or_default()
-            ),
-        ));
+        errors.push(InvalidField::new(field, format!("{:?} is too short; use at least 1m", text.unwrap_or_default())));
         return None;
     }
     Some(d)
@@ -181,10 +158,7 @@ fn interval(errors: &mut Vec<InvalidField>, field: &str, text: Option<&str>) -> 
 
 /// `ts + d`, or [`Timestamp::MAX`] if that is out of range.
 fn saturating_add(ts: Timestamp, d: Duration) -> Timestamp {
-    SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| ts.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
+    SignedDuration::try_from(d).ok().and_then(|d| ts.checked_add(d).ok()).unwrap_or(Timestamp::MAX)
 }
 
 /// The whole Unix second `ts` falls in (rounding down, also before 1970).
@@ -226,9 +200,7 @@ fn next_cron_time(cron: &Cron, tz: &Tz, after: Timestamp) -> Option<Timestamp> {
 /// A delay in `[0, jitter)`, in whole seconds, that depends only on `seed`.
 fn jitter_offset(seed: &str, jitter: Duration) -> Duration {
     // The number of whole seconds strictly below `jitter`.
-    let choices = jitter
-        .as_secs()
-        .saturating_add(u64::from(jitter.subsec_nanos() > 0));
+    let choices = jitter.as_secs().saturating_add(u64::from(jitter.subsec_nanos() > 0));
     if choices <= 1 {
         return Duration::ZERO;
     }
@@ -253,9 +225,7 @@ fn stable_hash(seed: &str) -> u64 {
 fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
-    })
+    bytes.iter().fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
 }
 
 /// One of the five fields of a cron expression.
@@ -271,37 +241,15 @@ struct CronField {
     example: &'static str,
 }
 
-const MINUTE: CronField = CronField {
-    name: "minute",
-    min: 0,
-    max: 59,
-    names: &[],
-    names_from: 0,
-    example: "",
-};
-const HOUR: CronField = CronField {
-    name: "hour",
-    min: 0,
-    max: 23,
-    names: &[],
-    names_from: 0,
-    example: "",
-};
-const DAY_OF_MONTH: CronField = CronField {
-    name: "day of month",
-    min: 1,
-    max: 31,
-    names: &[],
-    names_from: 0,
-    example: "",
-};
+const MINUTE: CronField = CronField { name: "minute", min: 0, max: 59, names: &[], names_from: 0, example: "" };
+const HOUR: CronField = CronField { name: "hour", min: 0, max: 23, names: &[], names_from: 0, example: "" };
+const DAY_OF_MONTH: CronField =
+    CronField { name: "day of month", min: 1, max: 31, names: &[], names_from: 0, example: "" };
 const MONTH: CronField = CronField {
     name: "month",
     min: 1,
     max: 12,
-    names: &[
-        "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
-    ],
+    names: &["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"],
     names_from: 1,
     example: "JAN",
 };
@@ -335,10 +283,7 @@ impl Selection {
         if self.star {
             return "*".to_owned();
         }
-        self.values()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.values().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -373,11 +318,7 @@ fn parse_cron(expr: &str) -> Result<Cron, String> {
 
     let parts: Vec<&str> = expanded.split_whitespace().collect();
     let [minute, hour, dom, month, dow] = parts.as_slice() else {
-        let hint = if parts.len() == 6 {
-            " (a seconds field is not supported)"
-        } else {
-            ""
-        };
+        let hint = if parts.len() == 6 { " (a seconds field is not supported)" } else { "" };
         return Err(format!(
             "{expr:?} has {} fields{hint}; a schedule has 5: minute hour day-of-month month day-of-week, such as \"0 3 * * SUN\"",
             parts.len()
@@ -399,9 +340,7 @@ fn parse_cron(expr: &str) -> Result<Cron, String> {
     // the months: "30 2" (February 30th) never happens. (With both
     // restricted, either matches, and every weekday occurs in every month.)
     if dow.star && !dom.star {
-        let possible = month
-            .values()
-            .any(|m| dom.values().any(|d| d <= days_in_month(m)));
+        let possible = month.values().any(|m| dom.values().any(|d| d <= days_in_month(m)));
         if !possible {
             return Err(format!(
                 "{expr:?} never occurs: none of the months it selects has any of the days of month it selects"
@@ -409,12 +348,8 @@ fn parse_cron(expr: &str) -> Result<Cron, String> {
         }
     }
 
-    let normalized = [&minute, &hour, &dom, &month, &dow]
-        .map(Selection::render)
-        .join(" ");
-    let cron = Cron::new(&normalized)
-        .parse()
-        .map_err(|e| format!("{expr:?} is not a valid schedule: {e}"))?;
+    let normalized = [&minute, &hour, &dom, &month, &dow].map(Selection::render).join(" ");
+    let cron = Cron::new(&normalized).parse().map_err(|e| format!("{expr:?} is not a valid schedule: {e}"))?;
     // A backstop for the check above: the schedule must fire at some point.
     let reference = DateTime::<Utc>::from_timestamp(946_684_800, 0); // 2000-01-01
     if reference.is_none_or(|r| cron.find_next_occurrence(&r, false).is_err()) {
@@ -439,10 +374,7 @@ fn parse_field(text: &str, field: &CronField) -> Result<Selection, String> {
     let name = field.name;
     let is_day_field = field.name == DAY_OF_MONTH.name || field.name == DAY_OF_WEEK.name;
     if text == "*" || (text == "?" && is_day_field) {
-        return Ok(Selection {
-            star: true,
-            bits: range_bits(field.min, field.max, 1),
-        });
+        return Ok(Selection { star: true, bits: range_bits(field.min, field.max, 1) });
     }
     let mut bits = 0u64;
     for item in text.split(',') {
@@ -460,9 +392,7 @@ fn parse_field(text: &str, field: &CronField) -> Result<Selection, String> {
                 Ok(step) => step,
                 Err(_) => {
                     let unit = if is_day_field { "day" } else { name };
-                    return Err(format!(
-                        "{name} step in {item:?} is not a number of {unit}s"
-                    ));
+                    return Err(format!("{name} step in {item:?} is not a number of {unit}s"));
                 }
             },
         };
@@ -476,19 +406,13 @@ fn parse_field(text: &str, field: &CronField) -> Result<Selection, String> {
                 to = 7;
             }
             if from > to {
-                return Err(format!(
-                    "{name} range {range:?} runs backwards; write the smaller value first"
-                ));
+                return Err(format!("{name} range {range:?} runs backwards; write the smaller value first"));
             }
             (from, to)
         } else {
             let value = parse_value(range, field)?;
             // `5/15` means from 5 to the end, every 15.
-            let last = if step_text.is_some() {
-                field.max
-            } else {
-                value
-            };
+            let last = if step_text.is_some() { field.max } else { value };
             (value, last)
         };
         bits |= range_bits(first, last, step);
@@ -526,11 +450,7 @@ fn parse_value(text: &str, field: &CronField) -> Result<u32, String> {
             )),
         };
     }
-    if let Some(index) = field
-        .names
-        .iter()
-        .position(|n| n.eq_ignore_ascii_case(text))
-    {
+    if let Some(index) = field.names.iter().position(|n| n.eq_ignore_ascii_case(text)) {
         // At most 12 names, so the index fits.
         return Ok(field.names_from + u32::try_from(index).unwrap_or(0));
     }
@@ -540,10 +460,7 @@ fn parse_value(text: &str, field: &CronField) -> Result<u32, String> {
     if field.names.is_empty() {
         Err(format!("{name} {text:?} is not a number"))
     } else {
-        Err(format!(
-            "{name} {text:?} is not a number or a name such as {}",
-            field.example
-        ))
+        Err(format!("{name} {text:?} is not a number or a name such as {}", field.example))
     }
 }
 
@@ -576,8 +493,7 @@ mod tests {
 
     /// The next rotation without jitter for a schedule in a time zone.
     fn next(cron: &str, tz: &str, issued_at: &str) -> Timestamp {
-        schedule(serde_json::json!({"schedule": cron, "timeZone": tz}))
-            .next_rotation(ts(issued_at), "seed")
+        schedule(serde_json::json!({"schedule": cron, "timeZone": tz})).next_rotation(ts(issued_at), "seed")
     }
 
     /// The first `n` rotations, each issued at the previous one.
@@ -597,80 +513,44 @@ mod tests {
     #[test]
     fn interval_only() {
         let s = schedule(serde_json::json!({"rotateEvery": "720h"}));
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"),
-            ts("2025-01-31T00:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"), ts("2025-01-31T00:00:00Z"));
         let s = schedule(serde_json::json!({"rotateEvery": "1h30m"}));
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00.5Z"), "a"),
-            ts("2025-01-01T01:30:00.5Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00.5Z"), "a"), ts("2025-01-01T01:30:00.5Z"));
     }
 
     #[test]
     fn cron_only_utc() {
-        assert_eq!(
-            next("0 3 * * *", "UTC", "2025-01-01T05:00:00Z"),
-            ts("2025-01-02T03:00:00Z")
-        );
-        assert_eq!(
-            next("0 3 * * *", "UTC", "2025-01-01T02:59:59Z"),
-            ts("2025-01-01T03:00:00Z")
-        );
+        assert_eq!(next("0 3 * * *", "UTC", "2025-01-01T05:00:00Z"), ts("2025-01-02T03:00:00Z"));
+        assert_eq!(next("0 3 * * *", "UTC", "2025-01-01T02:59:59Z"), ts("2025-01-01T03:00:00Z"));
     }
 
     #[test]
     fn time_zone_defaults_to_utc() {
         let s = schedule(serde_json::json!({"schedule": "0 3 * * *"}));
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T05:00:00Z"), "x"),
-            ts("2025-01-02T03:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T05:00:00Z"), "x"), ts("2025-01-02T03:00:00Z"));
     }
 
     #[test]
     fn cron_time_is_strictly_after_issue() {
-        assert_eq!(
-            next("0 3 * * *", "UTC", "2025-01-01T03:00:00Z"),
-            ts("2025-01-02T03:00:00Z")
-        );
+        assert_eq!(next("0 3 * * *", "UTC", "2025-01-01T03:00:00Z"), ts("2025-01-02T03:00:00Z"));
         // Sub-second issue times, after and before the epoch.
-        assert_eq!(
-            next("0 3 * * *", "UTC", "2025-01-01T03:00:00.999Z"),
-            ts("2025-01-02T03:00:00Z")
-        );
-        assert_eq!(
-            next("0 3 * * *", "UTC", "2025-01-01T02:59:59.999Z"),
-            ts("2025-01-01T03:00:00Z")
-        );
-        assert_eq!(
-            next("* * * * *", "UTC", "1969-12-31T23:59:59.5Z"),
-            ts("1970-01-01T00:00:00Z")
-        );
+        assert_eq!(next("0 3 * * *", "UTC", "2025-01-01T03:00:00.999Z"), ts("2025-01-02T03:00:00Z"));
+        assert_eq!(next("0 3 * * *", "UTC", "2025-01-01T02:59:59.999Z"), ts("2025-01-01T03:00:00Z"));
+        assert_eq!(next("* * * * *", "UTC", "1969-12-31T23:59:59.5Z"), ts("1970-01-01T00:00:00Z"));
     }
 
     #[test]
     fn interval_and_cron_earliest_wins() {
         let s = schedule(serde_json::json!({"rotateEvery": "24h", "schedule": "0 3 * * *"}));
         // The schedule comes first.
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"),
-            ts("2025-01-01T03:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"), ts("2025-01-01T03:00:00Z"));
         let s = schedule(serde_json::json!({"rotateEvery": "1h", "schedule": "0 3 * * *"}));
         // The interval comes first.
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"),
-            ts("2025-01-01T01:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"), ts("2025-01-01T01:00:00Z"));
         let s = schedule(
             serde_json::json!({"rotateEvery": "720h", "schedule": "0 3 * * SUN", "timeZone": "Europe/Berlin"}),
         );
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"),
-            ts("2025-01-05T02:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00Z"), "a"), ts("2025-01-05T02:00:00Z"));
     }
 
     #[test]
@@ -699,10 +579,7 @@ mod tests {
     #[test]
     fn spring_forward_gap_fires_once_after_the_gap() {
         // 2025-03-30 in Berlin: 02:00 CET jumps to 03:00 CEST; 02:30 does not exist.
-        assert_eq!(
-            next("30 2 * * *", "Europe/Berlin", "2025-03-29T12:00:00Z"),
-            ts("2025-03-30T01:00:00Z")
-        );
+        assert_eq!(next("30 2 * * *", "Europe/Berlin", "2025-03-29T12:00:00Z"), ts("2025-03-30T01:00:00Z"));
         let times = chain("30 2 * * *", "Europe/Berlin", "2025-03-28T12:00:00Z", 4);
         assert_eq!(
             times,
@@ -725,54 +602,24 @@ mod tests {
         // 2025-10-26 in Berlin: 03:00 CEST falls back to 02:00 CET; 02:30
         // happens at 00:30 UTC and again at 01:30 UTC.
         let times = chain("30 2 * * *", "Europe/Berlin", "2025-10-25T12:00:00Z", 3);
-        assert_eq!(
-            times,
-            [
-                ts("2025-10-26T00:30:00Z"),
-                ts("2025-10-27T01:30:00Z"),
-                ts("2025-10-28T01:30:00Z"),
-            ]
-        );
+        assert_eq!(times, [ts("2025-10-26T00:30:00Z"), ts("2025-10-27T01:30:00Z"), ts("2025-10-28T01:30:00Z"),]);
         // Issued between the two passes of 02:30: the second one is next.
-        assert_eq!(
-            next("30 2 * * *", "Europe/Berlin", "2025-10-26T01:10:00Z"),
-            ts("2025-10-26T01:30:00Z")
-        );
+        assert_eq!(next("30 2 * * *", "Europe/Berlin", "2025-10-26T01:10:00Z"), ts("2025-10-26T01:30:00Z"));
         // Every 15 minutes through the repeated hour: strictly increasing.
         let times = chain("*/15 * * * *", "Europe/Berlin", "2025-10-26T00:00:00Z", 12);
         assert!(times.windows(2).all(|w| w[0] < w[1]));
         assert!(times.iter().all(|t| t.as_second() % 900 == 0));
         // Issued in the second pass of 02:xx, the next quarter is 15 minutes on.
-        assert_eq!(
-            next("*/15 * * * *", "Europe/Berlin", "2025-10-26T01:40:00Z"),
-            ts("2025-10-26T01:45:00Z")
-        );
+        assert_eq!(next("*/15 * * * *", "Europe/Berlin", "2025-10-26T01:40:00Z"), ts("2025-10-26T01:45:00Z"));
     }
 
     #[test]
     fn other_time_zones() {
         // New York: 09:00 EST is 14:00 UTC, 09:00 EDT is 13:00 UTC.
-        assert_eq!(
-            next(
-                "0 9 * * MON-FRI",
-                "America/New_York",
-                "2025-01-04T00:00:00Z"
-            ),
-            ts("2025-01-06T14:00:00Z")
-        );
-        assert_eq!(
-            next(
-                "0 9 * * MON-FRI",
-                "America/New_York",
-                "2025-07-05T00:00:00Z"
-            ),
-            ts("2025-07-07T13:00:00Z")
-        );
+        assert_eq!(next("0 9 * * MON-FRI", "America/New_York", "2025-01-04T00:00:00Z"), ts("2025-01-06T14:00:00Z"));
+        assert_eq!(next("0 9 * * MON-FRI", "America/New_York", "2025-07-05T00:00:00Z"), ts("2025-07-07T13:00:00Z"));
         // Kolkata has a half-hour offset and no DST.
-        assert_eq!(
-            next("0 0 * * *", "Asia/Kolkata", "2025-01-01T00:00:00Z"),
-            ts("2025-01-01T18:30:00Z")
-        );
+        assert_eq!(next("0 0 * * *", "Asia/Kolkata", "2025-01-01T00:00:00Z"), ts("2025-01-01T18:30:00Z"));
     }
 
     #[test]
@@ -815,10 +662,7 @@ mod tests {
         }
         // `*/4` in hours, and the step from a single value.
         let times = chain("0 */4 * * *", "UTC", at, 6);
-        let hours: Vec<i8> = times
-            .iter()
-            .map(|t| t.in_tz("UTC").unwrap().hour())
-            .collect();
+        let hours: Vec<i8> = times.iter().map(|t| t.in_tz("UTC").unwrap().hour()).collect();
         assert_eq!(hours, [4, 8, 12, 16, 20, 0]);
     }
 
@@ -838,11 +682,7 @@ mod tests {
             minutes.insert(t.duration_since(base).as_secs() / 60);
         }
         // Spread over (nearly) every minute of the hour.
-        assert!(
-            minutes.len() >= 55,
-            "only {} distinct minutes",
-            minutes.len()
-        );
+        assert!(minutes.len() >= 55, "only {} distinct minutes", minutes.len());
         // Different seeds give different times.
         assert_ne!(s.next_rotation(issued, "a"), s.next_rotation(issued, "b"));
     }
@@ -864,10 +704,7 @@ mod tests {
     #[test]
     fn jitter_edges() {
         assert_eq!(jitter_offset("x", Duration::ZERO), Duration::ZERO);
-        assert_eq!(
-            jitter_offset("x", Duration::from_millis(900)),
-            Duration::ZERO
-        );
+        assert_eq!(jitter_offset("x", Duration::from_millis(900)), Duration::ZERO);
         assert_eq!(jitter_offset("x", Duration::from_secs(1)), Duration::ZERO);
         for seed in ["", "a", "b", "c", "payments/x"] {
             assert!(jitter_offset(seed, Duration::from_secs(2)) < Duration::from_secs(2));
@@ -876,10 +713,7 @@ mod tests {
         }
         // No jitter: exactly on time.
         let s = schedule(serde_json::json!({"rotateEvery": "24h"}));
-        assert_eq!(
-            s.next_rotation(ts("2025-01-01T00:00:00Z"), "anything"),
-            ts("2025-01-02T00:00:00Z")
-        );
+        assert_eq!(s.next_rotation(ts("2025-01-01T00:00:00Z"), "anything"), ts("2025-01-02T00:00:00Z"));
     }
 
     #[test]
@@ -888,9 +722,7 @@ mod tests {
         let issued = ts("2025-01-01T00:00:00Z");
         assert_eq!(s.next_rotation(issued, "a"), ts("2025-01-02T00:00:00Z"));
         // Jitter never pushes a rotation past the cap.
-        let s = schedule(
-            serde_json::json!({"rotateEvery": "23h30m", "jitter": "2h", "maxKeyAge": "24h"}),
-        );
+        let s = schedule(serde_json::json!({"rotateEvery": "23h30m", "jitter": "2h", "maxKeyAge": "24h"}));
         let cap = ts("2025-01-02T00:00:00Z");
         let mut capped = 0;
         for i in 0..200 {
@@ -914,17 +746,11 @@ mod tests {
         assert_eq!(lifetime, Duration::from_secs(8 * 24 * 3600) + SAFETY_MARGIN);
         assert!(lifetime > Duration::from_secs(8 * 24 * 3600));
         // A rotation already overdue: the grace period and margin remain.
-        assert_eq!(
-            s.key_lifetime(ts("2025-02-01T00:00:00Z"), next),
-            Duration::from_secs(24 * 3600) + SAFETY_MARGIN
-        );
+        assert_eq!(s.key_lifetime(ts("2025-02-01T00:00:00Z"), next), Duration::from_secs(24 * 3600) + SAFETY_MARGIN);
         // Default grace period is 1h.
         let s = schedule(serde_json::json!({"rotateEvery": "1h"}));
         assert_eq!(s.grace_period(), Duration::from_secs(3600));
-        assert_eq!(
-            s.key_lifetime(now, ts("2025-01-01T01:00:00Z")),
-            Duration::from_secs(7200) + SAFETY_MARGIN
-        );
+        assert_eq!(s.key_lifetime(now, ts("2025-01-01T01:00:00Z")), Duration::from_secs(7200) + SAFETY_MARGIN);
     }
 
     #[test]
@@ -951,11 +777,7 @@ mod tests {
         let lifetime = s.key_lifetime(Timestamp::MIN, Timestamp::MAX);
         assert!(lifetime > s.grace_period());
         assert_eq!(
-            RotationSchedule {
-                grace: Duration::MAX,
-                ..s.clone()
-            }
-            .key_lifetime(issued, Timestamp::MAX),
+            RotationSchedule { grace: Duration::MAX, ..s.clone() }.key_lifetime(issued, Timestamp::MAX),
             Duration::MAX
         );
         assert!(!s.key_too_old(Timestamp::MIN, Timestamp::MAX));
@@ -964,9 +786,7 @@ mod tests {
         assert_eq!(s.next_rotation(Timestamp::MAX, "a"), Timestamp::MAX);
         let late = ts("9999-12-30T00:00:00Z");
         assert_eq!(s.next_rotation(late, "a"), Timestamp::MAX);
-        let s = schedule(
-            serde_json::json!({"schedule": "* * * * *", "timeZone": "Pacific/Kiritimati"}),
-        );
+        let s = schedule(serde_json::json!({"schedule": "* * * * *", "timeZone": "Pacific/Kiritimati"}));
         assert!(s.next_rotation(Timestamp::MIN, "a") > Timestamp::MIN);
         assert!(s.next_rotation(late, "a") >= late);
     }
@@ -994,19 +814,40 @@ mod tests {
             (serde_json::json!({"rotateEvery": "1h", "maxKeyAge": "0s"}), "spec.maxKeyAge: \"0s\" is too short"),
             (serde_json::json!({"rotateEvery": "1h", "maxKeyAge": "45d"}), "spec.maxKeyAge: \"45d\" is not a duration"),
             (serde_json::json!({"rotateEvery": "1h", "jitter": "soon"}), "spec.jitter: \"soon\" is not a duration"),
-            (serde_json::json!({"rotateEvery": "1h", "gracePeriod": "1d"}), "spec.gracePeriod: \"1d\" is not a duration"),
-            (serde_json::json!({"rotateEvery": "1h", "timeZone": "Mars/Olympus"}), "spec.timeZone: \"Mars/Olympus\" is not an IANA time zone"),
-            (serde_json::json!({"schedule": "0 3 * * *", "timeZone": "CEST+2"}), "spec.timeZone: \"CEST+2\" is not an IANA time zone"),
+            (
+                serde_json::json!({"rotateEvery": "1h", "gracePeriod": "1d"}),
+                "spec.gracePeriod: \"1d\" is not a duration",
+            ),
+            (
+                serde_json::json!({"rotateEvery": "1h", "timeZone": "Mars/Olympus"}),
+                "spec.timeZone: \"Mars/Olympus\" is not an IANA time zone",
+            ),
+            (
+                serde_json::json!({"schedule": "0 3 * * *", "timeZone": "CEST+2"}),
+                "spec.timeZone: \"CEST+2\" is not an IANA time zone",
+            ),
             (serde_json::json!({"gracePeriod": "1h"}), "spec: set rotateEvery, schedule, or both"),
-            (serde_json::json!({"schedule": "61 * * * *"}), "spec.schedule: \"61 * * * *\": minute 61 is out of range (use 0-59)"),
-            (serde_json::json!({"schedule": "0 24 * * *"}), "spec.schedule: \"0 24 * * *\": hour 24 is out of range (use 0-23)"),
+            (
+                serde_json::json!({"schedule": "61 * * * *"}),
+                "spec.schedule: \"61 * * * *\": minute 61 is out of range (use 0-59)",
+            ),
+            (
+                serde_json::json!({"schedule": "0 24 * * *"}),
+                "spec.schedule: \"0 24 * * *\": hour 24 is out of range (use 0-23)",
+            ),
             (serde_json::json!({"schedule": "0 0 0 * *"}), "day of month 0 is out of range (use 1-31)"),
             (serde_json::json!({"schedule": "0 0 32 * *"}), "day of month 32 is out of range"),
             (serde_json::json!({"schedule": "0 0 * 13 *"}), "month 13 is out of range (use 1-12 or JAN-DEC)"),
             (serde_json::json!({"schedule": "0 0 * * 8"}), "day of week 8 is out of range (use 0-7 or SUN-SAT)"),
             (serde_json::json!({"schedule": "0 0 * * 99999999999999"}), "day of week 99999999999999 is out of range"),
-            (serde_json::json!({"schedule": "0 0 * * FOO"}), "day of week \"FOO\" is not a number or a name such as MON"),
-            (serde_json::json!({"schedule": "0 0 * * SUNDAY"}), "day of week \"SUNDAY\" is not a number or a name such as MON"),
+            (
+                serde_json::json!({"schedule": "0 0 * * FOO"}),
+                "day of week \"FOO\" is not a number or a name such as MON",
+            ),
+            (
+                serde_json::json!({"schedule": "0 0 * * SUNDAY"}),
+                "day of week \"SUNDAY\" is not a number or a name such as MON",
+            ),
             (serde_json::json!({"schedule": "0 0 * JAN-FOO *"}), "month \"FOO\" is not a number or a name such as JAN"),
             (serde_json::json!({"schedule": "0 0 * MON *"}), "month \"MON\" is not a number or a name such as JAN"),
             (serde_json::json!({"schedule": "0 0 JAN * *"}), "day of month \"JAN\" is not a number"),
@@ -1021,7 +862,10 @@ mod tests {
             (serde_json::json!({"schedule": "0 0 */x * *"}), "day of month step in \"*/x\" is not a number of days"),
             (serde_json::json!({"schedule": "1,,2 * * * *"}), "minute \"1,,2\" has an empty list item"),
             (serde_json::json!({"schedule": "1- * * * *"}), "minute has an empty value"),
-            (serde_json::json!({"schedule": "0 3 * *"}), "spec.schedule: \"0 3 * *\" has 4 fields; a schedule has 5: minute hour day-of-month month day-of-week"),
+            (
+                serde_json::json!({"schedule": "0 3 * *"}),
+                "spec.schedule: \"0 3 * *\" has 4 fields; a schedule has 5: minute hour day-of-month month day-of-week",
+            ),
             (serde_json::json!({"schedule": "0 0 3 * * *"}), "has 6 fields (a seconds field is not supported)"),
             (serde_json::json!({"schedule": ""}), "spec.schedule: the schedule is empty"),
             (serde_json::json!({"schedule": "   "}), "spec.schedule: the schedule is empty"),
@@ -1045,14 +889,7 @@ mod tests {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            [
-                "spec.rotateEvery",
-                "spec.schedule",
-                "spec.timeZone",
-                "spec.jitter",
-                "spec.gracePeriod",
-                "spec.maxKeyAge",
-            ]
+            ["spec.rotateEvery", "spec.schedule", "spec.timeZone", "spec.jitter", "spec.gracePeriod", "spec.maxKeyAge",]
         );
         assert!(errors.iter().all(|e| !e.message.is_empty()));
     }
@@ -1061,9 +898,6 @@ mod tests {
     fn february_30_with_a_weekday_still_occurs() {
         // Either field matches when both are restricted, so this is every Monday
         // in February.
-        assert_eq!(
-            next("0 0 30 2 MON", "UTC", "2025-01-01T00:00:00Z"),
-            ts("2025-02-03T00:00:00Z")
-        );
+        assert_eq!(next("0 0 30 2 MON", "UTC", "2025-01-01T00:00:00Z"), ts("2025-02-03T00:00:00Z"));
     }
 }

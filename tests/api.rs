@@ -6,8 +6,7 @@ mod common;
 
 use common::{control_plane, example, kubectl_ok, TestNamespace};
 use keysmith::api::{
-    AppConnection, ClusterAppConnection, DeletionPolicy, IntegrationAccount, KeyRotationPolicy,
-    RoleBinding,
+    AppConnection, ClusterAppConnection, DeletionPolicy, IntegrationAccount, KeyRotationPolicy, RoleBinding,
 };
 use kube::{
     api::{Api, ApiResource, DynamicObject, PostParams},
@@ -15,10 +14,7 @@ use kube::{
 };
 use serde_json::{json, Value};
 
-fn dynamic_api<K: Resource<DynamicType = ()>>(
-    client: &Client,
-    ns: Option<&str>,
-) -> Api<DynamicObject> {
+fn dynamic_api<K: Resource<DynamicType = ()>>(client: &Client, ns: Option<&str>) -> Api<DynamicObject> {
     let ar = ApiResource::erase::<K>(&());
     match ns {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
@@ -61,23 +57,12 @@ async fn crds_are_established_and_discoverable() {
         create_raw(&client, Some(&ns.name), doc).await.unwrap();
     }
     let listed = kubectl_ok(cp, &["get", "keysmith", "-n", &ns.name, "-o", "name"]);
-    assert!(
-        listed.contains("appconnection.keysmith.dev/this-cluster"),
-        "{listed}"
-    );
+    assert!(listed.contains("appconnection.keysmith.dev/this-cluster"), "{listed}");
     // Short names resolve, and ours never shadows RBAC's RoleBinding.
     for short in ["ia", "ksrb", "krp", "appconn", "cappconn"] {
         kubectl_ok(cp, &["get", short, "-A"]);
     }
-    let rbac = kubectl_ok(
-        cp,
-        &[
-            "api-resources",
-            "--api-group=rbac.authorization.k8s.io",
-            "-o",
-            "name",
-        ],
-    );
+    let rbac = kubectl_ok(cp, &["api-resources", "--api-group=rbac.authorization.k8s.io", "-o", "name"]);
     assert!(rbac.contains("rolebindings.rbac.authorization.k8s.io"));
     ns.delete().await;
 }
@@ -88,30 +73,18 @@ async fn kubectl_explain_shows_the_field_docs() {
     // The apiserver publishes a new CRD's OpenAPI a few seconds after the
     // CRD is Established; kubectl explain reads that.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !common::kubectl(cp, &["explain", "integrationaccounts.spec"])
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the CRD's OpenAPI was never published"
-        );
+    while !common::kubectl(cp, &["explain", "integrationaccounts.spec"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "the CRD's OpenAPI was never published");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let out = kubectl_ok(cp, &["explain", "integrationaccounts.spec"]);
     assert!(out.contains("connectionRef"), "{out}");
-    assert!(
-        out.contains("The connection to the target app the account lives in"),
-        "{out}"
-    );
+    assert!(out.contains("The connection to the target app the account lives in"), "{out}");
     assert!(out.contains("deletionPolicy"), "{out}");
     let out = kubectl_ok(cp, &["explain", "keyrotationpolicies.spec.gracePeriod"]);
     assert!(out.contains("How long a replaced key stays valid"), "{out}");
     let out = kubectl_ok(cp, &["explain", "integrationaccounts"]);
-    assert!(
-        out.contains("A dedicated account that one integration uses"),
-        "{out}"
-    );
+    assert!(out.contains("A dedicated account that one integration uses"), "{out}");
 }
 
 #[tokio::test]
@@ -134,42 +107,24 @@ async fn examples_are_accepted() {
     for doc in example("kinds/clusterappconnection.yaml") {
         let mut doc = doc;
         doc["metadata"]["name"] = json!(format!("{}-crm", ns.name));
-        create_raw(&client, None, doc)
-            .await
-            .expect("clusterappconnection accepted");
+        create_raw(&client, None, doc).await.expect("clusterappconnection accepted");
     }
     // The typed API reads them back.
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
     let account = accounts.get("billing-sync").await.unwrap();
-    assert_eq!(
-        account.spec.secret.keys.get("token").map(String::as_str),
-        Some("BILLING_API_TOKEN")
-    );
+    assert_eq!(account.spec.secret.keys.get("token").map(String::as_str), Some("BILLING_API_TOKEN"));
     // Printer columns answer the first questions.
     let table = kubectl_ok(cp, &["get", "ia", "-n", &ns.name]);
     let header = table.lines().next().unwrap();
-    for column in [
-        "NAME",
-        "CONNECTION",
-        "READY",
-        "KEY AGE",
-        "NEXT ROTATION",
-        "AGE",
-    ] {
+    for column in ["NAME", "CONNECTION", "READY", "KEY AGE", "NEXT ROTATION", "AGE"] {
         assert!(header.contains(column), "{header}");
     }
     assert!(table.contains("this-cluster"), "{table}");
     let table = kubectl_ok(cp, &["get", "ksrb", "-n", &ns.name]);
     assert!(table.lines().next().unwrap().contains("ACCOUNT"), "{table}");
-    assert!(
-        table.contains("billing-sync") && table.contains("view"),
-        "{table}"
-    );
+    assert!(table.contains("billing-sync") && table.contains("view"), "{table}");
     let table = kubectl_ok(cp, &["get", "appconn", "-n", &ns.name]);
-    assert!(
-        table.lines().next().unwrap().contains("PROVIDER"),
-        "{table}"
-    );
+    assert!(table.lines().next().unwrap().contains("PROVIDER"), "{table}");
     ns.delete().await;
 }
 
@@ -191,31 +146,16 @@ async fn defaults_are_applied() {
     for obj in minimal {
         create_raw(&client, Some(&ns.name), obj).await.unwrap();
     }
-    let account = Api::<IntegrationAccount>::namespaced(client.clone(), &ns.name)
-        .get("a")
-        .await
-        .unwrap();
+    let account = Api::<IntegrationAccount>::namespaced(client.clone(), &ns.name).get("a").await.unwrap();
     assert_eq!(account.spec.deletion_policy, DeletionPolicy::Delete);
     assert!(!account.spec.suspend);
-    assert_eq!(
-        account.spec.connection_ref.kind,
-        keysmith::api::ConnectionKind::AppConnection
-    );
-    let policy = Api::<KeyRotationPolicy>::namespaced(client.clone(), &ns.name)
-        .get("p")
-        .await
-        .unwrap();
+    assert_eq!(account.spec.connection_ref.kind, keysmith::api::ConnectionKind::AppConnection);
+    let policy = Api::<KeyRotationPolicy>::namespaced(client.clone(), &ns.name).get("p").await.unwrap();
     assert_eq!(policy.spec.time_zone, "UTC");
     assert_eq!(policy.spec.grace_period, "1h");
-    let conn = Api::<AppConnection>::namespaced(client.clone(), &ns.name)
-        .get("c")
-        .await
-        .unwrap();
+    let conn = Api::<AppConnection>::namespaced(client.clone(), &ns.name).get("c").await.unwrap();
     assert_eq!(conn.spec.max_keys_per_account, 2);
-    let binding = Api::<RoleBinding>::namespaced(client.clone(), &ns.name)
-        .get("b")
-        .await
-        .unwrap();
+    let binding = Api::<RoleBinding>::namespaced(client.clone(), &ns.name).get("b").await.unwrap();
     assert_eq!(binding.spec.roles, ["view"]);
     ns.delete().await;
 }
@@ -236,37 +176,19 @@ async fn status_is_a_subresource() {
     let api: Api<AppConnection> = Api::namespaced(client.clone(), &ns.name);
     // A status sent with the main resource is ignored...
     let mut obj = api.get("c").await.unwrap();
-    obj.status = Some(keysmith::api::AppConnectionStatus {
-        provider: Some("x".into()),
-        ..Default::default()
-    });
-    let replaced = api
-        .replace("c", &PostParams::default(), &obj)
-        .await
-        .unwrap();
+    obj.status = Some(keysmith::api::AppConnectionStatus { provider: Some("x".into()), ..Default::default() });
+    let replaced = api.replace("c", &PostParams::default(), &obj).await.unwrap();
     assert!(replaced.status.is_none());
     // ...and written through /status, which leaves the generation alone.
     let patch = json!({"status": {"provider": "kubernetes", "observedGeneration": 1,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Verified", "message": "ok",
                         "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}});
-    let patched = api
-        .patch_status(
-            "c",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
+    let patched =
+        api.patch_status("c", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     assert_eq!(patched.metadata.generation, Some(1));
-    assert_eq!(
-        patched.status.unwrap().provider.as_deref(),
-        Some("kubernetes")
-    );
+    assert_eq!(patched.status.unwrap().provider.as_deref(), Some("kubernetes"));
     let table = kubectl_ok(cp, &["get", "appconn", "-n", &ns.name, "c"]);
-    assert!(
-        table.contains("kubernetes") && table.contains("True"),
-        "{table}"
-    );
+    assert!(table.contains("kubernetes") && table.contains("True"), "{table}");
     ns.delete().await;
 }
 
@@ -283,14 +205,8 @@ async fn invalid_objects_are_refused_with_readable_messages() {
     let cases: Vec<(&str, Value, Vec<&str>)> = vec![
         (
             "bad enum",
-            account(
-                json!({"connectionRef": {"name": "c"}, "secret": {"name": "s"}, "deletionPolicy": "Destroy"}),
-            ),
-            vec![
-                "spec.deletionPolicy",
-                "Unsupported value",
-                "\"Delete\", \"Disable\", \"Orphan\"",
-            ],
+            account(json!({"connectionRef": {"name": "c"}, "secret": {"name": "s"}, "deletionPolicy": "Destroy"})),
+            vec!["spec.deletionPolicy", "Unsupported value", "\"Delete\", \"Disable\", \"Orphan\""],
         ),
         (
             "missing required field",
@@ -299,9 +215,7 @@ async fn invalid_objects_are_refused_with_readable_messages() {
         ),
         (
             "bad connection kind",
-            account(
-                json!({"connectionRef": {"kind": "Cluster", "name": "c"}, "secret": {"name": "s"}}),
-            ),
+            account(json!({"connectionRef": {"kind": "Cluster", "name": "c"}, "secret": {"name": "s"}})),
             vec!["spec.connectionRef.kind", "Unsupported value"],
         ),
         (
@@ -311,9 +225,7 @@ async fn invalid_objects_are_refused_with_readable_messages() {
         ),
         (
             "bad secret key rename",
-            account(
-                json!({"connectionRef": {"name": "c"}, "secret": {"name": "s", "keys": {"token": "has space"}}}),
-            ),
+            account(json!({"connectionRef": {"name": "c"}, "secret": {"name": "s", "keys": {"token": "has space"}}})),
             vec!["spec.secret.keys.token", "should match"],
         ),
         (
@@ -323,31 +235,19 @@ async fn invalid_objects_are_refused_with_readable_messages() {
             ),
             vec!["spec.provider", "should have at most 1 properties"],
         ),
-        (
-            "no provider",
-            connection(json!({})),
-            vec!["spec.provider", "should have at least 1 properties"],
-        ),
+        ("no provider", connection(json!({})), vec!["spec.provider", "should have at least 1 properties"]),
         (
             "scim without url",
             connection(json!({"scim": {"tokenSecretRef": {"name": "t"}}})),
             vec!["spec.provider.scim.baseUrl", "Required value"],
         ),
-        (
-            "malformed duration",
-            policy(json!({"rotateEvery": "30 days"})),
-            vec!["spec.rotateEvery", "should match"],
-        ),
+        ("malformed duration", policy(json!({"rotateEvery": "30 days"})), vec!["spec.rotateEvery", "should match"]),
         (
             "malformed grace period",
             policy(json!({"rotateEvery": "720h", "gracePeriod": "1d"})),
             vec!["spec.gracePeriod", "should match"],
         ),
-        (
-            "malformed cron",
-            policy(json!({"schedule": "every sunday at 3"})),
-            vec!["spec.schedule", "should match"],
-        ),
+        ("malformed cron", policy(json!({"schedule": "every sunday at 3"})), vec!["spec.schedule", "should match"]),
         (
             "neither interval nor schedule",
             policy(json!({"gracePeriod": "1h"})),
@@ -356,11 +256,7 @@ async fn invalid_objects_are_refused_with_readable_messages() {
         (
             "bad restart target kind",
             policy(json!({"rotateEvery": "24h", "restartTargets": [{"kind": "Pod", "name": "x"}]})),
-            vec![
-                "spec.restartTargets.kind",
-                "Unsupported value",
-                "\"Deployment\"",
-            ],
+            vec!["spec.restartTargets.kind", "Unsupported value", "\"Deployment\""],
         ),
         (
             "no roles",

@@ -4,15 +4,9 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::authentication::v1::{
-    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, PodSpec, Secret, ServiceAccount,
-};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use keysmith::controlplane::{self, AuditRecord, ControlPlane, OPERATOR_USER};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -34,16 +28,10 @@ async fn admin() -> (&'static ControlPlane, Client) {
 /// Create a namespace for one test (names must be unique per test).
 async fn namespace(client: &Client, name: &str) {
     let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..ObjectMeta::default()
-        },
+        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
         ..Namespace::default()
     };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
 }
 
 fn expect_status(result: Result<impl std::fmt::Debug, kube::Error>, code: u16) -> String {
@@ -80,34 +68,22 @@ async fn default_namespace_exists_and_version_is_1_20() {
         .into_iter()
         .filter_map(|ns| ns.metadata.name)
         .collect();
-    assert!(
-        names.iter().any(|n| n == "default"),
-        "namespaces: {names:?}"
-    );
+    assert!(names.iter().any(|n| n == "default"), "namespaces: {names:?}");
 
     let version = client.apiserver_version().await.expect("GET /version");
     assert_eq!(version.major, "1");
     assert_eq!(version.minor, "20");
-    assert!(
-        version.git_version.starts_with("v1.20."),
-        "{}",
-        version.git_version
-    );
+    assert!(version.git_version.starts_with("v1.20."), "{}", version.git_version);
 }
 
 /// A client from a kubeconfig file, after checking the file is private.
 async fn client_from_private_kubeconfig(path: &std::path::Path) -> Client {
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)
-        .expect("kubeconfig exists")
-        .permissions()
-        .mode();
+    let mode = std::fs::metadata(path).expect("kubeconfig exists").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", path.display());
 
     let kubeconfig = kube::config::Kubeconfig::read_from(path).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kubeconfig loads");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.expect("kubeconfig loads");
     Client::try_from(config).expect("client")
 }
 
@@ -115,10 +91,7 @@ async fn client_from_private_kubeconfig(path: &std::path::Path) -> Client {
 async fn admin_kubeconfig_file_is_private_and_works() {
     let (cp, _) = admin().await;
     let client = client_from_private_kubeconfig(cp.kubeconfig_path()).await;
-    Api::<Namespace>::all(client)
-        .get("default")
-        .await
-        .expect("admin from the kubeconfig file can read namespaces");
+    Api::<Namespace>::all(client).get("default").await.expect("admin from the kubeconfig file can read namespaces");
 }
 
 /// The audit records of `user` in namespace `ns` since `mark`.
@@ -164,43 +137,22 @@ async fn audit_log_records_the_operators_requests() {
 
     let cms = Api::<ConfigMap>::namespaced(cp.operator_client().await.expect("client"), ns);
     let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("audited".to_owned()),
-            ..ObjectMeta::default()
-        },
+        metadata: ObjectMeta { name: Some("audited".to_owned()), ..ObjectMeta::default() },
         ..ConfigMap::default()
     };
-    cms.create(&PostParams::default(), &cm)
+    cms.create(&PostParams::default(), &cm).await.expect("create");
+    cms.patch("audited", &PatchParams::default(), &Patch::Merge(serde_json::json!({ "data": { "k": "v" } })))
         .await
-        .expect("create");
-    cms.patch(
-        "audited",
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "data": { "k": "v" } })),
-    )
-    .await
-    .expect("patch");
+        .expect("patch");
     cms.get("audited").await.expect("get");
     cms.list(&ListParams::default()).await.expect("list");
     // The admin's traffic in the same namespace is someone else's.
-    Api::<ConfigMap>::namespaced(admin_client, ns)
-        .get("audited")
-        .await
-        .expect("admin get");
+    Api::<ConfigMap>::namespaced(admin_client, ns).get("audited").await.expect("admin get");
 
     // Records are written before responses complete: no waiting needed.
     let records = audit_of(cp, mark, OPERATOR_USER, ns);
-    let summary: Vec<(&str, &str, Option<&str>, Option<u16>)> = records
-        .iter()
-        .map(|r| {
-            (
-                r.verb.as_str(),
-                r.resource.as_str(),
-                r.name.as_deref(),
-                r.code,
-            )
-        })
-        .collect();
+    let summary: Vec<(&str, &str, Option<&str>, Option<u16>)> =
+        records.iter().map(|r| (r.verb.as_str(), r.resource.as_str(), r.name.as_deref(), r.code)).collect();
     assert_eq!(
         summary,
         [
@@ -216,9 +168,7 @@ async fn audit_log_records_the_operators_requests() {
         assert_eq!(record.api_group, None, "core group");
         assert_eq!(record.subresource, None);
         assert!(
-            record
-                .request_uri
-                .starts_with(&format!("/api/v1/namespaces/{ns}/configmaps")),
+            record.request_uri.starts_with(&format!("/api/v1/namespaces/{ns}/configmaps")),
             "{}",
             record.request_uri
         );
@@ -238,15 +188,8 @@ async fn audit_log_records_the_operators_requests() {
     assert_eq!(cp.audit_records_since(mark).expect("since"), all[mark..]);
     let later = cp.audit_mark().expect("later mark");
     assert!(later >= all.len());
-    assert!(cp
-        .audit_records_since(later)
-        .expect("since later")
-        .iter()
-        .all(|r| r.namespace.as_deref() != Some(ns)));
-    assert!(cp
-        .audit_records_since(usize::MAX)
-        .expect("past the end")
-        .is_empty());
+    assert!(cp.audit_records_since(later).expect("since later").iter().all(|r| r.namespace.as_deref() != Some(ns)));
+    assert!(cp.audit_records_since(usize::MAX).expect("past the end").is_empty());
 }
 
 #[tokio::test]
@@ -258,21 +201,11 @@ async fn unprivileged_user_is_authenticated_but_forbidden() {
     assert_ne!(token, cp.admin_token());
 
     let client = cp.client_for_token(token).await.expect("user-1 client");
-    let message = expect_status(
-        Api::<Namespace>::all(client)
-            .list(&ListParams::default())
-            .await,
-        403,
-    );
+    let message = expect_status(Api::<Namespace>::all(client).list(&ListParams::default()).await, 403);
     assert!(message.contains("\"user-1\""), "{message}");
 
     let anonymous = cp.client_for_token("not-a-token").await.expect("client");
-    expect_status(
-        Api::<Namespace>::all(anonymous)
-            .list(&ListParams::default())
-            .await,
-        401,
-    );
+    expect_status(Api::<Namespace>::all(anonymous).list(&ListParams::default()).await, 401);
 }
 
 #[tokio::test]
@@ -283,27 +216,16 @@ async fn service_account_token_request_authenticates_as_the_service_account() {
 
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
     let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("robot".to_owned()),
-            ..ObjectMeta::default()
-        },
+        metadata: ObjectMeta { name: Some("robot".to_owned()), ..ObjectMeta::default() },
         ..ServiceAccount::default()
     };
-    sas.create(&PostParams::default(), &sa)
-        .await
-        .expect("create SA");
+    sas.create(&PostParams::default(), &sa).await.expect("create SA");
 
     let request = TokenRequest {
-        spec: TokenRequestSpec {
-            expiration_seconds: Some(600),
-            ..TokenRequestSpec::default()
-        },
+        spec: TokenRequestSpec { expiration_seconds: Some(600), ..TokenRequestSpec::default() },
         ..TokenRequest::default()
     };
-    let issued = sas
-        .create_token_request("robot", &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest");
+    let issued = sas.create_token_request("robot", &PostParams::default(), &request).await.expect("TokenRequest");
     let token = issued.status.expect("token status").token;
     let expected_user = format!("system:serviceaccount:{ns}:robot");
 
@@ -312,10 +234,7 @@ async fn service_account_token_request_authenticates_as_the_service_account() {
         .create(
             &PostParams::default(),
             &TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.clone()),
-                    ..TokenReviewSpec::default()
-                },
+                spec: TokenReviewSpec { token: Some(token.clone()), ..TokenReviewSpec::default() },
                 ..TokenReview::default()
             },
         )
@@ -323,10 +242,7 @@ async fn service_account_token_request_authenticates_as_the_service_account() {
         .expect("TokenReview");
     let status = review.status.expect("review status");
     assert_eq!(status.authenticated, Some(true), "{:?}", status.error);
-    assert_eq!(
-        status.user.and_then(|u| u.username).as_deref(),
-        Some(expected_user.as_str())
-    );
+    assert_eq!(status.user.and_then(|u| u.username).as_deref(), Some(expected_user.as_str()));
 
     // A client with that token is authenticated (403, not 401) and has no rights.
     let sa_client = cp.client_for_token(&token).await.expect("SA client");
@@ -350,12 +266,7 @@ async fn service_account_token_request_authenticates_as_the_service_account() {
         .expect("SelfSubjectAccessReview");
     assert!(!review.status.expect("access review status").allowed);
 
-    let message = expect_status(
-        Api::<Secret>::namespaced(sa_client, ns)
-            .list(&ListParams::default())
-            .await,
-        403,
-    );
+    let message = expect_status(Api::<Secret>::namespaced(sa_client, ns).list(&ListParams::default()).await, 403);
     assert!(message.contains(&expected_user), "{message}");
 }
 
@@ -370,10 +281,7 @@ async fn garbage_collector_deletes_dependents() {
         .create(
             &PostParams::default(),
             &ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some("owner".to_owned()),
-                    ..ObjectMeta::default()
-                },
+                metadata: ObjectMeta { name: Some("owner".to_owned()), ..ObjectMeta::default() },
                 ..ConfigMap::default()
             },
         )
@@ -393,13 +301,9 @@ async fn garbage_collector_deletes_dependents() {
         },
         ..ConfigMap::default()
     };
-    cms.create(&PostParams::default(), &dependent)
-        .await
-        .expect("create dependent");
+    cms.create(&PostParams::default(), &dependent).await.expect("create dependent");
 
-    cms.delete("owner", &DeleteParams::background())
-        .await
-        .expect("delete owner");
+    cms.delete("owner", &DeleteParams::background()).await.expect("delete owner");
     eventually("the dependent to be garbage-collected", TIMEOUT, || async {
         matches!(cms.get_opt("dependent").await, Ok(None))
     })
@@ -415,10 +319,7 @@ async fn namespace_deletion_completes() {
         .create(
             &PostParams::default(),
             &ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some("content".to_owned()),
-                    ..ObjectMeta::default()
-                },
+                metadata: ObjectMeta { name: Some("content".to_owned()), ..ObjectMeta::default() },
                 ..ConfigMap::default()
             },
         )
@@ -426,15 +327,10 @@ async fn namespace_deletion_completes() {
         .expect("create configmap");
 
     let namespaces = Api::<Namespace>::all(client);
-    namespaces
-        .delete(ns, &DeleteParams::default())
-        .await
-        .expect("delete namespace");
-    eventually(
-        "the namespace to be finalized",
-        Duration::from_secs(60),
-        || async { matches!(namespaces.get_opt(ns).await, Ok(None)) },
-    )
+    namespaces.delete(ns, &DeleteParams::default()).await.expect("delete namespace");
+    eventually("the namespace to be finalized", Duration::from_secs(60), || async {
+        matches!(namespaces.get_opt(ns).await, Ok(None))
+    })
     .await;
 }
 
@@ -452,10 +348,7 @@ async fn pods_are_admitted_with_service_account_tokens() {
     .await;
 
     let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some("sleeper".to_owned()),
-            ..ObjectMeta::default()
-        },
+        metadata: ObjectMeta { name: Some("sleeper".to_owned()), ..ObjectMeta::default() },
         spec: Some(PodSpec {
             containers: vec![Container {
                 name: "main".to_owned(),
@@ -466,10 +359,7 @@ async fn pods_are_admitted_with_service_account_tokens() {
         }),
         ..Pod::default()
     };
-    let created = Api::<Pod>::namespaced(client, ns)
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("pod admitted");
+    let created = Api::<Pod>::namespaced(client, ns).create(&PostParams::default(), &pod).await.expect("pod admitted");
     let spec = created.spec.expect("pod spec");
     assert_eq!(spec.service_account_name.as_deref(), Some("default"));
 }
@@ -488,9 +378,7 @@ async fn server_side_apply_works() {
         "metadata": { "name": "applied" },
         "data": { "a": "1" },
     });
-    cms.patch("applied", &params, &Patch::Apply(&manifest))
-        .await
-        .expect("first apply creates");
+    cms.patch("applied", &params, &Patch::Apply(&manifest)).await.expect("first apply creates");
 
     let manifest = serde_json::json!({
         "apiVersion": "v1",
@@ -498,49 +386,26 @@ async fn server_side_apply_works() {
         "metadata": { "name": "applied" },
         "data": { "b": "2" },
     });
-    let applied = cms
-        .patch("applied", &params, &Patch::Apply(&manifest))
-        .await
-        .expect("second apply updates");
+    let applied = cms.patch("applied", &params, &Patch::Apply(&manifest)).await.expect("second apply updates");
 
     // Fields no longer applied by the sole manager are removed.
     let data = applied.data.expect("data");
     assert_eq!(data.get("b").map(String::as_str), Some("2"));
     assert!(!data.contains_key("a"), "{data:?}");
-    let managers: Vec<String> = applied
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|m| m.manager)
-        .collect();
-    assert!(
-        managers.iter().any(|m| m == "keysmith-test"),
-        "{managers:?}"
-    );
+    let managers: Vec<String> =
+        applied.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
+    assert!(managers.iter().any(|m| m == "keysmith-test"), "{managers:?}");
 }
 
 #[tokio::test]
 async fn a_private_control_plane_stops_cleanly() {
-    let cp = ControlPlane::start()
-        .await
-        .expect("private control plane starts");
+    let cp = ControlPlane::start().await.expect("private control plane starts");
     let client = cp.client().await.expect("admin client");
-    Api::<Namespace>::all(client.clone())
-        .get("default")
-        .await
-        .expect("default namespace");
-    let dir = cp
-        .kubeconfig_path()
-        .parent()
-        .expect("kubeconfig in the temp dir")
-        .to_path_buf();
+    Api::<Namespace>::all(client.clone()).get("default").await.expect("default namespace");
+    let dir = cp.kubeconfig_path().parent().expect("kubeconfig in the temp dir").to_path_buf();
     assert!(dir.is_dir());
 
     cp.stop();
     assert!(!dir.exists(), "{} is left behind", dir.display());
-    assert!(
-        client.apiserver_version().await.is_err(),
-        "the apiserver still answers after stop()"
-    );
+    assert!(client.apiserver_version().await.is_err(), "the apiserver still answers after stop()");
 }

@@ -24,24 +24,16 @@ fn crds_dir_matches_the_rust_types() {
             path.display()
         );
     }
-    let mut on_disk: Vec<String> = std::fs::read_dir(crd_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut on_disk: Vec<String> =
+        std::fs::read_dir(crd_dir()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     on_disk.sort();
     expected_files.sort();
-    assert_eq!(
-        on_disk, expected_files,
-        "crds/ holds files no type generates"
-    );
+    assert_eq!(on_disk, expected_files, "crds/ holds files no type generates");
 }
 
 #[test]
 fn crd_command_prints_every_crd() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keysmith"))
-        .arg("crd")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keysmith")).arg("crd").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let mut kinds: Vec<String> = Vec::new();
@@ -53,13 +45,7 @@ fn crd_command_prints_every_crd() {
     kinds.sort();
     assert_eq!(
         kinds,
-        [
-            "AppConnection",
-            "ClusterAppConnection",
-            "IntegrationAccount",
-            "KeyRotationPolicy",
-            "RoleBinding"
-        ]
+        ["AppConnection", "ClusterAppConnection", "IntegrationAccount", "KeyRotationPolicy", "RoleBinding"]
     );
 }
 
@@ -70,45 +56,17 @@ fn every_kind_has_short_names_category_status_and_docs() {
     for crd in keysmith::api::crds() {
         let names = &crd.spec.names;
         assert_eq!(crd.spec.group, "keysmith.dev");
-        assert_eq!(
-            names.categories.as_deref(),
-            Some(&["keysmith".to_owned()][..]),
-            "{}",
-            names.kind
-        );
+        assert_eq!(names.categories.as_deref(), Some(&["keysmith".to_owned()][..]), "{}", names.kind);
         let short = names.short_names.clone().unwrap_or_default();
         assert!(!short.is_empty(), "{} has no short name", names.kind);
-        assert!(
-            !short.contains(&"rb".to_owned()),
-            "short names must not collide with RBAC"
-        );
+        assert!(!short.contains(&"rb".to_owned()), "short names must not collide with RBAC");
         let version = &crd.spec.versions[0];
-        assert!(
-            version.subresources.as_ref().unwrap().status.is_some(),
-            "{}",
-            names.kind
-        );
-        let columns: Vec<String> = version
-            .additional_printer_columns
-            .iter()
-            .flatten()
-            .map(|c| c.name.clone())
-            .collect();
-        assert!(
-            columns.contains(&"Ready".to_owned()),
-            "{}: {columns:?}",
-            names.kind
-        );
-        let schema = serde_json::to_value(
-            version
-                .schema
-                .as_ref()
-                .unwrap()
-                .open_api_v3_schema
-                .as_ref()
-                .unwrap(),
-        )
-        .unwrap();
+        assert!(version.subresources.as_ref().unwrap().status.is_some(), "{}", names.kind);
+        let columns: Vec<String> =
+            version.additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
+        assert!(columns.contains(&"Ready".to_owned()), "{}: {columns:?}", names.kind);
+        let schema =
+            serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         assert_documented(&names.kind, "", &schema);
     }
 }
@@ -121,10 +79,7 @@ fn assert_documented(kind: &str, path: &str, schema: &Value) {
             if here == ".metadata" || here == ".apiVersion" || here == ".kind" {
                 continue;
             }
-            let doc = prop
-                .get("description")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let doc = prop.get("description").and_then(Value::as_str).unwrap_or("");
             assert!(!doc.trim().is_empty(), "{kind}{here} has no doc comment");
             assert_documented(kind, &here, prop);
         }
@@ -135,20 +90,8 @@ fn assert_documented(kind: &str, path: &str, schema: &Value) {
 }
 
 fn schema_of(kind: &str) -> Value {
-    let crd = keysmith::api::crds()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap();
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    let crd = keysmith::api::crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+    serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap()
 }
 
 fn messages(result: Result<(), kube::core::cel::ValidationErrors>) -> Vec<String> {
@@ -191,10 +134,7 @@ fn account_ref_is_immutable() {
     let v = Validator::new();
     assert!(messages(v.validate(&schema, &binding("a"), Some(&binding("a")))).is_empty());
     let errs = messages(v.validate(&schema, &binding("b"), Some(&binding("a"))));
-    assert!(
-        errs.iter().any(|e| e.contains("accountRef is immutable")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("accountRef is immutable")), "{errs:?}");
     let mut more_roles = binding("a");
     more_roles["spec"]["roles"] = json!(["view", "edit"]);
     assert!(messages(v.validate(&schema, &more_roles, Some(&binding("a")))).is_empty());
@@ -210,14 +150,9 @@ fn exactly_one_provider_rule() {
         };
         let v = Validator::new();
         assert!(messages(v.validate(&schema, &conn(json!({"kubernetes": {}})), None)).is_empty());
-        let two = conn(
-            json!({"kubernetes": {}, "scim": {"baseUrl": "https://x", "tokenSecretRef": {"name": "t"}}}),
-        );
+        let two = conn(json!({"kubernetes": {}, "scim": {"baseUrl": "https://x", "tokenSecretRef": {"name": "t"}}}));
         let errs = messages(v.validate(&schema, &two, None));
-        assert!(
-            errs.iter().any(|e| e.contains("set exactly one provider")),
-            "{kind}: {errs:?}"
-        );
+        assert!(errs.iter().any(|e| e.contains("set exactly one provider")), "{kind}: {errs:?}");
     }
 }
 
@@ -231,40 +166,19 @@ fn rotation_policy_needs_an_interval_or_a_schedule() {
         json!({"schedule": "0 3 * * *"}),
         json!({"rotateEvery": "1h", "schedule": "@daily"}),
     ] {
-        assert!(
-            messages(v.validate(&schema, &policy(ok.clone()), None)).is_empty(),
-            "{ok}"
-        );
+        assert!(messages(v.validate(&schema, &policy(ok.clone()), None)).is_empty(), "{ok}");
     }
     let errs = messages(v.validate(&schema, &policy(json!({"gracePeriod": "1h"})), None));
-    assert!(
-        errs.iter()
-            .any(|e| e.contains("set rotateEvery, schedule, or both")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("set rotateEvery, schedule, or both")), "{errs:?}");
 }
 
 #[test]
 fn cron_pattern_accepts_cron_and_refuses_prose() {
     let pattern = regex::Regex::new(keysmith::api::CRON_PATTERN).unwrap();
-    for ok in [
-        "0 3 * * SUN",
-        "*/15 * * * *",
-        "0 0 1 1-6/2 MON-FRI",
-        "@daily",
-        "@hourly",
-        "0 3 ? * 1,3,5",
-    ] {
+    for ok in ["0 3 * * SUN", "*/15 * * * *", "0 0 1 1-6/2 MON-FRI", "@daily", "@hourly", "0 3 ? * 1,3,5"] {
         assert!(pattern.is_match(ok), "{ok}");
     }
-    for bad in [
-        "every sunday",
-        "0 3 * *",
-        "0 3 * * * *",
-        "@often",
-        "",
-        "0 3 * * SUN;rm",
-    ] {
+    for bad in ["every sunday", "0 3 * *", "0 3 * * * *", "@often", "", "0 3 * * SUN;rm"] {
         assert!(!pattern.is_match(bad), "{bad}");
     }
 }

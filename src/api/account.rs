@@ -47,11 +47,7 @@ use super::common::{CommonStatus, LocalObjectReference, NAME_PATTERN, SECRET_KEY
         json_path = ".status.nextRotationAt",
         description = "When the key will next be rotated"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IntegrationAccountSpec {

@@ -33,11 +33,7 @@ use super::common::{CommonStatus, SecretKeySelector};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         description = "Whether the admin credential works"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AppConnectionSpec {
@@ -88,11 +84,7 @@ fn default_max_keys() -> i32 {
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         description = "Whether the admin credential works"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterAppConnectionSpec {

@@ -26,23 +26,14 @@ use super::common::{CommonStatus, LocalObjectReference};
         json_path = ".spec.accountRef.name",
         description = "The IntegrationAccount the roles are granted to"
     ),
-    printcolumn(
-        name = "Roles",
-        type_ = "string",
-        json_path = ".spec.roles",
-        description = "The roles granted"
-    ),
+    printcolumn(name = "Roles", type_ = "string", json_path = ".spec.roles", description = "The roles granted"),
     printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         description = "Whether every role is granted"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RoleBindingSpec {

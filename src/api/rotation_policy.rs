@@ -20,12 +20,7 @@ use super::common::{CommonStatus, CRON_PATTERN, DURATION_PATTERN, NAME_PATTERN};
     category = "keysmith",
     namespaced,
     status = "KeyRotationPolicyStatus",
-    printcolumn(
-        name = "Every",
-        type_ = "string",
-        json_path = ".spec.rotateEvery",
-        description = "Rotation interval"
-    ),
+    printcolumn(name = "Every", type_ = "string", json_path = ".spec.rotateEvery", description = "Rotation interval"),
     printcolumn(
         name = "Schedule",
         type_ = "string",
@@ -44,16 +39,8 @@ use super::common::{CommonStatus, CRON_PATTERN, DURATION_PATTERN, NAME_PATTERN};
         json_path = ".status.nextRotationAt",
         description = "The earliest rotation due among those accounts"
     ),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[schemars(extend(
     "anyOf" = [{"required": ["rotateEvery"]}, {"required": ["schedule"]}],
@@ -75,10 +62,7 @@ pub struct KeyRotationPolicySpec {
 
     /// The IANA time zone `schedule` is read in, for example `Europe/Berlin`.
     #[serde(default = "default_time_zone")]
-    #[schemars(
-        length(min = 1, max = 64),
-        regex(pattern = r"^[A-Za-z][A-Za-z0-9_+/-]*$")
-    )]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+/-]*$"))]
     pub time_zone: String,
 
     /// A random delay of up to this duration added to each account's

@@ -18,34 +18,26 @@ use k8s_openapi::{
 use kube::{
     api::{Patch, PatchParams},
     core::{PartialObjectMeta, SelectorExt},
-    runtime::{
-        controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller,
-    },
+    runtime::{controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller},
     Api, Resource, ResourceExt,
 };
 use serde_json::json;
 
 use super::{
     conditions::{merge_conditions, ConditionUpdate},
-    plan::{
-        self, Action, Plan, PlanInput, RotationReason, DEFAULT_GRACE_PERIOD, DEFAULT_KEY_LIFETIME,
-    },
+    plan::{self, Action, Plan, PlanInput, RotationReason, DEFAULT_GRACE_PERIOD, DEFAULT_KEY_LIFETIME},
     secret::{self as output, SecretOwnership},
     stream::{generation, hash_of},
     succeeded, Context, Error, Stores,
 };
 use crate::{
     api::{
-        condition_types::*, AppConnectionSpec, ConnectionKind, CurrentKey, DeletionPolicy,
-        ExternalAccount, IntegrationAccount, IntegrationAccountStatus, KeyRecord, KeyState,
-        PendingOperation, RestartTargetKind,
+        condition_types::*, AppConnectionSpec, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount,
+        IntegrationAccount, IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
     },
     install::FIELD_MANAGER,
     policy::RolePolicy,
-    provider::{
-        AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection,
-        RoleGrant,
-    },
+    provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
 };
 
@@ -88,9 +80,7 @@ pub fn controller(
     bindings: impl Stream<Item = watcher::Event<crate::api::RoleBinding>> + Send + 'static,
     policies: impl Stream<Item = watcher::Event<crate::api::KeyRotationPolicy>> + Send + 'static,
     connections: impl Stream<Item = watcher::Event<crate::api::AppConnection>> + Send + 'static,
-    cluster_connections: impl Stream<Item = watcher::Event<crate::api::ClusterAppConnection>>
-        + Send
-        + 'static,
+    cluster_connections: impl Stream<Item = watcher::Event<crate::api::ClusterAppConnection>> + Send + 'static,
     secrets: impl Stream<Item = watcher::Event<PartialObjectMeta<Secret>>> + Send + 'static,
 ) -> Controller<IntegrationAccount> {
     let by_policy = stores.accounts.clone();
@@ -101,57 +91,42 @@ pub fn controller(
         .watches_stream(super::stream::changes(bindings, generation), |binding| {
             Some(ObjectRef::new(&binding.spec.account_ref.name).within(&binding.namespace()?))
         })
-        .watches_stream(
-            super::stream::changes(policies, generation),
-            move |policy| {
-                let ns = policy.namespace();
-                let name = policy.name_any();
-                by_policy
-                    .state()
-                    .into_iter()
-                    .filter(|a| {
-                        a.namespace() == ns
-                            && a.spec
-                                .rotation_policy_ref
-                                .as_ref()
-                                .is_some_and(|r| r.name == name)
-                    })
-                    .map(|a| ObjectRef::from_obj(a.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches_stream(
-            super::stream::changes(connections, generation),
-            move |connection| {
-                let ns = connection.namespace();
-                let name = connection.name_any();
-                by_connection
-                    .state()
-                    .into_iter()
-                    .filter(|a| {
-                        a.namespace() == ns
-                            && a.spec.connection_ref.kind == ConnectionKind::AppConnection
-                            && a.spec.connection_ref.name == name
-                    })
-                    .map(|a| ObjectRef::from_obj(a.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches_stream(
-            super::stream::changes(cluster_connections, generation),
-            move |connection| {
-                let name = connection.name_any();
-                by_cluster_connection
-                    .state()
-                    .into_iter()
-                    .filter(|a| {
-                        a.spec.connection_ref.kind == ConnectionKind::ClusterAppConnection
-                            && a.spec.connection_ref.name == name
-                    })
-                    .map(|a| ObjectRef::from_obj(a.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(super::stream::changes(policies, generation), move |policy| {
+            let ns = policy.namespace();
+            let name = policy.name_any();
+            by_policy
+                .state()
+                .into_iter()
+                .filter(|a| a.namespace() == ns && a.spec.rotation_policy_ref.as_ref().is_some_and(|r| r.name == name))
+                .map(|a| ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(super::stream::changes(connections, generation), move |connection| {
+            let ns = connection.namespace();
+            let name = connection.name_any();
+            by_connection
+                .state()
+                .into_iter()
+                .filter(|a| {
+                    a.namespace() == ns
+                        && a.spec.connection_ref.kind == ConnectionKind::AppConnection
+                        && a.spec.connection_ref.name == name
+                })
+                .map(|a| ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(super::stream::changes(cluster_connections, generation), move |connection| {
+            let name = connection.name_any();
+            by_cluster_connection
+                .state()
+                .into_iter()
+                .filter(|a| {
+                    a.spec.connection_ref.kind == ConnectionKind::ClusterAppConnection
+                        && a.spec.connection_ref.name == name
+                })
+                .map(|a| ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        })
 }
 
 /// Whole seconds: what the apiserver stores, so recomputed times compare equal.
@@ -164,10 +139,7 @@ fn whole_seconds(t: Timestamp) -> Timestamp {
 }
 
 /// Reconciles one IntegrationAccount.
-pub async fn reconcile(
-    account: Arc<IntegrationAccount>,
-    ctx: Arc<Context>,
-) -> Result<Requeue, Error> {
+pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = account.namespace().unwrap_or_default();
     let api: Api<IntegrationAccount> = Api::namespaced(ctx.client.clone(), &namespace);
     let span = tracing::info_span!("reconcile", kind = "IntegrationAccount", account = %super::key_of(account.as_ref()), trace_id = %trace_id());
@@ -194,6 +166,7 @@ pub async fn reconcile(
     match outcome {
         Ok(wait) => {
             succeeded(account.as_ref(), &ctx);
+            tracing::debug!(?wait, "reconciled");
             Ok(wait)
         }
         Err(error) => Err(error),
@@ -213,11 +186,7 @@ struct Run {
 
 impl Run {
     fn new(account: &IntegrationAccount) -> Self {
-        Self {
-            status: account.status.clone().unwrap_or_default(),
-            conditions: Vec::new(),
-            now: now(),
-        }
+        Self { status: account.status.clone().unwrap_or_default(), conditions: Vec::new(), now: now() }
     }
 
     fn condition(&mut self, update: ConditionUpdate) {
@@ -240,26 +209,14 @@ impl Run {
         } else if let Some(first) = failing.first() {
             ConditionUpdate::falsy(READY, first.reason.clone(), first.message.clone())
         } else if self.conditions.iter().filter(|c| c.status).count() >= 3 {
-            ConditionUpdate::truthy(
-                READY,
-                "Ready",
-                "the account, its roles and its key are in place",
-            )
+            ConditionUpdate::truthy(READY, "Ready", "the account, its roles and its key are in place")
         } else {
-            ConditionUpdate::falsy(
-                READY,
-                "Reconciling",
-                "keysmith is still working on this account",
-            )
+            ConditionUpdate::falsy(READY, "Reconciling", "keysmith is still working on this account")
         };
         self.conditions.push(ready);
         let time = Time(self.now);
-        self.status.common.conditions = merge_conditions(
-            &self.status.common.conditions,
-            &self.conditions,
-            account.meta().generation,
-            &time,
-        );
+        self.status.common.conditions =
+            merge_conditions(&self.status.common.conditions, &self.conditions, account.meta().generation, &time);
         self.status.common.observed_generation = account.meta().generation;
         self.status
     }
@@ -268,12 +225,7 @@ impl Run {
 /// The account request the provider acts on.
 pub fn account_request(account: &IntegrationAccount) -> AccountRequest {
     AccountRequest {
-        name: account
-            .spec
-            .provider_options
-            .get("name")
-            .cloned()
-            .unwrap_or_else(|| account.name_any()),
+        name: account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any()),
         namespace: account.namespace().unwrap_or_default(),
         account_name: account.name_any(),
         owner_uid: account.uid().unwrap_or_default(),
@@ -301,10 +253,7 @@ pub async fn resolve_connection(
     let namespace = account.namespace().unwrap_or_default();
     match reference.kind {
         ConnectionKind::AppConnection => {
-            let found = ctx
-                .stores
-                .connections
-                .get(&ObjectRef::new(&reference.name).within(&namespace));
+            let found = ctx.stores.connections.get(&ObjectRef::new(&reference.name).within(&namespace));
             Ok(match found {
                 Some(conn) => Ok(ResolvedConnection {
                     kind: ConnectionKind::AppConnection,
@@ -315,19 +264,12 @@ pub async fn resolve_connection(
                 }),
                 None => Err(ConnectionProblem {
                     reason: "ConnectionNotFound",
-                    message: format!(
-                        "AppConnection {namespace}/{} does not exist",
-                        reference.name
-                    ),
+                    message: format!("AppConnection {namespace}/{} does not exist", reference.name),
                 }),
             })
         }
         ConnectionKind::ClusterAppConnection => {
-            let Some(conn) = ctx
-                .stores
-                .cluster_connections
-                .get(&ObjectRef::new(&reference.name))
-            else {
+            let Some(conn) = ctx.stores.cluster_connections.get(&ObjectRef::new(&reference.name)) else {
                 return Ok(Err(ConnectionProblem {
                     reason: "ConnectionNotFound",
                     message: format!("ClusterAppConnection {} does not exist", reference.name),
@@ -336,12 +278,8 @@ pub async fn resolve_connection(
             let admitted = match &conn.spec.namespace_selector {
                 None => false,
                 Some(selector) => {
-                    let ns = Api::<Namespace>::all(ctx.client.clone())
-                        .get(&namespace)
-                        .await?;
-                    kube::core::Selector::try_from(selector.clone())
-                        .map(|s| s.matches(ns.labels()))
-                        .unwrap_or(false)
+                    let ns = Api::<Namespace>::all(ctx.client.clone()).get(&namespace).await?;
+                    kube::core::Selector::try_from(selector.clone()).map(|s| s.matches(ns.labels())).unwrap_or(false)
                 }
             };
             if !admitted {
@@ -381,19 +319,11 @@ pub fn desired_roles(
         .filter(|b| b.namespace() == namespace && b.spec.account_ref.name == account.name_any())
         .filter(|b| b.meta().deletion_timestamp.is_none())
         .flat_map(|b| {
-            let scope = b
-                .spec
-                .scope
-                .clone()
-                .filter(|s| !s.is_empty())
-                .or_else(|| default_scope.clone());
+            let scope = b.spec.scope.clone().filter(|s| !s.is_empty()).or_else(|| default_scope.clone());
             b.spec
                 .roles
                 .iter()
-                .map(move |role| RoleGrant {
-                    role: role.clone(),
-                    scope: scope.clone(),
-                })
+                .map(move |role| RoleGrant { role: role.clone(), scope: scope.clone() })
                 .collect::<Vec<_>>()
         })
         .filter(|grant| policy.check(&grant.role).is_allowed())
@@ -401,32 +331,16 @@ pub fn desired_roles(
 }
 
 /// Everything between "the object exists" and "status is written".
-async fn converge(
-    account: &IntegrationAccount,
-    ctx: &Context,
-    run: &mut Run,
-) -> Result<Requeue, Error> {
+async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) -> Result<Requeue, Error> {
     // connectionRef is immutable (CEL where the apiserver enforces it; here
     // for those that do not).
-    let reference = format!(
-        "{:?}/{}",
-        account.spec.connection_ref.kind, account.spec.connection_ref.name
-    );
-    if let Some(recorded) = run
-        .status
-        .account
-        .as_ref()
-        .and_then(|a| a.connection.clone())
-    {
+    let reference = format!("{:?}/{}", account.spec.connection_ref.kind, account.spec.connection_ref.name);
+    if let Some(recorded) = run.status.account.as_ref().and_then(|a| a.connection.clone()) {
         if recorded != reference {
             let message = format!(
                 "spec.connectionRef changed from {recorded} to {reference}; connectionRef is immutable, restore it or create a new IntegrationAccount"
             );
-            run.condition(ConditionUpdate::falsy(
-                ACCOUNT_READY,
-                "ConnectionChanged",
-                message,
-            ));
+            run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "ConnectionChanged", message));
             return Ok(Requeue::await_change());
         }
     }
@@ -434,11 +348,7 @@ async fn converge(
     let connection = match resolve_connection(account, ctx).await? {
         Ok(connection) => connection,
         Err(problem) => {
-            run.condition(ConditionUpdate::falsy(
-                ACCOUNT_READY,
-                problem.reason,
-                problem.message,
-            ));
+            run.condition(ConditionUpdate::falsy(ACCOUNT_READY, problem.reason, problem.message));
             return Ok(Requeue::await_change());
         }
     };
@@ -468,16 +378,11 @@ async fn converge(
                 Some(policy) => match RotationSchedule::from_spec(&policy.spec) {
                     Ok(schedule) => Some(schedule),
                     Err(problems) => {
-                        let messages: Vec<String> =
-                            problems.iter().map(ToString::to_string).collect();
+                        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
                         run.condition(ConditionUpdate::falsy(
                             KEY_READY,
                             "RotationPolicyInvalid",
-                            format!(
-                                "KeyRotationPolicy {}: {}",
-                                reference.name,
-                                messages.join("; ")
-                            ),
+                            format!("KeyRotationPolicy {}: {}", reference.name, messages.join("; ")),
                         ));
                         None
                     }
@@ -485,20 +390,11 @@ async fn converge(
             }
         }
     };
-    let keys_blocked = run
-        .conditions
-        .iter()
-        .any(|c| c.type_ == KEY_READY && !c.status);
+    let keys_blocked = run.conditions.iter().any(|c| c.type_ == KEY_READY && !c.status);
 
     // The output Secret.
-    let secret_meta = ctx
-        .stores
-        .secrets
-        .get(&ObjectRef::new(&account.spec.secret.name).within(&request.namespace));
-    let ownership = output::ownership(
-        secret_meta.as_ref().map(|m| &m.metadata),
-        &request.owner_uid,
-    );
+    let secret_meta = ctx.stores.secrets.get(&ObjectRef::new(&account.spec.secret.name).within(&request.namespace));
+    let ownership = output::ownership(secret_meta.as_ref().map(|m| &m.metadata), &request.owner_uid);
     let secret_key_id = match &ownership {
         SecretOwnership::Ours { key_id } => key_id.clone(),
         SecretOwnership::Absent => None,
@@ -536,12 +432,7 @@ async fn converge(
     } else {
         (BTreeSet::new(), Vec::new())
     };
-    let desired = desired_roles(
-        account,
-        &ctx.stores,
-        &connection.spec,
-        provider.default_scope(&request),
-    );
+    let desired = desired_roles(account, &ctx.stores, &connection.spec, provider.default_scope(&request));
     let max_keys = max_keys(&connection, provider.as_ref());
 
     let status = run.status.clone();
@@ -556,19 +447,12 @@ async fn converge(
         secret_key_id: secret_key_id.as_deref(),
         schedule: schedule.as_ref(),
         seed: &request.owner_uid,
-        rotate_request: account
-            .annotations()
-            .get(ROTATE_NOW_ANNOTATION)
-            .map(String::as_str),
+        rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
         last_rotation_request: status.last_rotation_request.as_deref(),
         max_keys,
     });
     if let Some(blocked) = &plan.blocked {
-        run.condition(ConditionUpdate::falsy(
-            ACCOUNT_READY,
-            "AccountConflict",
-            blocked.clone(),
-        ));
+        run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
     }
 
@@ -579,47 +463,31 @@ async fn converge(
         request: &request,
         connection: &connection,
         schedule: schedule.as_ref(),
+        target_account: observed.clone(),
         roles: observed_roles,
         keys: observed_keys,
         role_problem: None,
     };
     let result = apply.run(&plan, run, keys_blocked || secret_foreign).await;
     let roles_now = apply.roles.clone();
+    let account_now = apply.target_account.clone();
     let role_problem = apply.role_problem.take();
     let live_keys: BTreeSet<String> = apply.keys.iter().map(|k| k.id.clone()).collect();
 
     // Status from what is now true.
-    if let Some(observed) = observed.as_ref().filter(|a| a.owned).cloned().or_else(|| {
-        run.status
-            .account
-            .as_ref()
-            .map(|a| crate::provider::ObservedAccount {
-                id: a.id.clone(),
-                name: a.name.clone().unwrap_or_default(),
-                disabled: a.disabled,
-                owned: true,
-                drifted: false,
-            })
-    }) {
+    if let Some(current) = account_now.filter(|a| a.owned) {
         run.status.account = Some(ExternalAccount {
             provider: provider.name().to_owned(),
-            id: observed.id,
-            name: Some(observed.name),
-            disabled: false,
+            id: current.id,
+            name: Some(current.name),
+            disabled: current.disabled,
             connection: Some(connection.display()),
         });
     }
-    run.status.roles = roles_now
-        .iter()
-        .map(|g| crate::api::GrantedRole {
-            role: g.role.clone(),
-            scope: g.scope.clone(),
-        })
-        .collect();
+    run.status.roles =
+        roles_now.iter().map(|g| crate::api::GrantedRole { role: g.role.clone(), scope: g.scope.clone() }).collect();
     if run.status.account.is_some()
-        && !result
-            .as_ref()
-            .is_err_and(|e| matches!(e, Error::Provider(ProviderError::Transient { .. })))
+        && !result.as_ref().is_err_and(|e| matches!(e, Error::Provider(ProviderError::Transient { .. })))
     {
         run.condition(ConditionUpdate::truthy(
             ACCOUNT_READY,
@@ -628,36 +496,23 @@ async fn converge(
         ));
     }
     match role_problem {
-        Some(problem) => run.condition(ConditionUpdate::falsy(
-            ROLES_SYNCED,
-            "RoleNotGranted",
-            problem,
-        )),
+        Some(problem) => run.condition(ConditionUpdate::falsy(ROLES_SYNCED, "RoleNotGranted", problem)),
         None if roles_now == desired => run.condition(ConditionUpdate::truthy(
             ROLES_SYNCED,
             "Synced",
-            format!(
-                "the account holds exactly the {} declared role(s)",
-                desired.len()
-            ),
+            format!("the account holds exactly the {} declared role(s)", desired.len()),
         )),
         None => {}
     }
     for record in &mut run.status.keys {
-        if matches!(record.state, KeyState::Published | KeyState::Retiring)
-            && !live_keys.contains(&record.id)
-        {
+        if matches!(record.state, KeyState::Published | KeyState::Retiring) && !live_keys.contains(&record.id) {
             record.state = KeyState::Revoked;
             record.revoked_at.get_or_insert(Time(run.now));
             record.reason.get_or_insert_with(|| "GoneFromTarget".into());
         }
     }
     prune_records(&mut run.status.keys);
-    let current = run
-        .status
-        .current_key
-        .clone()
-        .filter(|c| live_keys.contains(&c.id));
+    let current = run.status.current_key.clone().filter(|c| live_keys.contains(&c.id));
     run.status.next_rotation_at = current.as_ref().and_then(|c| {
         plan::rotation_due(
             schedule.as_ref(),
@@ -672,60 +527,37 @@ async fn converge(
             Some(key) => run.condition(ConditionUpdate::truthy(
                 KEY_READY,
                 "Published",
-                format!(
-                    "key {} is published in Secret {}",
-                    key.id, account.spec.secret.name
-                ),
+                format!("key {} is published in Secret {}", key.id, account.spec.secret.name),
             )),
-            None => run.condition(ConditionUpdate::falsy(
-                KEY_READY,
-                "NoKey",
-                "no key has been published yet",
-            )),
+            None => run.condition(ConditionUpdate::falsy(KEY_READY, "NoKey", "no key has been published yet")),
         }
     }
     result?;
 
     // Come back when something is due, or for a drift check.
-    let wake = [
-        plan.wake_at,
-        run.status.next_rotation_at.as_ref().map(|t| t.0),
-    ]
-    .into_iter()
-    .flatten()
-    .chain(
-        run.status
-            .keys
-            .iter()
-            .filter(|k| k.state == KeyState::Retiring)
-            .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
-    )
-    .min();
+    let wake = [plan.wake_at, run.status.next_rotation_at.as_ref().map(|t| t.0)]
+        .into_iter()
+        .flatten()
+        .chain(
+            run.status
+                .keys
+                .iter()
+                .filter(|k| k.state == KeyState::Retiring)
+                .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
+        )
+        .min();
     let delay = wake
-        .map(|t| {
-            Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO)
-                + Duration::from_secs(1)
-        })
+        .map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
         .unwrap_or(DRIFT_CHECK_INTERVAL)
         .min(DRIFT_CHECK_INTERVAL);
     Ok(Requeue::requeue(delay))
 }
 
 /// A provider failure becomes a condition; transient ones also retry.
-fn provider_failed(
-    run: &mut Run,
-    condition: &'static str,
-    error: ProviderError,
-) -> Result<Requeue, Error> {
-    run.condition(ConditionUpdate::falsy(
-        condition,
-        error.category(),
-        error.to_string(),
-    ));
+fn provider_failed(run: &mut Run, condition: &'static str, error: ProviderError) -> Result<Requeue, Error> {
+    run.condition(ConditionUpdate::falsy(condition, error.category(), error.to_string()));
     match error {
-        ProviderError::Transient { .. } | ProviderError::Unauthorized(_) => {
-            Err(Error::Provider(error))
-        }
+        ProviderError::Transient { .. } | ProviderError::Unauthorized(_) => Err(Error::Provider(error)),
         _ => Ok(Requeue::await_change()),
     }
 }
@@ -739,16 +571,9 @@ fn max_keys(connection: &ResolvedConnection, provider: &dyn Provider) -> usize {
 }
 
 /// A Secret by that name that the label-selected cache cannot see is not ours.
-async fn secret_exists_unlabelled(
-    ctx: &Context,
-    account: &IntegrationAccount,
-) -> Result<bool, Error> {
-    let api: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &account.namespace().unwrap_or_default());
-    Ok(api
-        .get_metadata_opt(&account.spec.secret.name)
-        .await?
-        .is_some())
+async fn secret_exists_unlabelled(ctx: &Context, account: &IntegrationAccount) -> Result<bool, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &account.namespace().unwrap_or_default());
+    Ok(api.get_metadata_opt(&account.spec.secret.name).await?.is_some())
 }
 
 fn prune_records(records: &mut Vec<KeyRecord>) {
@@ -772,6 +597,7 @@ struct Apply<'a> {
     request: &'a AccountRequest,
     connection: &'a ResolvedConnection,
     schedule: Option<&'a RotationSchedule>,
+    target_account: Option<crate::provider::ObservedAccount>,
     roles: BTreeSet<RoleGrant>,
     keys: Vec<ObservedKey>,
     role_problem: Option<String>,
@@ -783,52 +609,36 @@ impl Apply<'_> {
             match action {
                 Action::CreateAccount => {
                     match self.provider.create_account(self.request).await {
-                        Ok(_) => {}
+                        Ok(created) => self.target_account = Some(created),
                         Err(ProviderError::Conflict(message)) => {
-                            run.condition(ConditionUpdate::falsy(
-                                ACCOUNT_READY,
-                                "AccountConflict",
-                                message,
-                            ));
+                            run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", message));
                             return Ok(());
                         }
                         Err(error) => {
-                            provider_failed(run, ACCOUNT_READY, error.clone())?;
+                            provider_failed(run, ACCOUNT_READY, error)?;
                             return Ok(());
                         }
                     }
-                    run.status.account = Some(ExternalAccount {
-                        provider: self.provider.name().into(),
-                        id: self.request.name.clone(),
-                        name: Some(self.request.name.clone()),
-                        disabled: false,
-                        connection: Some(self.connection.display()),
-                    });
                     self.changed(
                         "AccountCreated",
                         "CreateAccount",
-                        format!(
-                            "created {} account {}",
-                            self.provider.name(),
-                            self.request.name
-                        ),
+                        format!("created {} account {}", self.provider.name(), self.request.name),
                         None,
                     )
                     .await;
                 }
                 Action::UpdateAccount => {
-                    if let Err(error) = self.provider.update_account(self.request).await {
-                        provider_failed(run, ACCOUNT_READY, error)?;
-                        return Ok(());
+                    match self.provider.update_account(self.request).await {
+                        Ok(updated) => self.target_account = Some(updated),
+                        Err(error) => {
+                            provider_failed(run, ACCOUNT_READY, error)?;
+                            return Ok(());
+                        }
                     }
                     self.changed(
                         "AccountUpdated",
                         "UpdateAccount",
-                        format!(
-                            "updated {} account {}",
-                            self.provider.name(),
-                            self.request.name
-                        ),
+                        format!("updated {} account {}", self.provider.name(), self.request.name),
                         None,
                     )
                     .await;
@@ -836,8 +646,7 @@ impl Apply<'_> {
                 Action::Grant(grant) => match self.provider.grant_role(self.request, grant).await {
                     Ok(()) => {
                         self.roles.insert(grant.clone());
-                        self.changed("RoleGranted", "GrantRole", format!("granted {grant}"), None)
-                            .await;
+                        self.changed("RoleGranted", "GrantRole", format!("granted {grant}"), None).await;
                     }
                     Err(ProviderError::Invalid(message))
                     | Err(ProviderError::Conflict(message))
@@ -858,8 +667,7 @@ impl Apply<'_> {
                         return Ok(());
                     }
                 },
-                Action::Revoke(grant) => match self.provider.revoke_role(self.request, grant).await
-                {
+                Action::Revoke(grant) => match self.provider.revoke_role(self.request, grant).await {
                     Ok(()) => {
                         self.roles.remove(grant);
                         self.changed(
@@ -878,10 +686,7 @@ impl Apply<'_> {
                 Action::RevokeKey { id, reason } => {
                     self.revoke_key(run, id, reason.as_str()).await?;
                 }
-                Action::Rotate {
-                    reason,
-                    revoke_previous_at_once,
-                } => {
+                Action::Rotate { reason, revoke_previous_at_once } => {
                     if keys_blocked {
                         continue;
                     }
@@ -903,9 +708,7 @@ impl Apply<'_> {
             key_id = key_id.unwrap_or(""),
             "{note}"
         );
-        self.ctx
-            .event(self.account, EventType::Normal, reason, action, note)
-            .await;
+        self.ctx.event(self.account, EventType::Normal, reason, action, note).await;
     }
 
     async fn revoke_key(&mut self, run: &mut Run, id: &str, reason: &str) -> Result<(), Error> {
@@ -940,13 +743,7 @@ impl Apply<'_> {
         if run.status.pending.as_ref().is_some_and(|p| p.token == id) {
             run.status.pending = None;
         }
-        self.changed(
-            "KeyRevoked",
-            "RevokeKey",
-            format!("revoked key {id} ({reason})"),
-            Some(id),
-        )
-        .await;
+        self.changed("KeyRevoked", "RevokeKey", format!("revoked key {id} ({reason})"), Some(id)).await;
         Ok(())
     }
 
@@ -960,11 +757,8 @@ impl Apply<'_> {
         let now = run.now;
         // Record the intent before the external create, so a crash between
         // issuing and publishing leaves a key the next reconcile can find.
-        run.status.pending = Some(PendingOperation {
-            operation: "IssueKey".into(),
-            token: key_id.clone(),
-            started_at: Time(now),
-        });
+        run.status.pending =
+            Some(PendingOperation { operation: "IssueKey".into(), token: key_id.clone(), started_at: Time(now) });
         run.status.keys.push(KeyRecord {
             id: key_id.clone(),
             state: KeyState::Pending,
@@ -977,32 +771,17 @@ impl Apply<'_> {
             restarted_at: None,
             reason: Some(reason.as_str().into()),
         });
-        let api: Api<IntegrationAccount> =
-            Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
+        let api: Api<IntegrationAccount> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
         write_status(&api, self.account, &run.status).await?;
 
-        let lifetime = self
-            .provider
-            .capabilities()
-            .key_expiry
-            .then(|| match self.schedule {
-                Some(schedule) => {
-                    let due = schedule
-                        .next_rotation(now, &plan::seed_for(&self.request.owner_uid, &key_id));
-                    schedule.key_lifetime(now, due)
-                }
-                None => DEFAULT_KEY_LIFETIME,
-            });
-        let issued = match self
-            .provider
-            .issue_key(
-                self.request,
-                &KeyRequest {
-                    key_id: key_id.clone(),
-                    lifetime,
-                },
-            )
-            .await
+        let lifetime = self.provider.capabilities().key_expiry.then(|| match self.schedule {
+            Some(schedule) => {
+                let due = schedule.next_rotation(now, &plan::seed_for(&self.request.owner_uid, &key_id));
+                schedule.key_lifetime(now, due)
+            }
+            None => DEFAULT_KEY_LIFETIME,
+        });
+        let issued = match self.provider.issue_key(self.request, &KeyRequest { key_id: key_id.clone(), lifetime }).await
         {
             Ok(issued) => issued,
             Err(error) => {
@@ -1011,18 +790,14 @@ impl Apply<'_> {
             }
         };
         self.ctx.failpoints.hit("after-issue");
-        self.keys.push(ObservedKey {
-            id: issued.id.clone(),
-            created_at: Some(now),
-        });
+        self.keys.push(ObservedKey { id: issued.id.clone(), created_at: Some(now) });
         if let Some(record) = run.status.keys.iter_mut().find(|r| r.id == key_id) {
             record.id = issued.id.clone();
             record.state = KeyState::Issued;
             record.expires_at = issued.expires_at.map(|t| Time(whole_seconds(t)));
         }
         if let Err(error) = self.provider.verify_key(self.request, &issued).await {
-            self.revoke_key(run, &issued.id, "VerificationFailed")
-                .await?;
+            self.revoke_key(run, &issued.id, "VerificationFailed").await?;
             run.status.pending = None;
             return provider_failed(run, KEY_READY, error).map(|_| ());
         }
@@ -1033,36 +808,20 @@ impl Apply<'_> {
             Err(invalid) => {
                 self.revoke_key(run, &issued.id, "NotPublishable").await?;
                 run.status.pending = None;
-                run.condition(ConditionUpdate::falsy(
-                    KEY_READY,
-                    "InvalidSecretSpec",
-                    invalid.to_string(),
-                ));
+                run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", invalid.to_string()));
                 return Ok(());
             }
         };
-        let secrets: Api<Secret> =
-            Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
         secrets
-            .patch(
-                &self.account.spec.secret.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
+            .patch(&self.account.spec.secret.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
             .await?;
         self.ctx.failpoints.hit("after-publish");
 
         // The previous key starts retiring.
-        let grace = self
-            .schedule
-            .map(RotationSchedule::grace_period)
-            .unwrap_or(DEFAULT_GRACE_PERIOD);
+        let grace = self.schedule.map(RotationSchedule::grace_period).unwrap_or(DEFAULT_GRACE_PERIOD);
         let previous = run.status.current_key.take();
-        let revoke_at = if revoke_previous_at_once {
-            now
-        } else {
-            whole_seconds(plan::saturating_add(now, grace))
-        };
+        let revoke_at = if revoke_previous_at_once { now } else { whole_seconds(plan::saturating_add(now, grace)) };
         for record in &mut run.status.keys {
             if record.id == issued.id {
                 record.state = KeyState::Published;
@@ -1081,11 +840,7 @@ impl Apply<'_> {
         });
         run.status.pending = None;
         if reason == RotationReason::Manual {
-            run.status.last_rotation_request = self
-                .account
-                .annotations()
-                .get(ROTATE_NOW_ANNOTATION)
-                .cloned();
+            run.status.last_rotation_request = self.account.annotations().get(ROTATE_NOW_ANNOTATION).cloned();
         }
         let note = match &previous {
             Some(old) => format!(
@@ -1097,8 +852,7 @@ impl Apply<'_> {
             ),
             None => format!("published key {} ({})", issued.id, reason.as_str()),
         };
-        self.changed("KeyRotated", "RotateKey", note, Some(&issued.id))
-            .await;
+        self.changed("KeyRotated", "RotateKey", note, Some(&issued.id)).await;
         if revoke_previous_at_once {
             if let Some(old) = &previous {
                 self.revoke_key(run, &old.id, "KeyLimit").await?;
@@ -1117,11 +871,8 @@ impl Apply<'_> {
         let Some(policy_ref) = &self.account.spec.rotation_policy_ref else {
             return;
         };
-        let Some(policy) = self
-            .ctx
-            .stores
-            .policies
-            .get(&ObjectRef::new(&policy_ref.name).within(&self.request.namespace))
+        let Some(policy) =
+            self.ctx.stores.policies.get(&ObjectRef::new(&policy_ref.name).within(&self.request.namespace))
         else {
             return;
         };
@@ -1136,12 +887,10 @@ impl Apply<'_> {
                     .patch(&target.name, &params, &Patch::Merge(&patch))
                     .await
                     .map(|_| ()),
-                RestartTargetKind::StatefulSet => {
-                    Api::<StatefulSet>::namespaced(client.clone(), ns)
-                        .patch(&target.name, &params, &Patch::Merge(&patch))
-                        .await
-                        .map(|_| ())
-                }
+                RestartTargetKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
                 RestartTargetKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), ns)
                     .patch(&target.name, &params, &Patch::Merge(&patch))
                     .await
@@ -1155,10 +904,7 @@ impl Apply<'_> {
                             EventType::Normal,
                             "WorkloadRestarted",
                             "RestartWorkload",
-                            format!(
-                                "restarted {:?} {} to pick up key {key_id}",
-                                target.kind, target.name
-                            ),
+                            format!("restarted {:?} {} to pick up key {key_id}", target.kind, target.name),
                         )
                         .await;
                 }
@@ -1169,10 +915,7 @@ impl Apply<'_> {
                             EventType::Warning,
                             "WorkloadRestartFailed",
                             "RestartWorkload",
-                            format!(
-                                "could not restart {:?} {}: {error}",
-                                target.kind, target.name
-                            ),
+                            format!("could not restart {:?} {}: {error}", target.kind, target.name),
                         )
                         .await;
                 }
@@ -1189,9 +932,7 @@ fn new_key_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..10)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..10).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 async fn write_status(
@@ -1204,49 +945,22 @@ async fn write_status(
         "kind": IntegrationAccount::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &account.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    api.patch_status(&account.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
-async fn add_finalizer(
-    api: &Api<IntegrationAccount>,
-    account: &IntegrationAccount,
-) -> Result<(), Error> {
+async fn add_finalizer(api: &Api<IntegrationAccount>, account: &IntegrationAccount) -> Result<(), Error> {
     let mut finalizers = account.finalizers().to_vec();
     finalizers.push(FINALIZER.into());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": account.resource_version()}});
-    api.patch(
-        &account.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    api.patch(&account.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
-async fn remove_finalizer(
-    api: &Api<IntegrationAccount>,
-    account: &IntegrationAccount,
-) -> Result<(), Error> {
-    let finalizers: Vec<&String> = account
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
+async fn remove_finalizer(api: &Api<IntegrationAccount>, account: &IntegrationAccount) -> Result<(), Error> {
+    let finalizers: Vec<&String> = account.finalizers().iter().filter(|f| *f != FINALIZER).collect();
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": account.resource_version()}});
-    match api
-        .patch(
-            &account.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
+    match api.patch(&account.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(error) => Err(error.into()),
@@ -1277,10 +991,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
                 EventType::Warning,
                 "DeprovisionSkipped",
                 "Deprovision",
-                format!(
-                    "cannot reach the target app ({}); the account is left there",
-                    problem.message
-                ),
+                format!("cannot reach the target app ({}); the account is left there", problem.message),
             )
             .await;
             return Ok(());
@@ -1311,34 +1022,18 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
             Ok(()) | Err(ProviderError::NotFound(_)) => {}
             Err(error) => return Err(error.into()),
         }
-        audit(
-            account,
-            provider.name(),
-            "RevokeKey",
-            Some(&key.id),
-            "revoked key on deletion",
-        );
+        audit(account, provider.name(), "RevokeKey", Some(&key.id), "revoked key on deletion");
     }
     let disable = policy == DeletionPolicy::Disable && provider.capabilities().disable;
     if disable {
         provider.disable_account(&request).await?;
-        audit(
-            account,
-            provider.name(),
-            "DisableAccount",
-            None,
-            "disabled the account on deletion",
-        );
+        audit(account, provider.name(), "DisableAccount", None, "disabled the account on deletion");
         ctx.event(
             account,
             EventType::Normal,
             "AccountDisabled",
             "Deprovision",
-            format!(
-                "revoked every key and disabled {} account {}",
-                provider.name(),
-                request.name
-            ),
+            format!("revoked every key and disabled {} account {}", provider.name(), request.name),
         )
         .await;
     } else {
@@ -1352,35 +1047,19 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
             Ok(()) | Err(ProviderError::NotFound(_)) => {}
             Err(error) => return Err(error.into()),
         }
-        audit(
-            account,
-            provider.name(),
-            "DeleteAccount",
-            None,
-            "deleted the account on deletion",
-        );
+        audit(account, provider.name(), "DeleteAccount", None, "deleted the account on deletion");
         ctx.event(
             account,
             EventType::Normal,
             "AccountDeleted",
             "Deprovision",
-            format!(
-                "revoked every key and deleted {} account {}",
-                provider.name(),
-                request.name
-            ),
+            format!("revoked every key and deleted {} account {}", provider.name(), request.name),
         )
         .await;
     }
     Ok(())
 }
 
-fn audit(
-    account: &IntegrationAccount,
-    provider: &str,
-    action: &str,
-    key_id: Option<&str>,
-    note: &str,
-) {
+fn audit(account: &IntegrationAccount, provider: &str, action: &str, key_id: Option<&str>, note: &str) {
     tracing::info!(target: "keysmith::audit", account = %super::key_of(account), provider, action, key_id = key_id.unwrap_or(""), "{note}");
 }

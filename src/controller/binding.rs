@@ -8,9 +8,7 @@ use futures::Stream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     api::{Patch, PatchParams},
-    runtime::{
-        controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller,
-    },
+    runtime::{controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller},
     Api, Resource, ResourceExt,
 };
 use serde_json::json;
@@ -24,8 +22,7 @@ use super::{
 use crate::{
     api::{
         condition_types::{POLICY_VIOLATION, READY},
-        AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount, RoleBinding,
-        RoleBindingStatus,
+        AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount, RoleBinding, RoleBindingStatus,
     },
     install::FIELD_MANAGER,
     policy::{RolePolicy, Verdict},
@@ -53,43 +50,33 @@ pub fn controller(
     let for_connection = (stores.bindings.clone(), stores.accounts.clone());
     let for_cluster_connection = (stores.bindings.clone(), stores.accounts.clone());
     super::controller_for(&stores.bindings, bindings, generation)
-        .watches_stream(
-            super::stream::changes(accounts, account_key),
-            move |account| {
-                let ns = account.namespace();
-                let name = account.name_any();
-                for_account
-                    .state()
-                    .into_iter()
-                    .filter(|b| b.namespace() == ns && b.spec.account_ref.name == name)
-                    .map(|b| ObjectRef::from_obj(b.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches_stream(
-            super::stream::changes(connections, generation),
-            move |connection| {
-                let (bindings, accounts) = &for_connection;
-                let ns = connection.namespace();
-                let name = connection.name_any();
-                bindings_of_accounts(bindings, accounts, |a| {
-                    a.namespace() == ns
-                        && a.spec.connection_ref.kind == ConnectionKind::AppConnection
-                        && a.spec.connection_ref.name == name
-                })
-            },
-        )
-        .watches_stream(
-            super::stream::changes(cluster_connections, generation),
-            move |connection| {
-                let (bindings, accounts) = &for_cluster_connection;
-                let name = connection.name_any();
-                bindings_of_accounts(bindings, accounts, |a| {
-                    a.spec.connection_ref.kind == ConnectionKind::ClusterAppConnection
-                        && a.spec.connection_ref.name == name
-                })
-            },
-        )
+        .watches_stream(super::stream::changes(accounts, account_key), move |account| {
+            let ns = account.namespace();
+            let name = account.name_any();
+            for_account
+                .state()
+                .into_iter()
+                .filter(|b| b.namespace() == ns && b.spec.account_ref.name == name)
+                .map(|b| ObjectRef::from_obj(b.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(super::stream::changes(connections, generation), move |connection| {
+            let (bindings, accounts) = &for_connection;
+            let ns = connection.namespace();
+            let name = connection.name_any();
+            bindings_of_accounts(bindings, accounts, |a| {
+                a.namespace() == ns
+                    && a.spec.connection_ref.kind == ConnectionKind::AppConnection
+                    && a.spec.connection_ref.name == name
+            })
+        })
+        .watches_stream(super::stream::changes(cluster_connections, generation), move |connection| {
+            let (bindings, accounts) = &for_cluster_connection;
+            let name = connection.name_any();
+            bindings_of_accounts(bindings, accounts, |a| {
+                a.spec.connection_ref.kind == ConnectionKind::ClusterAppConnection && a.spec.connection_ref.name == name
+            })
+        })
 }
 
 fn bindings_of_accounts(
@@ -97,12 +84,8 @@ fn bindings_of_accounts(
     accounts: &kube::runtime::reflector::Store<IntegrationAccount>,
     pick: impl Fn(&IntegrationAccount) -> bool,
 ) -> Vec<ObjectRef<RoleBinding>> {
-    let chosen: BTreeSet<(Option<String>, String)> = accounts
-        .state()
-        .iter()
-        .filter(|a| pick(a))
-        .map(|a| (a.namespace(), a.name_any()))
-        .collect();
+    let chosen: BTreeSet<(Option<String>, String)> =
+        accounts.state().iter().filter(|a| pick(a)).map(|a| (a.namespace(), a.name_any())).collect();
     bindings
         .state()
         .iter()
@@ -117,10 +100,7 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
         return Ok(Requeue::await_change());
     }
     let namespace = binding.namespace().unwrap_or_default();
-    let account = ctx
-        .stores
-        .accounts
-        .get(&ObjectRef::new(&binding.spec.account_ref.name).within(&namespace));
+    let account = ctx.stores.accounts.get(&ObjectRef::new(&binding.spec.account_ref.name).within(&namespace));
     let mut updates = Vec::new();
     let mut granted = Vec::new();
     let mut denied = Vec::new();
@@ -128,17 +108,10 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
         None => updates.push(ConditionUpdate::falsy(
             READY,
             "AccountNotFound",
-            format!(
-                "IntegrationAccount {namespace}/{} does not exist",
-                binding.spec.account_ref.name
-            ),
+            format!("IntegrationAccount {namespace}/{} does not exist", binding.spec.account_ref.name),
         )),
         Some(account) => match resolve_connection(&account, &ctx).await? {
-            Err(problem) => updates.push(ConditionUpdate::falsy(
-                READY,
-                problem.reason,
-                problem.message,
-            )),
+            Err(problem) => updates.push(ConditionUpdate::falsy(READY, problem.reason, problem.message)),
             Ok(connection) => {
                 let policy = RolePolicy::new(connection.spec.policy.as_ref());
                 let mut violations = Vec::new();
@@ -160,13 +133,8 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
                     .as_ref()
                     .map(|s| s.roles.iter().map(|r| r.role.clone()).collect())
                     .unwrap_or_default();
-                granted = binding
-                    .spec
-                    .roles
-                    .iter()
-                    .filter(|r| held.contains(*r) && !denied.contains(r))
-                    .cloned()
-                    .collect();
+                granted =
+                    binding.spec.roles.iter().filter(|r| held.contains(*r) && !denied.contains(r)).cloned().collect();
                 if violations.is_empty() {
                     updates.push(ConditionUpdate::falsy(
                         POLICY_VIOLATION,
@@ -177,19 +145,14 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
                     let message = format!(
                         "{} {} never granted: {}",
                         connection.display(),
-                        if violations.len() == 1 {
-                            "policy: this role is"
-                        } else {
-                            "policy: these roles are"
-                        },
+                        if violations.len() == 1 { "policy: this role is" } else { "policy: these roles are" },
                         violations.join(", ")
                     );
                     let already = binding.status.as_ref().is_some_and(|s| {
-                        s.common.conditions.iter().any(|c| {
-                            c.type_ == POLICY_VIOLATION
-                                && c.status == "True"
-                                && c.message == message
-                        })
+                        s.common
+                            .conditions
+                            .iter()
+                            .any(|c| c.type_ == POLICY_VIOLATION && c.status == "True" && c.message == message)
                     });
                     if !already {
                         ctx.event(
@@ -201,37 +164,23 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
                         )
                         .await;
                     }
-                    updates.push(ConditionUpdate::truthy(
-                        POLICY_VIOLATION,
-                        "RoleDenied",
-                        message,
-                    ));
+                    updates.push(ConditionUpdate::truthy(POLICY_VIOLATION, "RoleDenied", message));
                 }
-                let pending: Vec<&String> = binding
-                    .spec
-                    .roles
-                    .iter()
-                    .filter(|r| !denied.contains(r) && !granted.contains(r))
-                    .collect();
+                let pending: Vec<&String> =
+                    binding.spec.roles.iter().filter(|r| !denied.contains(r) && !granted.contains(r)).collect();
                 updates.push(match (denied.is_empty(), pending.is_empty()) {
                     (false, _) => ConditionUpdate::falsy(
                         READY,
                         "PolicyViolation",
                         "some roles are denied by the connection's policy",
                     ),
-                    (true, true) => {
-                        ConditionUpdate::truthy(READY, "Granted", "every role is granted")
-                    }
+                    (true, true) => ConditionUpdate::truthy(READY, "Granted", "every role is granted"),
                     (true, false) => ConditionUpdate::falsy(
                         READY,
                         "Pending",
                         format!(
                             "not granted yet: {}",
-                            pending
-                                .iter()
-                                .map(|s| s.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            pending.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
                         ),
                     ),
                 });
@@ -239,27 +188,16 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
         },
     }
     let previous = binding.status.clone().unwrap_or_default();
-    let mut status = RoleBindingStatus {
-        granted_roles: granted,
-        denied_roles: denied,
-        ..previous.clone()
-    };
-    status.common.conditions = merge_conditions(
-        &previous.common.conditions,
-        &updates,
-        binding.meta().generation,
-        &Time(now()),
-    );
+    let mut status = RoleBindingStatus { granted_roles: granted, denied_roles: denied, ..previous.clone() };
+    status.common.conditions =
+        merge_conditions(&previous.common.conditions, &updates, binding.meta().generation, &Time(now()));
     status.common.observed_generation = binding.meta().generation;
     if status != previous {
         let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = json!({"apiVersion": RoleBinding::api_version(&()), "kind": RoleBinding::kind(&()), "status": status});
-        api.patch_status(
-            &binding.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let patch =
+            json!({"apiVersion": RoleBinding::api_version(&()), "kind": RoleBinding::kind(&()), "status": status});
+        api.patch_status(&binding.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
     }
     succeeded(binding.as_ref(), &ctx);
     Ok(Requeue::await_change())

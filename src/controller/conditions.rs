@@ -18,30 +18,12 @@ pub struct ConditionUpdate {
 
 impl ConditionUpdate {
     /// A condition that holds.
-    pub fn truthy(
-        type_: &'static str,
-        reason: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_,
-            status: true,
-            reason: reason.into(),
-            message: message.into(),
-        }
+    pub fn truthy(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { type_, status: true, reason: reason.into(), message: message.into() }
     }
     /// A condition that does not hold.
-    pub fn falsy(
-        type_: &'static str,
-        reason: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_,
-            status: false,
-            reason: reason.into(),
-            message: message.into(),
-        }
+    pub fn falsy(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { type_, status: false, reason: reason.into(), message: message.into() }
     }
 }
 
@@ -54,11 +36,8 @@ pub fn merge_conditions(
     generation: Option<i64>,
     now: &Time,
 ) -> Vec<Condition> {
-    let mut out: Vec<Condition> = existing
-        .iter()
-        .filter(|c| !updates.iter().any(|u| u.type_ == c.type_))
-        .cloned()
-        .collect();
+    let mut out: Vec<Condition> =
+        existing.iter().filter(|c| !updates.iter().any(|u| u.type_ == c.type_)).cloned().collect();
     for update in updates {
         let status = if update.status { "True" } else { "False" };
         let previous = existing.iter().find(|c| c.type_ == update.type_);
@@ -81,9 +60,7 @@ pub fn merge_conditions(
 
 /// Whether the condition of this type is True.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
 #[cfg(test)]
@@ -96,37 +73,19 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let first = merge_conditions(
-            &[],
-            &[ConditionUpdate::falsy("Ready", "Waiting", "w")],
-            Some(1),
-            &at(10),
-        );
+        let first = merge_conditions(&[], &[ConditionUpdate::falsy("Ready", "Waiting", "w")], Some(1), &at(10));
         assert_eq!(first[0].last_transition_time, at(10));
-        let same = merge_conditions(
-            &first,
-            &[ConditionUpdate::falsy("Ready", "StillWaiting", "w2")],
-            Some(2),
-            &at(20),
-        );
+        let same = merge_conditions(&first, &[ConditionUpdate::falsy("Ready", "StillWaiting", "w2")], Some(2), &at(20));
         assert_eq!(same[0].last_transition_time, at(10));
         assert_eq!(same[0].reason, "StillWaiting");
-        let flipped = merge_conditions(
-            &same,
-            &[ConditionUpdate::truthy("Ready", "Done", "d")],
-            Some(2),
-            &at(30),
-        );
+        let flipped = merge_conditions(&same, &[ConditionUpdate::truthy("Ready", "Done", "d")], Some(2), &at(30));
         assert_eq!(flipped[0].last_transition_time, at(30));
         assert!(is_true(&flipped, "Ready"));
     }
 
     #[test]
     fn unchanged_input_gives_identical_output() {
-        let updates = [
-            ConditionUpdate::truthy("Ready", "A", "a"),
-            ConditionUpdate::falsy("KeyReady", "B", "b"),
-        ];
+        let updates = [ConditionUpdate::truthy("Ready", "A", "a"), ConditionUpdate::falsy("KeyReady", "B", "b")];
         let once = merge_conditions(&[], &updates, Some(3), &at(1));
         let twice = merge_conditions(&once, &updates, Some(3), &at(99));
         assert_eq!(once, twice);

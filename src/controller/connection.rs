@@ -21,8 +21,8 @@ use super::{
 };
 use crate::{
     api::{
-        condition_types::READY, AppConnection, AppConnectionSpec, AppConnectionStatus,
-        ClusterAppConnection, ConnectionKind,
+        condition_types::READY, AppConnection, AppConnectionSpec, AppConnectionStatus, ClusterAppConnection,
+        ConnectionKind,
     },
     install::FIELD_MANAGER,
     provider::{ProviderError, ResolvedConnection},
@@ -48,10 +48,7 @@ pub fn cluster_controller(
 }
 
 /// Reconciles one AppConnection.
-pub async fn reconcile_namespaced(
-    connection: Arc<AppConnection>,
-    ctx: Arc<Context>,
-) -> Result<Requeue, Error> {
+pub async fn reconcile_namespaced(connection: Arc<AppConnection>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let resolved = ResolvedConnection {
         kind: ConnectionKind::AppConnection,
         name: connection.name_any(),
@@ -59,25 +56,12 @@ pub async fn reconcile_namespaced(
         uid: connection.uid().unwrap_or_default(),
         spec: connection.spec.clone(),
     };
-    let api: Api<AppConnection> = Api::namespaced(
-        ctx.client.clone(),
-        &connection.namespace().unwrap_or_default(),
-    );
-    check(
-        connection.as_ref(),
-        connection.status.clone(),
-        &resolved,
-        &api,
-        &ctx,
-    )
-    .await
+    let api: Api<AppConnection> = Api::namespaced(ctx.client.clone(), &connection.namespace().unwrap_or_default());
+    check(connection.as_ref(), connection.status.clone(), &resolved, &api, &ctx).await
 }
 
 /// Reconciles one ClusterAppConnection.
-pub async fn reconcile_cluster(
-    connection: Arc<ClusterAppConnection>,
-    ctx: Arc<Context>,
-) -> Result<Requeue, Error> {
+pub async fn reconcile_cluster(connection: Arc<ClusterAppConnection>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let resolved = ResolvedConnection {
         kind: ConnectionKind::ClusterAppConnection,
         name: connection.name_any(),
@@ -86,14 +70,7 @@ pub async fn reconcile_cluster(
         spec: connection.spec.connection.clone(),
     };
     let api: Api<ClusterAppConnection> = Api::all(ctx.client.clone());
-    check(
-        connection.as_ref(),
-        connection.status.clone(),
-        &resolved,
-        &api,
-        &ctx,
-    )
-    .await
+    check(connection.as_ref(), connection.status.clone(), &resolved, &api, &ctx).await
 }
 
 async fn check<K>(
@@ -115,63 +92,31 @@ where
         Err(error) => Err(error),
     };
     let (update, retry) = match &outcome {
-        Ok(()) => (
-            ConditionUpdate::truthy(READY, "Verified", "the admin credential works"),
-            None,
-        ),
+        Ok(()) => (ConditionUpdate::truthy(READY, "Verified", "the admin credential works"), None),
         Err(error) => {
             let retry = match error {
-                ProviderError::Transient { retry_after, .. } => {
-                    Some(retry_after.unwrap_or(Duration::from_secs(30)))
-                }
+                ProviderError::Transient { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(30))),
                 _ => Some(Duration::from_secs(60)),
             };
-            (
-                ConditionUpdate::falsy(READY, error.category(), error.to_string()),
-                retry,
-            )
+            (ConditionUpdate::falsy(READY, error.category(), error.to_string()), retry)
         }
     };
     let previous = previous.unwrap_or_default();
-    let was_ready = previous
-        .common
-        .conditions
-        .iter()
-        .any(|c| c.type_ == READY && c.status == "True");
+    let was_ready = previous.common.conditions.iter().any(|c| c.type_ == READY && c.status == "True");
     let now = Time(now());
-    let mut status = AppConnectionStatus {
-        provider: spec.provider.selected().map(str::to_owned),
-        ..previous.clone()
-    };
-    status.common.conditions = merge_conditions(
-        &previous.common.conditions,
-        std::slice::from_ref(&update),
-        obj.meta().generation,
-        &now,
-    );
+    let mut status = AppConnectionStatus { provider: spec.provider.selected().map(str::to_owned), ..previous.clone() };
+    status.common.conditions =
+        merge_conditions(&previous.common.conditions, std::slice::from_ref(&update), obj.meta().generation, &now);
     status.common.observed_generation = obj.meta().generation;
     if update.status && !was_ready {
         status.last_verified_at = Some(now);
     }
     if status != previous {
         if !update.status {
-            ctx.event(
-                obj,
-                EventType::Warning,
-                &update.reason,
-                "VerifyConnection",
-                update.message.clone(),
-            )
-            .await;
+            ctx.event(obj, EventType::Warning, &update.reason, "VerifyConnection", update.message.clone()).await;
         }
-        let patch =
-            json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
-        api.patch_status(
-            &obj.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        let patch = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+        api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     succeeded(obj, ctx);
     Ok(Requeue::requeue(retry.unwrap_or(RECHECK_INTERVAL)))

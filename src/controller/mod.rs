@@ -33,9 +33,7 @@ use kube::{
 };
 
 use crate::{
-    api::{
-        AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding,
-    },
+    api::{AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding},
     provider::{ProviderError, ProviderRegistry},
 };
 
@@ -99,14 +97,8 @@ impl Stores {
         self.accounts.wait_until_ready().await.map_err(not_ready)?;
         self.bindings.wait_until_ready().await.map_err(not_ready)?;
         self.policies.wait_until_ready().await.map_err(not_ready)?;
-        self.connections
-            .wait_until_ready()
-            .await
-            .map_err(not_ready)?;
-        self.cluster_connections
-            .wait_until_ready()
-            .await
-            .map_err(not_ready)?;
+        self.connections.wait_until_ready().await.map_err(not_ready)?;
+        self.cluster_connections.wait_until_ready().await.map_err(not_ready)?;
         self.secrets.wait_until_ready().await.map_err(not_ready)
     }
 }
@@ -119,11 +111,7 @@ pub struct Failpoints(Option<String>);
 impl Failpoints {
     /// Reads KEYSMITH_FAILPOINT.
     pub fn from_env() -> Self {
-        Self(
-            std::env::var("KEYSMITH_FAILPOINT")
-                .ok()
-                .filter(|v| !v.is_empty()),
-        )
+        Self(std::env::var("KEYSMITH_FAILPOINT").ok().filter(|v| !v.is_empty()))
     }
     /// Exits the process (code 86) if `name` is armed.
     pub fn hit(&self, name: &str) {
@@ -160,13 +148,8 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = KubeEvent {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
+        let event =
+            KubeEvent { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%error, reason, "could not publish event");
         }
@@ -193,23 +176,16 @@ impl Context {
 
 /// Exponential backoff with ±20 % jitter: 1 s, 2 s, 4 s ... up to 5 minutes.
 pub fn backoff(attempt: u32) -> Duration {
-    let base =
-        Duration::from_secs(1u64 << attempt.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(9)).min(Duration::from_secs(300));
     let jitter = 0.8 + rand::random::<f64>() * 0.4;
     base.mul_f64(jitter)
 }
 
 /// The error policy every controller uses: honour the target's Retry-After,
 /// else back off per object with jitter.
-pub fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(obj.as_ref()).to_string();
-    let delay = error
-        .retry_after()
-        .unwrap_or_else(|| ctx.next_backoff(&key));
+    let delay = error.retry_after().unwrap_or_else(|| ctx.next_backoff(&key));
     tracing::warn!(object = %key, category = error.category(), %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }
@@ -226,14 +202,24 @@ pub struct RunOptions {
     pub controller_name: String,
     /// How long to wait for the CRDs to be Established.
     pub crd_timeout: Duration,
+    /// Watch only this namespace (ClusterAppConnections are always watched
+    /// cluster-wide). `None` watches every namespace.
+    pub namespace: Option<String>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self {
-            controller_name: "keysmith".into(),
-            crd_timeout: Duration::from_secs(120),
-        }
+        Self { controller_name: "keysmith".into(), crd_timeout: Duration::from_secs(120), namespace: None }
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
 }
 
@@ -246,30 +232,22 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     crate::install::wait_for_crds(&client, options.crd_timeout).await?;
+    let ns = options.namespace.as_deref();
 
-    let (accounts, accounts_driver) = stream::watch::<IntegrationAccount, 3>(
-        Api::<IntegrationAccount>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let (bindings, bindings_driver) = stream::watch::<RoleBinding, 2>(
-        Api::<RoleBinding>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let (policies, policies_driver) = stream::watch::<KeyRotationPolicy, 2>(
-        Api::<KeyRotationPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let (connections, connections_driver) = stream::watch::<AppConnection, 3>(
-        Api::<AppConnection>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let (accounts, accounts_driver) =
+        stream::watch::<IntegrationAccount, 3>(scoped(&client, ns), watcher::Config::default());
+    let (bindings, bindings_driver) = stream::watch::<RoleBinding, 2>(scoped(&client, ns), watcher::Config::default());
+    let (policies, policies_driver) =
+        stream::watch::<KeyRotationPolicy, 2>(scoped(&client, ns), watcher::Config::default());
+    let (connections, connections_driver) =
+        stream::watch::<AppConnection, 3>(scoped(&client, ns), watcher::Config::default());
     let (cluster_connections, cluster_connections_driver) = stream::watch::<ClusterAppConnection, 3>(
         Api::<ClusterAppConnection>::all(client.clone()),
         watcher::Config::default(),
     );
     let secret_selector = format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY);
     let (secrets, secrets_driver) = stream::watch::<PartialObjectMeta<Secret>, 1>(
-        Api::all(client.clone()),
+        scoped(&client, ns),
         watcher::Config::default().labels(&secret_selector),
     );
     let stores = Stores {
@@ -280,10 +258,7 @@ pub async fn run(
         cluster_connections: cluster_connections.store.clone(),
         secrets: secrets.store.clone(),
     };
-    let reporter = Reporter {
-        controller: options.controller_name.clone(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    let reporter = Reporter { controller: options.controller_name.clone(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
         providers: ProviderRegistry::new(client.clone(), config),
@@ -296,10 +271,8 @@ pub async fn run(
     let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;
     let [binding_events, binding_for_accounts] = bindings.consumers;
     let [policy_events, policy_for_accounts] = policies.consumers;
-    let [connection_events, connection_for_accounts, connection_for_bindings] =
-        connections.consumers;
-    let [cluster_events, cluster_for_accounts, cluster_for_bindings] =
-        cluster_connections.consumers;
+    let [connection_events, connection_for_accounts, connection_for_bindings] = connections.consumers;
+    let [cluster_events, cluster_for_accounts, cluster_for_bindings] = cluster_connections.consumers;
     let [secret_events] = secrets.consumers;
 
     // The watches run on their own tasks; the controllers start once every
@@ -388,13 +361,7 @@ pub fn controller_for<K>(
     key: fn(&K) -> u64,
 ) -> Controller<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     Controller::for_stream(stream::changes(events, key), store.clone())
 }

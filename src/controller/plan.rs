@@ -157,8 +157,7 @@ pub fn rotation_due(
     seed: &str,
 ) -> Option<Timestamp> {
     let scheduled = schedule.map(|s| s.next_rotation(issued_at, seed));
-    let before_expiry =
-        expires_at.map(|e| saturating_sub(e, EXPIRY_MARGIN.min(lifetime_of(issued_at, e) / 5)));
+    let before_expiry = expires_at.map(|e| saturating_sub(e, EXPIRY_MARGIN.min(lifetime_of(issued_at, e) / 5)));
     match (scheduled, before_expiry) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -171,18 +170,12 @@ fn lifetime_of(issued: Timestamp, expires: Timestamp) -> Duration {
 
 /// `t - d`, saturating at the earliest representable instant.
 pub fn saturating_sub(t: Timestamp, d: Duration) -> Timestamp {
-    jiff::SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_sub(d).ok())
-        .unwrap_or(Timestamp::MIN)
+    jiff::SignedDuration::try_from(d).ok().and_then(|d| t.checked_sub(d).ok()).unwrap_or(Timestamp::MIN)
 }
 
 /// `t + d`, saturating at the latest representable instant.
 pub fn saturating_add(t: Timestamp, d: Duration) -> Timestamp {
-    jiff::SignedDuration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d).ok())
-        .unwrap_or(Timestamp::MAX)
+    jiff::SignedDuration::try_from(d).ok().and_then(|d| t.checked_add(d).ok()).unwrap_or(Timestamp::MAX)
 }
 
 /// Decides what to do.
@@ -224,14 +217,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // Keys nobody tracks: revoke. Retiring keys past their grace: revoke.
     let mut revoked: BTreeSet<String> = BTreeSet::new();
     for key in input.observed_keys {
-        let tracked =
-            current.is_some_and(|c| c.id == key.id) || retiring.iter().any(|r| r.id == key.id);
+        let tracked = current.is_some_and(|c| c.id == key.id) || retiring.iter().any(|r| r.id == key.id);
         if !tracked {
             revoked.insert(key.id.clone());
-            actions.push(Action::RevokeKey {
-                id: key.id.clone(),
-                reason: RevokeReason::Untracked,
-            });
+            actions.push(Action::RevokeKey { id: key.id.clone(), reason: RevokeReason::Untracked });
         }
     }
     let mut wake_at: Option<Timestamp> = None;
@@ -241,56 +230,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             Some(at) if at > input.now => wake(at),
             _ => {
                 revoked.insert(record.id.clone());
-                actions.push(Action::RevokeKey {
-                    id: record.id.clone(),
-                    reason: RevokeReason::GracePeriodEnded,
-                });
+                actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::GracePeriodEnded });
             }
         }
     }
 
     // Is the current key usable, and is it time to replace it?
     let next_rotation = current.and_then(|c| {
-        rotation_due(
-            input.schedule,
-            c.issued_at.0,
-            c.expires_at.as_ref().map(|t| t.0),
-            &seed_for(input.seed, &c.id),
-        )
+        rotation_due(input.schedule, c.issued_at.0, c.expires_at.as_ref().map(|t| t.0), &seed_for(input.seed, &c.id))
     });
     let reason = match current {
         None => Some(RotationReason::Initial),
         Some(c) if !observed_ids.contains(c.id.as_str()) => Some(RotationReason::KeyMissing),
-        Some(c) if input.secret_key_id != Some(c.id.as_str()) => {
-            Some(RotationReason::SecretOutdated)
-        }
-        Some(_)
-            if input.rotate_request.is_some()
-                && input.rotate_request != input.last_rotation_request =>
-        {
+        Some(c) if input.secret_key_id != Some(c.id.as_str()) => Some(RotationReason::SecretOutdated),
+        Some(_) if input.rotate_request.is_some() && input.rotate_request != input.last_rotation_request => {
             Some(RotationReason::Manual)
         }
-        Some(c)
-            if input
-                .schedule
-                .is_some_and(|s| s.key_too_old(c.issued_at.0, input.now)) =>
-        {
+        Some(c) if input.schedule.is_some_and(|s| s.key_too_old(c.issued_at.0, input.now)) => {
             Some(RotationReason::MaxKeyAge)
         }
         Some(c)
-            if c.expires_at
-                .as_ref()
-                .is_some_and(|e| saturating_sub(e.0, EXPIRY_MARGIN) <= input.now)
+            if c.expires_at.as_ref().is_some_and(|e| saturating_sub(e.0, EXPIRY_MARGIN) <= input.now)
                 && input.schedule.is_none() =>
         {
             Some(RotationReason::Expiring)
         }
         Some(_) => match next_rotation {
-            Some(due) if due <= input.now => Some(if input.schedule.is_some() {
-                RotationReason::Scheduled
-            } else {
-                RotationReason::Expiring
-            }),
+            Some(due) if due <= input.now => {
+                Some(if input.schedule.is_some() { RotationReason::Scheduled } else { RotationReason::Expiring })
+            }
             Some(due) => {
                 wake(due);
                 None
@@ -302,13 +270,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     if let Some(reason) = reason {
         // Make room under the key limit: oldest retiring keys first, never the
         // current one.
-        let live_after = |revoked: &BTreeSet<String>| {
-            input
-                .observed_keys
-                .iter()
-                .filter(|k| !revoked.contains(&k.id))
-                .count()
-        };
+        let live_after =
+            |revoked: &BTreeSet<String>| input.observed_keys.iter().filter(|k| !revoked.contains(&k.id)).count();
         let mut by_age = retiring.clone();
         by_age.sort_by_key(|r| r.retiring_at.as_ref().map(|t| t.0));
         for record in by_age {
@@ -316,25 +279,14 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 break;
             }
             if revoked.insert(record.id.clone()) {
-                actions.push(Action::RevokeKey {
-                    id: record.id.clone(),
-                    reason: RevokeReason::KeyLimit,
-                });
+                actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::KeyLimit });
             }
         }
         let revoke_previous_at_once = live_after(&revoked) + 1 > input.max_keys;
-        actions.push(Action::Rotate {
-            reason,
-            revoke_previous_at_once,
-        });
+        actions.push(Action::Rotate { reason, revoke_previous_at_once });
     }
 
-    Plan {
-        actions,
-        next_rotation,
-        wake_at,
-        blocked: None,
-    }
+    Plan { actions, next_rotation, wake_at, blocked: None }
 }
 
 /// The jitter seed for one key of one account.
@@ -354,28 +306,14 @@ mod tests {
     }
 
     fn owned() -> ObservedAccount {
-        ObservedAccount {
-            id: "sa".into(),
-            name: "sa".into(),
-            disabled: false,
-            owned: true,
-            drifted: false,
-        }
+        ObservedAccount { id: "sa".into(), name: "sa".into(), disabled: false, owned: true, drifted: false }
     }
 
     fn key(id: &str) -> ObservedKey {
-        ObservedKey {
-            id: id.into(),
-            created_at: None,
-        }
+        ObservedKey { id: id.into(), created_at: None }
     }
 
-    fn record(
-        id: &str,
-        state: KeyState,
-        revoke_at: Option<i64>,
-        retiring_at: Option<i64>,
-    ) -> KeyRecord {
+    fn record(id: &str, state: KeyState, revoke_at: Option<i64>, retiring_at: Option<i64>) -> KeyRecord {
         KeyRecord {
             id: id.into(),
             state,
@@ -392,8 +330,7 @@ mod tests {
 
     fn schedule(every: &str) -> RotationSchedule {
         let spec: KeyRotationPolicySpec =
-            serde_json::from_value(serde_json::json!({"rotateEvery": every, "gracePeriod": "10m"}))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({"rotateEvery": every, "gracePeriod": "10m"})).unwrap();
         RotationSchedule::from_spec(&spec).unwrap()
     }
 
@@ -421,11 +358,7 @@ mod tests {
                 observed: BTreeSet::new(),
                 keys: vec![key("k1")],
                 records: vec![record("k1", KeyState::Published, None, None)],
-                current: Some(CurrentKey {
-                    id: "k1".into(),
-                    issued_at: Time(t(0)),
-                    expires_at: None,
-                }),
+                current: Some(CurrentKey { id: "k1".into(), issued_at: Time(t(0)), expires_at: None }),
                 secret_key: Some("k1".into()),
                 schedule: None,
                 request: None,
@@ -455,10 +388,7 @@ mod tests {
     }
 
     fn grant(role: &str) -> RoleGrant {
-        RoleGrant {
-            role: role.into(),
-            scope: Some("ns".into()),
-        }
+        RoleGrant { role: role.into(), scope: Some("ns".into()) }
     }
 
     #[test]
@@ -482,10 +412,7 @@ mod tests {
             vec![
                 Action::CreateAccount,
                 Action::Grant(grant("view")),
-                Action::Rotate {
-                    reason: RotationReason::Initial,
-                    revoke_previous_at_once: false
-                }
+                Action::Rotate { reason: RotationReason::Initial, revoke_previous_at_once: false }
             ]
         );
     }
@@ -493,10 +420,7 @@ mod tests {
     #[test]
     fn foreign_account_blocks_everything() {
         let mut case = Case::steady();
-        case.account = Some(ObservedAccount {
-            owned: false,
-            ..owned()
-        });
+        case.account = Some(ObservedAccount { owned: false, ..owned() });
         let plan = case.run();
         assert!(plan.actions.is_empty());
         assert!(plan.blocked.unwrap().contains("not created by keysmith"));
@@ -507,19 +431,13 @@ mod tests {
         let mut case = Case::steady();
         case.desired = BTreeSet::from([grant("view"), grant("edit")]);
         case.observed = BTreeSet::from([grant("view"), grant("admin")]);
-        assert_eq!(
-            case.run().actions,
-            vec![Action::Grant(grant("edit")), Action::Revoke(grant("admin"))]
-        );
+        assert_eq!(case.run().actions, vec![Action::Grant(grant("edit")), Action::Revoke(grant("admin"))]);
     }
 
     #[test]
     fn drifted_or_disabled_account_is_updated() {
         let mut case = Case::steady();
-        case.account = Some(ObservedAccount {
-            drifted: true,
-            ..owned()
-        });
+        case.account = Some(ObservedAccount { drifted: true, ..owned() });
         assert_eq!(case.run().actions, vec![Action::UpdateAccount]);
     }
 
@@ -534,10 +452,7 @@ mod tests {
         case.now = t(3600);
         assert_eq!(
             case.run().actions,
-            vec![Action::Rotate {
-                reason: RotationReason::Scheduled,
-                revoke_previous_at_once: false
-            }]
+            vec![Action::Rotate { reason: RotationReason::Scheduled, revoke_previous_at_once: false }]
         );
     }
 
@@ -545,13 +460,7 @@ mod tests {
     fn manual_request_rotates_once() {
         let mut case = Case::steady();
         case.request = Some("2026-11-30T10:00:00Z".into());
-        assert!(matches!(
-            case.run().actions[..],
-            [Action::Rotate {
-                reason: RotationReason::Manual,
-                ..
-            }]
-        ));
+        assert!(matches!(case.run().actions[..], [Action::Rotate { reason: RotationReason::Manual, .. }]));
         case.last_request = case.request.clone();
         assert!(case.run().actions.is_empty());
     }
@@ -560,40 +469,24 @@ mod tests {
     fn missing_key_or_stale_secret_rotates() {
         let mut case = Case::steady();
         case.keys = vec![];
-        assert!(matches!(
-            case.run().actions[..],
-            [Action::Rotate {
-                reason: RotationReason::KeyMissing,
-                ..
-            }]
-        ));
+        assert!(matches!(case.run().actions[..], [Action::Rotate { reason: RotationReason::KeyMissing, .. }]));
         let mut case = Case::steady();
         case.secret_key = None;
-        assert!(matches!(
-            case.run().actions[..],
-            [Action::Rotate {
-                reason: RotationReason::SecretOutdated,
-                ..
-            }]
-        ));
+        assert!(matches!(case.run().actions[..], [Action::Rotate { reason: RotationReason::SecretOutdated, .. }]));
     }
 
     #[test]
     fn retiring_key_revoked_after_grace_only() {
         let mut case = Case::steady();
         case.keys = vec![key("k0"), key("k1")];
-        case.records
-            .push(record("k0", KeyState::Retiring, Some(120), Some(0)));
+        case.records.push(record("k0", KeyState::Retiring, Some(120), Some(0)));
         let plan = case.run();
         assert!(plan.actions.is_empty());
         assert_eq!(plan.wake_at, Some(t(120)));
         case.now = t(120);
         assert_eq!(
             case.run().actions,
-            vec![Action::RevokeKey {
-                id: "k0".into(),
-                reason: RevokeReason::GracePeriodEnded
-            }]
+            vec![Action::RevokeKey { id: "k0".into(), reason: RevokeReason::GracePeriodEnded }]
         );
     }
 
@@ -601,35 +494,21 @@ mod tests {
     fn untracked_keys_are_revoked() {
         let mut case = Case::steady();
         case.keys = vec![key("k1"), key("lost")];
-        case.records
-            .push(record("lost", KeyState::Pending, None, None));
-        assert_eq!(
-            case.run().actions,
-            vec![Action::RevokeKey {
-                id: "lost".into(),
-                reason: RevokeReason::Untracked
-            }]
-        );
+        case.records.push(record("lost", KeyState::Pending, None, None));
+        assert_eq!(case.run().actions, vec![Action::RevokeKey { id: "lost".into(), reason: RevokeReason::Untracked }]);
     }
 
     #[test]
     fn key_limit_revokes_retiring_first_never_the_live_key() {
         let mut case = Case::steady();
         case.keys = vec![key("k0"), key("k1")];
-        case.records
-            .push(record("k0", KeyState::Retiring, Some(10_000), Some(0)));
+        case.records.push(record("k0", KeyState::Retiring, Some(10_000), Some(0)));
         case.request = Some("now".into());
         assert_eq!(
             case.run().actions,
             vec![
-                Action::RevokeKey {
-                    id: "k0".into(),
-                    reason: RevokeReason::KeyLimit
-                },
-                Action::Rotate {
-                    reason: RotationReason::Manual,
-                    revoke_previous_at_once: false
-                }
+                Action::RevokeKey { id: "k0".into(), reason: RevokeReason::KeyLimit },
+                Action::Rotate { reason: RotationReason::Manual, revoke_previous_at_once: false }
             ]
         );
         // With a limit of one, the old key cannot have a grace period.
@@ -638,31 +517,18 @@ mod tests {
         case.request = Some("now".into());
         assert_eq!(
             case.run().actions,
-            vec![Action::Rotate {
-                reason: RotationReason::Manual,
-                revoke_previous_at_once: true
-            }]
+            vec![Action::Rotate { reason: RotationReason::Manual, revoke_previous_at_once: true }]
         );
     }
 
     #[test]
     fn expiring_keys_are_replaced_before_they_expire() {
         let mut case = Case::steady();
-        case.current = Some(CurrentKey {
-            id: "k1".into(),
-            issued_at: Time(t(0)),
-            expires_at: Some(Time(t(86_400))),
-        });
+        case.current = Some(CurrentKey { id: "k1".into(), issued_at: Time(t(0)), expires_at: Some(Time(t(86_400))) });
         let plan = case.run();
         assert!(plan.actions.is_empty());
         assert_eq!(plan.wake_at, Some(t(86_400 - 3600)));
         case.now = t(86_400 - 3600);
-        assert!(matches!(
-            case.run().actions[..],
-            [Action::Rotate {
-                reason: RotationReason::Expiring,
-                ..
-            }]
-        ));
+        assert!(matches!(case.run().actions[..], [Action::Rotate { reason: RotationReason::Expiring, .. }]));
     }
 }

@@ -28,11 +28,7 @@ fn account_key(account: &IntegrationAccount) -> u64 {
     hash_of((
         account.uid(),
         &account.spec.rotation_policy_ref,
-        account
-            .status
-            .as_ref()
-            .and_then(|s| s.next_rotation_at.as_ref())
-            .map(|t| t.0.as_second()),
+        account.status.as_ref().and_then(|s| s.next_rotation_at.as_ref()).map(|t| t.0.as_second()),
         account.meta().deletion_timestamp.is_some(),
     ))
 }
@@ -61,10 +57,7 @@ pub fn controller(
 }
 
 /// Reconciles one KeyRotationPolicy.
-pub async fn reconcile(
-    policy: Arc<KeyRotationPolicy>,
-    ctx: Arc<Context>,
-) -> Result<Requeue, Error> {
+pub async fn reconcile(policy: Arc<KeyRotationPolicy>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let users: Vec<Arc<IntegrationAccount>> = ctx
@@ -73,23 +66,14 @@ pub async fn reconcile(
         .state()
         .into_iter()
         .filter(|a| a.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|a| {
-            a.spec
-                .rotation_policy_ref
-                .as_ref()
-                .is_some_and(|r| r.name == name)
-        })
+        .filter(|a| a.spec.rotation_policy_ref.as_ref().is_some_and(|r| r.name == name))
         .collect();
     let update = match RotationSchedule::from_spec(&policy.spec) {
         Ok(_) => ConditionUpdate::truthy(READY, "Valid", "the policy is valid"),
         Err(problems) => ConditionUpdate::falsy(
             READY,
             "Invalid",
-            problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
         ),
     };
     let previous = policy.status.clone().unwrap_or_default();
@@ -101,22 +85,13 @@ pub async fn reconcile(
             .min_by_key(|t: &Time| t.0),
         ..previous.clone()
     };
-    status.common.conditions = merge_conditions(
-        &previous.common.conditions,
-        &[update],
-        policy.meta().generation,
-        &Time(now()),
-    );
+    status.common.conditions =
+        merge_conditions(&previous.common.conditions, &[update], policy.meta().generation, &Time(now()));
     status.common.observed_generation = policy.meta().generation;
     if status != previous {
         let api: Api<KeyRotationPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": KeyRotationPolicy::api_version(&()), "kind": KeyRotationPolicy::kind(&()), "status": status});
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     succeeded(policy.as_ref(), &ctx);
     Ok(Requeue::await_change())

@@ -47,25 +47,10 @@ pub fn ownership(meta: Option<&ObjectMeta>, account_uid: &str) -> SecretOwnershi
     let Some(meta) = meta else {
         return SecretOwnership::Absent;
     };
-    let owned = meta
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|r| r.uid == account_uid && r.controller == Some(true));
-    let labelled = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .map(String::as_str)
-        == Some(MANAGED_BY);
+    let owned = meta.owner_references.iter().flatten().any(|r| r.uid == account_uid && r.controller == Some(true));
+    let labelled = meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY);
     if owned && labelled {
-        SecretOwnership::Ours {
-            key_id: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(KEY_ID_ANNOTATION))
-                .cloned(),
-        }
+        SecretOwnership::Ours { key_id: meta.annotations.as_ref().and_then(|a| a.get(KEY_ID_ANNOTATION)).cloned() }
     } else {
         SecretOwnership::Foreign
     }
@@ -74,19 +59,12 @@ pub fn ownership(meta: Option<&ObjectMeta>, account_uid: &str) -> SecretOwnershi
 /// The Secret holding `key` for `account`: the user's extra labels and
 /// annotations, keysmith's own on top, data keys renamed as the spec asks,
 /// owned by the IntegrationAccount so it is garbage-collected with it.
-pub fn render(
-    account: &IntegrationAccount,
-    key: &IssuedKey,
-    issued_at: Timestamp,
-) -> Result<Secret, InvalidField> {
+pub fn render(account: &IntegrationAccount, key: &IssuedKey, issued_at: Timestamp) -> Result<Secret, InvalidField> {
     let spec = &account.spec.secret;
     let mut data = BTreeMap::new();
     for (name, value) in key.material.expose() {
         let target = spec.keys.get(name).unwrap_or(name);
-        if data
-            .insert(target.clone(), ByteString(value.clone().into_bytes()))
-            .is_some()
-        {
+        if data.insert(target.clone(), ByteString(value.clone().into_bytes())).is_some() {
             return Err(InvalidField::new(
                 format!("spec.secret.keys.{name}"),
                 format!("renaming {name} to {target} collides with another key in the Secret"),
@@ -98,10 +76,7 @@ pub fn render(
             let known: Vec<&str> = key.material.expose().keys().map(String::as_str).collect();
             return Err(InvalidField::new(
                 format!("spec.secret.keys.{from}"),
-                format!(
-                    "the provider writes no key named {from}; it writes {}",
-                    known.join(", ")
-                ),
+                format!("the provider writes no key named {from}; it writes {}", known.join(", ")),
             ));
         }
     }
@@ -170,10 +145,7 @@ mod tests {
         assert_eq!(data["API_TOKEN"].0, b"t0ps3cret");
         assert!(data.contains_key("server") && !data.contains_key("token"));
         let labels = secret.metadata.labels.unwrap();
-        assert_eq!(
-            labels[MANAGED_BY_LABEL], "keysmith",
-            "keysmith's labels win"
-        );
+        assert_eq!(labels[MANAGED_BY_LABEL], "keysmith", "keysmith's labels win");
         assert_eq!(labels["team"], "pay");
         let annotations = secret.metadata.annotations.unwrap();
         assert_eq!(annotations[KEY_ID_ANNOTATION], "k1");
@@ -185,19 +157,11 @@ mod tests {
     #[test]
     fn refuses_colliding_or_unknown_renames() {
         let mut colliding = account();
-        colliding
-            .spec
-            .secret
-            .keys
-            .insert("token".into(), "server".into());
+        colliding.spec.secret.keys.insert("token".into(), "server".into());
         let err = render(&colliding, &key(), Timestamp::from_second(0).unwrap()).unwrap_err();
         assert!(err.message.contains("collides"), "{err}");
         let mut unknown = account();
-        unknown
-            .spec
-            .secret
-            .keys
-            .insert("password".into(), "PW".into());
+        unknown.spec.secret.keys.insert("password".into(), "PW".into());
         let err = render(&unknown, &key(), Timestamp::from_second(0).unwrap()).unwrap_err();
         assert!(err.message.contains("no key named password"), "{err}");
         assert!(!err.to_string().contains("t0ps3cret"));
@@ -206,20 +170,9 @@ mod tests {
     #[test]
     fn ownership_needs_our_owner_reference_and_label() {
         let rendered = render(&account(), &key(), Timestamp::from_second(0).unwrap()).unwrap();
-        assert_eq!(
-            ownership(Some(&rendered.metadata), "u-1"),
-            SecretOwnership::Ours {
-                key_id: Some("k1".into())
-            }
-        );
-        assert_eq!(
-            ownership(Some(&rendered.metadata), "u-2"),
-            SecretOwnership::Foreign
-        );
-        assert_eq!(
-            ownership(Some(&ObjectMeta::default()), "u-1"),
-            SecretOwnership::Foreign
-        );
+        assert_eq!(ownership(Some(&rendered.metadata), "u-1"), SecretOwnership::Ours { key_id: Some("k1".into()) });
+        assert_eq!(ownership(Some(&rendered.metadata), "u-2"), SecretOwnership::Foreign);
+        assert_eq!(ownership(Some(&ObjectMeta::default()), "u-1"), SecretOwnership::Foreign);
         assert_eq!(ownership(None, "u-1"), SecretOwnership::Absent);
     }
 }

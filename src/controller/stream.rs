@@ -34,53 +34,34 @@ pub fn watch<K, const N: usize>(
     config: watcher::Config,
 ) -> (Watched<K, N>, impl std::future::Future<Output = ()> + Send)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let channels: [_; N] = std::array::from_fn(|_| mpsc::unbounded_channel());
-    let senders: Vec<mpsc::UnboundedSender<watcher::Event<K>>> =
-        channels.iter().map(|(tx, _)| tx.clone()).collect();
+    let senders: Vec<mpsc::UnboundedSender<watcher::Event<K>>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
     let receivers = channels.map(|(_, rx)| UnboundedReceiverStream::new(rx));
     let kind = K::kind(&()).into_owned();
-    let driver = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .for_each(move |event| {
-            match event {
-                Ok(event) => {
-                    if matches!(event, watcher::Event::InitDone) {
-                        tracing::debug!(%kind, "cache synced");
-                    }
-                    for tx in &senders {
-                        let _ = tx.send(event.clone());
-                    }
+    let driver = watcher(api, config).default_backoff().reflect(writer).for_each(move |event| {
+        match event {
+            Ok(event) => {
+                if matches!(event, watcher::Event::InitDone) {
+                    tracing::debug!(%kind, "cache synced");
                 }
-                Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
+                for tx in &senders {
+                    let _ = tx.send(event.clone());
+                }
             }
-            futures::future::ready(())
-        });
-    (
-        Watched {
-            store: reader,
-            consumers: receivers,
-        },
-        driver,
-    )
+            Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
+        }
+        futures::future::ready(())
+    });
+    (Watched { store: reader, consumers: receivers }, driver)
 }
 
 /// Objects whose `key` changed since last seen, and deleted objects.
 /// `key` picks what the consumer cares about (say, the generation), so
 /// status-only updates and resyncs of unchanged objects pass silently.
-pub fn changes<K, S>(
-    events: S,
-    key: fn(&K) -> u64,
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+pub fn changes<K, S>(events: S, key: fn(&K) -> u64) -> impl Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource<DynamicType = ()> + Clone + Send + 'static,
     S: Stream<Item = watcher::Event<K>> + Send + 'static,

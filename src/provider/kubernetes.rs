@@ -3,7 +3,13 @@
 //! - account → a ServiceAccount, labelled with the IntegrationAccount's uid;
 //! - role → an RBAC RoleBinding to the named ClusterRole in the scope
 //!   namespace, or a ClusterRoleBinding for scope `*` (only where the
-//!   connection allows it);
+//!   connection allows it). The roles an account holds are every binding
+//!   that names its ServiceAccount, whoever made it, so that roles nobody
+//!   declared can be found and removed: a hand-made binding to a ClusterRole
+//!   reads as that role, one to a namespaced Role as `Role/<name>` (which
+//!   keysmith never grants, so it is always revoked). Revoking deletes
+//!   keysmith's own binding, and takes the ServiceAccount out of anyone
+//!   else's (deleting it when the ServiceAccount was its only subject);
 //! - key → a TokenRequest token bound to a per-key "anchor" Secret. Deleting
 //!   the anchor revokes the token: the apiserver refuses tokens whose bound
 //!   object is gone.
@@ -19,9 +25,7 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use k8s_openapi::{
     api::{
         authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-        authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-        },
+        authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
         core::v1::{Secret, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding, RoleRef, Subject},
     },
@@ -29,17 +33,14 @@ use k8s_openapi::{
 };
 use kube::{
     api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
-    config::{
-        AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
-        NamedContext,
-    },
+    config::{AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext},
     Client,
 };
 use serde_json::json;
 
 use super::{
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey,
-    Provider, ProviderError, RoleGrant,
+    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
+    ProviderError, RoleGrant,
 };
 
 /// The label saying keysmith manages an object.
@@ -68,6 +69,9 @@ pub const KEY_ANCHOR_TYPE: &str = "keysmith.dev/key-anchor";
 pub const FIELD_MANAGER: &str = "keysmith";
 /// The scope that means "cluster-wide" (a ClusterRoleBinding).
 pub const CLUSTER_SCOPE: &str = "*";
+/// How a grant names a namespaced Role (`Role/<name>`), as opposed to a
+/// ClusterRole. keysmith only reports and revokes these: it never grants them.
+pub const NAMESPACED_ROLE_PREFIX: &str = "Role/";
 
 /// The shortest token lifetime the TokenRequest API accepts.
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
@@ -108,12 +112,7 @@ impl KubernetesProvider {
     /// credential). `server_url` and `ca_pem` (the apiserver's CA, PEM) go
     /// into the kubeconfigs handed out with each key, so they must be how
     /// the integration reaches the same cluster.
-    pub fn new(
-        client: Client,
-        server_url: String,
-        ca_pem: Option<String>,
-        allow_cluster_scope: bool,
-    ) -> Self {
+    pub fn new(client: Client, server_url: String, ca_pem: Option<String>, allow_cluster_scope: bool) -> Self {
         Self {
             client,
             server_url: server_url.trim_end_matches('/').to_owned(),
@@ -127,16 +126,14 @@ impl KubernetesProvider {
     /// A provider built from a client configuration: the client is built
     /// from it, and the server URL, CA, TLS server name and (in)secure
     /// verification setting are carried into issued kubeconfigs.
-    pub fn from_config(
-        config: kube::Config,
-        allow_cluster_scope: bool,
-    ) -> Result<Self, ProviderError> {
+    pub fn from_config(config: kube::Config, allow_cluster_scope: bool) -> Result<Self, ProviderError> {
         let server_url = config.cluster_url.to_string();
         let ca_pem = match (&config.root_cert, &config.root_cert_file) {
             (Some(certs), _) if !certs.is_empty() => Some(der_certs_to_pem(certs)),
-            (_, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| {
-                ProviderError::Invalid(format!("reading the CA bundle {}: {e}", file.display()))
-            })?),
+            (_, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| ProviderError::Invalid(format!("reading the CA bundle {}: {e}", file.display())))?,
+            ),
             _ => None,
         };
         let tls_server_name = config.tls_server_name.clone();
@@ -167,26 +164,14 @@ impl KubernetesProvider {
     }
 
     /// The ServiceAccount, if it exists.
-    async fn get_service_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<Option<ServiceAccount>, ProviderError> {
-        self.service_accounts(sa_namespace(account))
-            .get_opt(&account.name)
-            .await
-            .map_err(classify)
+    async fn get_service_account(&self, account: &AccountRequest) -> Result<Option<ServiceAccount>, ProviderError> {
+        self.service_accounts(sa_namespace(account)).get_opt(&account.name).await.map_err(classify)
     }
 
     /// The ServiceAccount, which must exist and be ours.
-    async fn owned_service_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<ServiceAccount, ProviderError> {
+    async fn owned_service_account(&self, account: &AccountRequest) -> Result<ServiceAccount, ProviderError> {
         match self.get_service_account(account).await? {
-            None => Err(ProviderError::NotFound(format!(
-                "ServiceAccount {} does not exist",
-                sa_ref(account)
-            ))),
+            None => Err(ProviderError::NotFound(format!("ServiceAccount {} does not exist", sa_ref(account)))),
             Some(sa) if !is_owned(&sa.metadata, account) => Err(foreign_account(account)),
             Some(sa) => Ok(sa),
         }
@@ -202,21 +187,12 @@ impl KubernetesProvider {
         disabled: bool,
     ) -> Result<ServiceAccount, ProviderError> {
         let mut annotations: serde_json::Map<String, serde_json::Value> =
-            desired_annotations(account)
-                .into_iter()
-                .map(|(k, v)| (k, json!(v)))
-                .collect();
+            desired_annotations(account).into_iter().map(|(k, v)| (k, json!(v))).collect();
         for key in [DESCRIPTION_ANNOTATION, OWNER_ANNOTATION] {
             annotations.entry(key).or_insert(serde_json::Value::Null);
         }
-        annotations.insert(
-            DISABLED_ANNOTATION.to_owned(),
-            if disabled {
-                json!("true")
-            } else {
-                serde_json::Value::Null
-            },
-        );
+        annotations
+            .insert(DISABLED_ANNOTATION.to_owned(), if disabled { json!("true") } else { serde_json::Value::Null });
         let patch = json!({
             "metadata": {
                 "resourceVersion": current.metadata.resource_version,
@@ -227,10 +203,7 @@ impl KubernetesProvider {
         self.service_accounts(sa_namespace(account))
             .patch(
                 &account.name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.to_owned()),
-                    ..PatchParams::default()
-                },
+                &PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() },
                 &Patch::Merge(&patch),
             )
             .await
@@ -245,11 +218,7 @@ impl KubernetesProvider {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(classify)?;
-        Ok(anchors
-            .items
-            .into_iter()
-            .filter(|s| s.type_.as_deref() == Some(KEY_ANCHOR_TYPE))
-            .collect())
+        Ok(anchors.items.into_iter().filter(|s| s.type_.as_deref() == Some(KEY_ANCHOR_TYPE)).collect())
     }
 
     /// Deletes every key anchor of the account, revoking all its tokens.
@@ -265,11 +234,7 @@ impl KubernetesProvider {
 
     /// The kubeconfig that authenticates as the ServiceAccount with `token`.
     fn kubeconfig(&self, account: &AccountRequest, token: &str) -> Kubeconfig {
-        let user = format!(
-            "system:serviceaccount:{}:{}",
-            sa_namespace(account),
-            account.name
-        );
+        let user = format!("system:serviceaccount:{}:{}", sa_namespace(account), account.name);
         Kubeconfig {
             api_version: Some("v1".to_owned()),
             kind: Some("Config".to_owned()),
@@ -286,10 +251,7 @@ impl KubernetesProvider {
             }],
             auth_infos: vec![NamedAuthInfo {
                 name: user.clone(),
-                auth_info: Some(AuthInfo {
-                    token: Some(token.to_owned().into()),
-                    ..AuthInfo::default()
-                }),
+                auth_info: Some(AuthInfo { token: Some(token.to_owned().into()), ..AuthInfo::default() }),
                 ..NamedAuthInfo::default()
             }],
             contexts: vec![NamedContext {
@@ -308,11 +270,7 @@ impl KubernetesProvider {
     }
 
     /// What goes into the output Secret for a token.
-    fn material(
-        &self,
-        account: &AccountRequest,
-        token: &str,
-    ) -> Result<KeyMaterial, ProviderError> {
+    fn material(&self, account: &AccountRequest, token: &str) -> Result<KeyMaterial, ProviderError> {
         // A serialisation error names a position, never a value.
         let kubeconfig = serde_yaml::to_string(&self.kubeconfig(account, token))
             .map_err(|e| ProviderError::Invalid(format!("rendering the kubeconfig: {e}")))?;
@@ -340,10 +298,7 @@ impl KubernetesProvider {
         labels.insert(KEY_ID_LABEL.to_owned(), label_value(key_id));
         let mut annotations = BTreeMap::new();
         annotations.insert(KEY_ID_LABEL.to_owned(), key_id.to_owned());
-        annotations.insert(
-            INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
-            integration_account(account),
-        );
+        annotations.insert(INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account));
         let anchor = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -393,6 +348,47 @@ impl KubernetesProvider {
     }
 }
 
+impl KubernetesProvider {
+    /// Takes `wanted` (with its effective scope) away from the account in
+    /// the bindings `api` lists: keysmith's own bindings are deleted, anyone
+    /// else's lose the ServiceAccount (see [`release_binding`]). Bindings
+    /// that neither keysmith made for the account nor name its
+    /// ServiceAccount are never touched.
+    async fn revoke_from<B: Binding>(
+        &self,
+        api: &Api<B>,
+        account: &AccountRequest,
+        wanted: &RoleGrant,
+    ) -> Result<(), ProviderError> {
+        let listed = api.list(&ListParams::default()).await.map_err(classify)?;
+        let (owned, foreign): (Vec<B>, Vec<B>) = listed
+            .items
+            .into_iter()
+            .filter(|b| holds(b, account) && grant_of(b).as_ref() == Some(wanted))
+            .partition(|b| is_owned(b.meta(), account));
+        for binding in &owned {
+            if let Some(name) = binding.meta().name.as_deref() {
+                delete_ignoring_not_found(api, name, binding.meta().uid.clone()).await?;
+            }
+        }
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        // Edit other people's bindings only for a ServiceAccount that is
+        // ours: one that is gone holds nothing, and one that someone else
+        // made is theirs to manage.
+        match self.get_service_account(account).await? {
+            None => return Ok(()),
+            Some(sa) if !is_owned(&sa.metadata, account) => return Err(foreign_account(account)),
+            Some(_) => {}
+        }
+        for binding in &foreign {
+            release_binding(api, binding, account).await?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Provider for KubernetesProvider {
     fn name(&self) -> &'static str {
@@ -400,11 +396,7 @@ impl Provider for KubernetesProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            max_keys_per_account: None,
-            key_expiry: true,
-            disable: true,
-        }
+        Capabilities { max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     fn default_scope(&self, account: &AccountRequest) -> Option<String> {
@@ -435,20 +427,11 @@ impl Provider for KubernetesProvider {
         }
     }
 
-    async fn observe_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<Option<ObservedAccount>, ProviderError> {
-        Ok(self
-            .get_service_account(account)
-            .await?
-            .map(|sa| observed_account(&sa, account)))
+    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError> {
+        Ok(self.get_service_account(account).await?.map(|sa| observed_account(&sa, account)))
     }
 
-    async fn create_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<ObservedAccount, ProviderError> {
+    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
         let sa = ServiceAccount {
             metadata: ObjectMeta {
                 name: Some(account.name.clone()),
@@ -477,10 +460,7 @@ impl Provider for KubernetesProvider {
         }
     }
 
-    async fn update_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<ObservedAccount, ProviderError> {
+    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
         let current = self.owned_service_account(account).await?;
         let updated = self.patch_service_account(account, &current, false).await?;
         Ok(observed_account(&updated, account))
@@ -488,8 +468,8 @@ impl Provider for KubernetesProvider {
 
     async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
         // Tokens only come from anchors, so revoking them all leaves the
-        // account unable to authenticate; its role bindings are kept for
-        // when it is enabled again.
+        // account unable to authenticate; its role bindings (keysmith's and
+        // anyone else's) are kept for when it is enabled again.
         self.revoke_all_keys(account).await?;
         match self.get_service_account(account).await? {
             None => Ok(()),
@@ -508,6 +488,18 @@ impl Provider for KubernetesProvider {
         // Keys first, so nothing can use the account while the rest goes.
         self.revoke_all_keys(account).await?;
 
+        // Every role it holds, however granted, so that no binding is left
+        // naming a ServiceAccount that is gone. Only for our own
+        // ServiceAccount: bindings naming someone else's are not ours to edit.
+        let ours = self.get_service_account(account).await?.is_some_and(|sa| is_owned(&sa.metadata, account));
+        if ours {
+            for grant in self.list_roles(account).await? {
+                self.revoke_role(account, &grant).await?;
+            }
+        }
+
+        // Whatever keysmith made for the account and is still there (a
+        // binding whose subjects someone edited, say).
         let selector = owned_selector(account);
         let bindings = Api::<RoleBinding>::all(self.client.clone())
             .list(&ListParams::default().labels(&selector))
@@ -520,14 +512,10 @@ impl Provider for KubernetesProvider {
             }
         }
         let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone());
-        let listed = cluster_bindings
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(classify)?;
+        let listed = cluster_bindings.list(&ListParams::default().labels(&selector)).await.map_err(classify)?;
         for binding in listed.items {
             if let Some(name) = &binding.metadata.name {
-                delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone())
-                    .await?;
+                delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone()).await?;
             }
         }
 
@@ -545,36 +533,20 @@ impl Provider for KubernetesProvider {
     }
 
     async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        let params = ListParams::default().labels(&owned_selector(account));
-        let bindings = Api::<RoleBinding>::all(self.client.clone())
-            .list(&params)
-            .await
-            .map_err(classify)?;
-        let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone())
-            .list(&params)
-            .await
-            .map_err(classify)?;
-        let mut grants: Vec<RoleGrant> = bindings
-            .items
-            .iter()
-            .map(|b| grant_from(&b.metadata, &b.role_ref))
-            .chain(
-                cluster_bindings
-                    .items
-                    .iter()
-                    .map(|b| grant_from(&b.metadata, &b.role_ref)),
-            )
-            .collect();
+        // Two list calls, whatever the number of namespaces: hand-made
+        // bindings can be anywhere, and carry no label to select them by.
+        let params = ListParams::default();
+        let bindings = Api::<RoleBinding>::all(self.client.clone()).list(&params).await.map_err(classify)?;
+        let cluster_bindings =
+            Api::<ClusterRoleBinding>::all(self.client.clone()).list(&params).await.map_err(classify)?;
+        let mut grants: Vec<RoleGrant> =
+            held_grants(&bindings.items, account).chain(held_grants(&cluster_bindings.items, account)).collect();
         grants.sort();
         grants.dedup();
         Ok(grants)
     }
 
-    async fn grant_role(
-        &self,
-        account: &AccountRequest,
-        grant: &RoleGrant,
-    ) -> Result<(), ProviderError> {
+    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
         let target = binding_target(account, grant);
         if target.is_none() && !self.allow_cluster_scope {
             return Err(ProviderError::Invalid(format!(
@@ -584,19 +556,19 @@ impl Provider for KubernetesProvider {
         if grant.role.is_empty() {
             return Err(ProviderError::Invalid("the role name is empty".to_owned()));
         }
+        // `Role/<name>` stands for a namespaced Role someone else bound; no
+        // ClusterRole name contains a slash.
+        if grant.role.contains('/') {
+            return Err(ProviderError::Invalid(format!(
+                "\"{}\" is not a ClusterRole name: keysmith grants ClusterRoles only",
+                grant.role
+            )));
+        }
         // RBAC accepts bindings to ClusterRoles that do not exist (they grant
         // nothing). A typo should surface, so look first; an admin that may
         // not read ClusterRoles skips the check.
-        match Api::<ClusterRole>::all(self.client.clone())
-            .get_opt(&grant.role)
-            .await
-        {
-            Ok(None) => {
-                return Err(ProviderError::NotFound(format!(
-                    "ClusterRole \"{}\" does not exist",
-                    grant.role
-                )))
-            }
+        match Api::<ClusterRole>::all(self.client.clone()).get_opt(&grant.role).await {
+            Ok(None) => return Err(ProviderError::NotFound(format!("ClusterRole \"{}\" does not exist", grant.role))),
             Ok(Some(_)) | Err(kube::Error::Api(_)) => {}
             Err(e) => return Err(classify(e)),
         }
@@ -623,33 +595,23 @@ impl Provider for KubernetesProvider {
         let (created, existing) = match &target {
             Some(ns) => {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
-                let binding = RoleBinding {
-                    metadata,
-                    role_ref,
-                    subjects,
-                };
+                let binding = RoleBinding { metadata, role_ref, subjects };
                 match api.create(&post_params(), &binding).await {
                     Ok(_) => (true, None),
-                    Err(kube::Error::Api(s)) if s.code == 409 => (
-                        false,
-                        Some(api.get(&name).await.map_err(classify)?.metadata),
-                    ),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        (false, Some(api.get(&name).await.map_err(classify)?.metadata))
+                    }
                     Err(e) => return Err(classify(e)),
                 }
             }
             None => {
                 let api = Api::<ClusterRoleBinding>::all(self.client.clone());
-                let binding = ClusterRoleBinding {
-                    metadata,
-                    role_ref,
-                    subjects,
-                };
+                let binding = ClusterRoleBinding { metadata, role_ref, subjects };
                 match api.create(&post_params(), &binding).await {
                     Ok(_) => (true, None),
-                    Err(kube::Error::Api(s)) if s.code == 409 => (
-                        false,
-                        Some(api.get(&name).await.map_err(classify)?.metadata),
-                    ),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        (false, Some(api.get(&name).await.map_err(classify)?.metadata))
+                    }
                     Err(e) => return Err(classify(e)),
                 }
             }
@@ -668,49 +630,27 @@ impl Provider for KubernetesProvider {
         }
     }
 
-    async fn revoke_role(
-        &self,
-        account: &AccountRequest,
-        grant: &RoleGrant,
-    ) -> Result<(), ProviderError> {
-        let name = binding_name(account, grant);
-        // Only delete what is ours: a same-named binding someone else made stays.
+    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
+        let wanted = RoleGrant { role: grant.role.clone(), scope: Some(effective_scope(account, grant)) };
         match binding_target(account, grant) {
             Some(ns) => {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), &ns);
-                match api.get_opt(&name).await.map_err(classify)? {
-                    Some(b) if is_owned(&b.metadata, account) => {
-                        delete_ignoring_not_found(&api, &name, b.metadata.uid).await
-                    }
-                    _ => Ok(()),
-                }
+                self.revoke_from(&api, account, &wanted).await
             }
             None => {
                 let api = Api::<ClusterRoleBinding>::all(self.client.clone());
-                match api.get_opt(&name).await.map_err(classify)? {
-                    Some(b) if is_owned(&b.metadata, account) => {
-                        delete_ignoring_not_found(&api, &name, b.metadata.uid).await
-                    }
-                    _ => Ok(()),
-                }
+                self.revoke_from(&api, account, &wanted).await
             }
         }
     }
 
-    async fn issue_key(
-        &self,
-        account: &AccountRequest,
-        request: &KeyRequest,
-    ) -> Result<IssuedKey, ProviderError> {
+    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError> {
         if request.key_id.is_empty() {
             return Err(ProviderError::Invalid("the key id is empty".to_owned()));
         }
         let sa = self.owned_service_account(account).await?;
         let (anchor, created) = self.ensure_anchor(account, &sa, &request.key_id).await?;
-        let lifetime = request
-            .lifetime
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
-            .max(MIN_TOKEN_LIFETIME);
+        let lifetime = request.lifetime.unwrap_or(DEFAULT_TOKEN_LIFETIME).max(MIN_TOKEN_LIFETIME);
         let token_request = TokenRequest {
             spec: TokenRequestSpec {
                 expiration_seconds: Some(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
@@ -729,10 +669,7 @@ impl Provider for KubernetesProvider {
             .create_token_request(&account.name, &post_params(), &token_request)
             .await;
         let status = match issued {
-            Ok(TokenRequest {
-                status: Some(status),
-                ..
-            }) if !status.token.is_empty() => status,
+            Ok(TokenRequest { status: Some(status), .. }) if !status.token.is_empty() => status,
             failed => {
                 if created {
                     if let Some(name) = anchor.metadata.name.as_deref() {
@@ -770,25 +707,14 @@ impl Provider for KubernetesProvider {
                     .and_then(|a| a.get(KEY_ID_LABEL))
                     .or_else(|| meta.labels.as_ref().and_then(|l| l.get(KEY_ID_LABEL)))?
                     .clone();
-                Some(ObservedKey {
-                    id,
-                    created_at: meta.creation_timestamp.map(|t| t.0),
-                })
+                Some(ObservedKey { id, created_at: meta.creation_timestamp.map(|t| t.0) })
             })
             .collect();
-        keys.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)
     }
 
-    async fn revoke_key(
-        &self,
-        account: &AccountRequest,
-        key_id: &str,
-    ) -> Result<(), ProviderError> {
+    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
         let secrets = self.secrets(sa_namespace(account));
         let name = anchor_name(&account.name, key_id);
         match secrets.get_opt(&name).await.map_err(classify)? {
@@ -800,22 +726,16 @@ impl Provider for KubernetesProvider {
         }
     }
 
-    async fn verify_key(
-        &self,
-        account: &AccountRequest,
-        key: &IssuedKey,
-    ) -> Result<(), ProviderError> {
+    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError> {
         let token = key
             .material
             .expose()
             .get("token")
             .ok_or_else(|| ProviderError::Invalid("the key has no token".to_owned()))?;
-        let config = kube::Config::from_custom_kubeconfig(
-            self.kubeconfig(account, token),
-            &KubeConfigOptions::default(),
-        )
-        .await
-        .map_err(|e| ProviderError::Invalid(format!("the issued kubeconfig is unusable: {e}")))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(self.kubeconfig(account, token), &KubeConfigOptions::default())
+                .await
+                .map_err(|e| ProviderError::Invalid(format!("the issued kubeconfig is unusable: {e}")))?;
         let client = Client::try_from(config).map_err(classify)?;
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
@@ -831,14 +751,11 @@ impl Provider for KubernetesProvider {
             ..SelfSubjectAccessReview::default()
         };
         // Any answer but 401 means the apiserver knew who we were.
-        match Api::<SelfSubjectAccessReview>::all(client)
-            .create(&PostParams::default(), &review)
-            .await
-        {
+        match Api::<SelfSubjectAccessReview>::all(client).create(&PostParams::default(), &review).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 401 => Err(ProviderError::Invalid(
-                "the new token was not accepted".to_owned(),
-            )),
+            Err(kube::Error::Api(status)) if status.code == 401 => {
+                Err(ProviderError::Invalid("the new token was not accepted".to_owned()))
+            }
             Err(kube::Error::Api(status)) if status.code == 403 => Ok(()),
             Err(e) => Err(classify(e)),
         }
@@ -852,10 +769,7 @@ pub fn classify(err: kube::Error) -> ProviderError {
             let message = if status.reason.is_empty() {
                 format!("{} (HTTP {})", status.message, status.code)
             } else {
-                format!(
-                    "{} (HTTP {} {})",
-                    status.message, status.code, status.reason
-                )
+                format!("{} (HTTP {} {})", status.message, status.code, status.reason)
             };
             match status.code {
                 401 | 403 => ProviderError::Unauthorized(message),
@@ -889,12 +803,7 @@ pub fn classify(err: kube::Error) -> ProviderError {
 
 /// The namespace of the account's ServiceAccount.
 fn sa_namespace(account: &AccountRequest) -> &str {
-    account
-        .options
-        .get("namespace")
-        .map(String::as_str)
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or(&account.namespace)
+    account.options.get("namespace").map(String::as_str).filter(|ns| !ns.is_empty()).unwrap_or(&account.namespace)
 }
 
 /// `namespace/name` of the ServiceAccount, for messages.
@@ -914,10 +823,7 @@ fn foreign_account(account: &AccountRequest) -> ProviderError {
 }
 
 fn post_params() -> PostParams {
-    PostParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..PostParams::default()
-    }
+    PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() }
 }
 
 /// The labels on everything keysmith creates for the account.
@@ -930,18 +836,12 @@ fn desired_labels(account: &AccountRequest) -> BTreeMap<String, String> {
 
 /// The label selector for everything keysmith created for the account.
 fn owned_selector(account: &AccountRequest) -> String {
-    format!(
-        "{MANAGED_BY_LABEL}={MANAGED_BY},{ACCOUNT_UID_LABEL}={}",
-        account.owner_uid
-    )
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{ACCOUNT_UID_LABEL}={}", account.owner_uid)
 }
 
 /// The annotations keysmith keeps on the ServiceAccount (disabled aside).
 fn desired_annotations(account: &AccountRequest) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::from([(
-        INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
-        integration_account(account),
-    )]);
+    let mut annotations = BTreeMap::from([(INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account))]);
     if let Some(description) = &account.description {
         annotations.insert(DESCRIPTION_ANNOTATION.to_owned(), description.clone());
     }
@@ -952,37 +852,22 @@ fn desired_annotations(account: &AccountRequest) -> BTreeMap<String, String> {
 }
 
 fn is_owned(meta: &ObjectMeta, account: &AccountRequest) -> bool {
-    meta.labels
-        .as_ref()
-        .and_then(|l| l.get(ACCOUNT_UID_LABEL))
-        .is_some_and(|uid| *uid == account.owner_uid)
+    meta.labels.as_ref().and_then(|l| l.get(ACCOUNT_UID_LABEL)).is_some_and(|uid| *uid == account.owner_uid)
 }
 
 fn observed_account(sa: &ServiceAccount, account: &AccountRequest) -> ObservedAccount {
     let meta = &sa.metadata;
     let labels = meta.labels.clone().unwrap_or_default();
     let annotations = meta.annotations.clone().unwrap_or_default();
-    let labels_match = desired_labels(account)
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    let labels_match = desired_labels(account).iter().all(|(k, v)| labels.get(k) == Some(v));
     let desired = desired_annotations(account);
-    let annotations_match = [
-        INTEGRATION_ACCOUNT_ANNOTATION,
-        DESCRIPTION_ANNOTATION,
-        OWNER_ANNOTATION,
-    ]
-    .into_iter()
-    .all(|key| annotations.get(key) == desired.get(key));
+    let annotations_match = [INTEGRATION_ACCOUNT_ANNOTATION, DESCRIPTION_ANNOTATION, OWNER_ANNOTATION]
+        .into_iter()
+        .all(|key| annotations.get(key) == desired.get(key));
     ObservedAccount {
         id: meta.uid.clone().unwrap_or_default(),
-        name: format!(
-            "system:serviceaccount:{}:{}",
-            sa_namespace(account),
-            account.name
-        ),
-        disabled: annotations
-            .get(DISABLED_ANNOTATION)
-            .is_some_and(|v| v == "true"),
+        name: format!("system:serviceaccount:{}:{}", sa_namespace(account), account.name),
+        disabled: annotations.get(DISABLED_ANNOTATION).is_some_and(|v| v == "true"),
         owned: is_owned(meta, account),
         drifted: !(labels_match && annotations_match),
     }
@@ -1008,50 +893,143 @@ fn effective_scope(account: &AccountRequest, grant: &RoleGrant) -> String {
 /// effective scope (the hash covers all of them, so a ServiceAccount of the
 /// same name in another namespace gets other bindings).
 fn binding_name(account: &AccountRequest, grant: &RoleGrant) -> String {
-    let identity = format!(
-        "{}\0{}\0{}\0{}",
-        sa_namespace(account),
-        account.name,
-        grant.role,
-        effective_scope(account, grant)
-    );
-    hashed_name(
-        &format!("keysmith-{}-{}", account.name, grant.role),
-        &identity,
-    )
+    let identity =
+        format!("{}\0{}\0{}\0{}", sa_namespace(account), account.name, grant.role, effective_scope(account, grant));
+    hashed_name(&format!("keysmith-{}-{}", account.name, grant.role), &identity)
 }
 
 fn binding_annotations(account: &AccountRequest, grant: &RoleGrant) -> BTreeMap<String, String> {
     BTreeMap::from([
         (ROLE_ANNOTATION.to_owned(), grant.role.clone()),
         (SCOPE_ANNOTATION.to_owned(), effective_scope(account, grant)),
-        (
-            INTEGRATION_ACCOUNT_ANNOTATION.to_owned(),
-            integration_account(account),
-        ),
+        (INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account)),
     ])
 }
 
-/// The grant a binding stands for, always with its effective scope (the
-/// namespace, or `*`), from its annotations, falling back to the role it
-/// refers to and where it lives.
-fn grant_from(meta: &ObjectMeta, role_ref: &RoleRef) -> RoleGrant {
-    let annotations = meta.annotations.clone().unwrap_or_default();
-    let located = match &meta.namespace {
-        Some(ns) => ns.clone(),
-        None => CLUSTER_SCOPE.to_owned(),
+/// What keysmith reads of an RBAC binding: RoleBindings and
+/// ClusterRoleBindings alike.
+trait Binding:
+    kube::Resource<DynamicType = ()> + Clone + fmt::Debug + serde::de::DeserializeOwned + serde::Serialize + Send + Sync
+{
+    /// `RoleBinding` or `ClusterRoleBinding`, for messages.
+    const KIND: &'static str;
+    /// The namespace the binding lives in (`None` for a ClusterRoleBinding).
+    fn binding_namespace(&self) -> Option<&str>;
+    /// Where the binding takes effect: its namespace, or `*` for a
+    /// ClusterRoleBinding. `None` for a RoleBinding without a namespace.
+    fn scope(&self) -> Option<String>;
+    fn subjects(&self) -> &[Subject];
+    fn role_ref(&self) -> &RoleRef;
+}
+
+impl Binding for RoleBinding {
+    const KIND: &'static str = "RoleBinding";
+    fn binding_namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+    fn scope(&self) -> Option<String> {
+        self.metadata.namespace.clone()
+    }
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+    fn role_ref(&self) -> &RoleRef {
+        &self.role_ref
+    }
+}
+
+impl Binding for ClusterRoleBinding {
+    const KIND: &'static str = "ClusterRoleBinding";
+    fn binding_namespace(&self) -> Option<&str> {
+        None
+    }
+    fn scope(&self) -> Option<String> {
+        Some(CLUSTER_SCOPE.to_owned())
+    }
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+    fn role_ref(&self) -> &RoleRef {
+        &self.role_ref
+    }
+}
+
+/// Whether `subject` is the account's ServiceAccount, read as the RBAC
+/// authorizer reads it: in a RoleBinding, a ServiceAccount subject without a
+/// namespace is in the binding's namespace.
+fn is_account_subject(subject: &Subject, binding_namespace: Option<&str>, account: &AccountRequest) -> bool {
+    let namespace = subject.namespace.as_deref().filter(|ns| !ns.is_empty()).or(binding_namespace);
+    subject.kind == "ServiceAccount" && subject.name == account.name && namespace == Some(sa_namespace(account))
+}
+
+/// Whether the binding gives the account its role: it names the
+/// ServiceAccount, or keysmith made it for the account.
+fn holds<B: Binding>(binding: &B, account: &AccountRequest) -> bool {
+    is_owned(binding.meta(), account)
+        || binding.subjects().iter().any(|s| is_account_subject(s, binding.binding_namespace(), account))
+}
+
+/// The grant a binding stands for, with its effective scope (see
+/// [`Binding::scope`]). A namespaced Role reads as `Role/<name>`.
+fn grant_of<B: Binding>(binding: &B) -> Option<RoleGrant> {
+    let scope = binding.scope()?;
+    let role_ref = binding.role_ref();
+    let role = if role_ref.kind == "Role" {
+        format!("{NAMESPACED_ROLE_PREFIX}{}", role_ref.name)
+    } else {
+        role_ref.name.clone()
     };
-    RoleGrant {
-        role: annotations
-            .get(ROLE_ANNOTATION)
-            .cloned()
-            .unwrap_or_else(|| role_ref.name.clone()),
-        scope: Some(
-            annotations
-                .get(SCOPE_ANNOTATION)
-                .cloned()
-                .unwrap_or(located),
-        ),
+    Some(RoleGrant { role, scope: Some(scope) })
+}
+
+/// The grants the account holds through `bindings`.
+fn held_grants<'a, B: Binding>(bindings: &'a [B], account: &'a AccountRequest) -> impl Iterator<Item = RoleGrant> + 'a {
+    bindings.iter().filter(move |b| holds(*b, account)).filter_map(grant_of)
+}
+
+/// Takes the account's ServiceAccount out of a binding someone else made:
+/// deletes the binding if the ServiceAccount is its only subject, else
+/// merge-patches `subjects` to the others. Both are conditional on the
+/// binding being as read (its uid and resourceVersion), so a change made in
+/// between is never lost: the apiserver answers 409 and this returns
+/// [`ProviderError::Conflict`] for the caller to retry. Gone is fine.
+async fn release_binding<B: Binding>(api: &Api<B>, binding: &B, account: &AccountRequest) -> Result<(), ProviderError> {
+    let meta = binding.meta();
+    let Some(name) = meta.name.as_deref() else {
+        return Ok(());
+    };
+    let what = match binding.binding_namespace() {
+        Some(ns) => format!("{} {ns}/{name}", B::KIND),
+        None => format!("{} {name}", B::KIND),
+    };
+    let others: Vec<&Subject> =
+        binding.subjects().iter().filter(|s| !is_account_subject(s, binding.binding_namespace(), account)).collect();
+    let result = if others.is_empty() {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+            }),
+            ..DeleteParams::background()
+        };
+        api.delete(name, &params).await.map(|_| ())
+    } else {
+        let patch = json!({
+            "metadata": { "resourceVersion": meta.resource_version },
+            "subjects": others,
+        });
+        let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
+        api.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Err(ProviderError::Conflict(format!(
+            "{what} changed while removing ServiceAccount {} from it: {}",
+            sa_ref(account),
+            status.message
+        ))),
+        Err(e) => Err(classify(e)),
     }
 }
 
@@ -1084,27 +1062,17 @@ fn sanitise(raw: &str, max: usize) -> String {
     let mapped: String = raw
         .chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
         .take(max)
         .collect();
-    mapped
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
+    mapped.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned()
 }
 
 /// A label value standing for `value`: itself if valid, else a sanitised,
 /// hashed form (the exact value lives in an annotation).
 fn label_value(value: &str) -> String {
     let valid = value.len() <= MAX_LABEL_VALUE_LEN
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && value.starts_with(|c: char| c.is_ascii_alphanumeric())
         && value.ends_with(|c: char| c.is_ascii_alphanumeric());
     if valid {
@@ -1112,13 +1080,7 @@ fn label_value(value: &str) -> String {
     }
     let prefix: String = value
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
         .take(MAX_LABEL_VALUE_LEN - HASH_LEN - 1)
         .collect();
     let prefix = prefix.trim_matches(|c: char| !c.is_ascii_alphanumeric());
@@ -1132,9 +1094,8 @@ fn label_value(value: &str) -> String {
 /// The first [`HASH_LEN`] hex digits of the 64-bit FNV-1a hash: stable across
 /// Rust releases and platforms, unlike `DefaultHasher`.
 fn short_hash(input: &str) -> String {
-    let hash = input.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash =
+        input.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
     let mut hex = format!("{hash:016x}");
     hex.truncate(HASH_LEN);
     hex
@@ -1159,19 +1120,12 @@ fn der_certs_to_pem(certs: &[Vec<u8>]) -> String {
 }
 
 /// Deletes an object (only the one with `uid`, when known); gone is fine.
-async fn delete_ignoring_not_found<K>(
-    api: &Api<K>,
-    name: &str,
-    uid: Option<String>,
-) -> Result<(), ProviderError>
+async fn delete_ignoring_not_found<K>(api: &Api<K>, name: &str, uid: Option<String>) -> Result<(), ProviderError>
 where
     K: kube::Resource + Clone + fmt::Debug + serde::de::DeserializeOwned,
 {
     let params = DeleteParams {
-        preconditions: uid.map(|uid| Preconditions {
-            uid: Some(uid),
-            resource_version: None,
-        }),
+        preconditions: uid.map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
         ..DeleteParams::background()
     };
     match api.delete(name, &params).await {
@@ -1196,35 +1150,16 @@ mod tests {
             owner: None,
             options: BTreeMap::new(),
         };
-        let grant = RoleGrant {
-            role: "system:aggregate-to-view".to_owned(),
-            scope: None,
-        };
+        let grant = RoleGrant { role: "system:aggregate-to-view".to_owned(), scope: None };
         let name = binding_name(&account, &grant);
-        assert!(
-            name.starts_with("keysmith-ci-system-aggregate-to-view-"),
-            "{name}"
-        );
+        assert!(name.starts_with("keysmith-ci-system-aggregate-to-view-"), "{name}");
         assert_eq!(name, binding_name(&account, &grant));
-        let explicit = RoleGrant {
-            scope: Some("team".to_owned()),
-            ..grant.clone()
-        };
-        assert_eq!(
-            name,
-            binding_name(&account, &explicit),
-            "no scope is the ServiceAccount's namespace"
-        );
-        let elsewhere = AccountRequest {
-            namespace: "other".to_owned(),
-            ..account.clone()
-        };
+        let explicit = RoleGrant { scope: Some("team".to_owned()), ..grant.clone() };
+        assert_eq!(name, binding_name(&account, &explicit), "no scope is the ServiceAccount's namespace");
+        let elsewhere = AccountRequest { namespace: "other".to_owned(), ..account.clone() };
         assert_ne!(name, binding_name(&elsewhere, &grant));
 
-        let long = RoleGrant {
-            role: "x".repeat(400),
-            scope: None,
-        };
+        let long = RoleGrant { role: "x".repeat(400), scope: None };
         let name = binding_name(&account, &long);
         assert!(name.len() <= MAX_NAME_LEN, "{}", name.len());
 
@@ -1247,6 +1182,147 @@ mod tests {
         // FNV-1a 64 of "" is cbf29ce484222325, of "a" af63dc4c8601ec8c.
         assert_eq!(short_hash(""), "cbf29ce484");
         assert_eq!(short_hash("a"), "af63dc4c86");
+    }
+
+    fn subject(kind: &str, name: &str, namespace: Option<&str>) -> Subject {
+        Subject {
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+            namespace: namespace.map(str::to_owned),
+            ..Subject::default()
+        }
+    }
+
+    fn test_account(namespace: &str, name: &str) -> AccountRequest {
+        AccountRequest {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            account_name: name.to_owned(),
+            owner_uid: format!("uid-{:016x}", rand::random::<u64>()),
+            description: None,
+            owner: None,
+            options: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn subjects_are_read_as_the_rbac_authorizer_reads_them() {
+        let account = test_account("team", "ci");
+        let sa = |ns| subject("ServiceAccount", "ci", ns);
+        assert!(is_account_subject(&sa(Some("team")), None, &account));
+        assert!(is_account_subject(&sa(Some("team")), Some("elsewhere"), &account));
+        // No namespace: the RoleBinding's own; a ClusterRoleBinding has none.
+        assert!(is_account_subject(&sa(None), Some("team"), &account));
+        assert!(is_account_subject(&sa(Some("")), Some("team"), &account));
+        assert!(!is_account_subject(&sa(None), Some("elsewhere"), &account));
+        assert!(!is_account_subject(&sa(None), None, &account));
+        assert!(!is_account_subject(&sa(Some("other")), Some("team"), &account));
+        assert!(!is_account_subject(&subject("ServiceAccount", "cd", Some("team")), None, &account));
+        assert!(!is_account_subject(&subject("User", "ci", Some("team")), None, &account));
+    }
+
+    #[test]
+    fn bindings_read_as_grants() {
+        let role_ref = |kind: &str, name: &str| RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+        };
+        let in_namespace = |kind: &str, name: &str| RoleBinding {
+            metadata: ObjectMeta {
+                name: Some("b".to_owned()),
+                namespace: Some("team".to_owned()),
+                ..ObjectMeta::default()
+            },
+            role_ref: role_ref(kind, name),
+            subjects: None,
+        };
+        assert_eq!(
+            grant_of(&in_namespace("ClusterRole", "edit")),
+            Some(RoleGrant { role: "edit".to_owned(), scope: Some("team".to_owned()) })
+        );
+        assert_eq!(
+            grant_of(&in_namespace("Role", "pod-reader")),
+            Some(RoleGrant { role: "Role/pod-reader".to_owned(), scope: Some("team".to_owned()) })
+        );
+        let cluster = ClusterRoleBinding {
+            metadata: ObjectMeta { name: Some("b".to_owned()), ..ObjectMeta::default() },
+            role_ref: role_ref("ClusterRole", "view"),
+            subjects: None,
+        };
+        assert_eq!(
+            grant_of(&cluster),
+            Some(RoleGrant { role: "view".to_owned(), scope: Some(CLUSTER_SCOPE.to_owned()) })
+        );
+    }
+
+    /// Against the shared local control plane: a binding that changed since
+    /// it was read is never edited or deleted, and the caller is told to retry.
+    #[tokio::test]
+    async fn a_binding_changed_under_us_is_a_conflict() {
+        use k8s_openapi::api::core::v1::Namespace;
+
+        let cp = crate::controlplane::shared().await.expect("control plane starts");
+        let client = cp.client().await.expect("admin client");
+        let ns = format!("kp-unit-race-{:08x}", rand::random::<u32>());
+        let namespaces = Api::<Namespace>::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: ObjectMeta { name: Some(ns.clone()), ..ObjectMeta::default() },
+                    ..Namespace::default()
+                },
+            )
+            .await
+            .expect("create namespace");
+        let account = test_account(&ns, "racer");
+        let api = Api::<RoleBinding>::namespaced(client.clone(), &ns);
+        let binding = |name: &str, subjects: Vec<Subject>| RoleBinding {
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".to_owned(),
+                kind: "ClusterRole".to_owned(),
+                name: "view".to_owned(),
+            },
+            subjects: Some(subjects),
+        };
+        let sa = subject("ServiceAccount", "racer", Some(&ns));
+        let jane = subject("User", "jane", None);
+        let bob = subject("User", "bob", None);
+        // The apiserver fills in a User's apiGroup: compare kinds and names.
+        let names = |b: &RoleBinding| b.subjects().iter().map(|s| format!("{}/{}", s.kind, s.name)).collect::<Vec<_>>();
+
+        // Shared: someone adds bob between our read and our patch.
+        let stale = api
+            .create(&PostParams::default(), &binding("shared", vec![sa.clone(), jane.clone()]))
+            .await
+            .expect("create shared");
+        let patch = json!({"subjects": [sa.clone(), jane.clone(), bob.clone()]});
+        api.patch("shared", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("add bob");
+        let err = release_binding(&api, &stale, &account).await.expect_err("stale");
+        assert!(matches!(err, ProviderError::Conflict(_)), "{err:?}");
+        let current = api.get("shared").await.expect("still there");
+        assert_eq!(names(&current), ["ServiceAccount/racer", "User/jane", "User/bob"]);
+        release_binding(&api, &current, &account).await.expect("fresh");
+        let released = api.get("shared").await.expect("still there");
+        assert_eq!(names(&released), ["User/jane", "User/bob"]);
+
+        // Ours alone: someone adds bob between our read and our delete.
+        let stale =
+            api.create(&PostParams::default(), &binding("alone", vec![sa.clone()])).await.expect("create alone");
+        let patch = json!({"subjects": [sa.clone(), bob.clone()]});
+        api.patch("alone", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("add bob");
+        let err = release_binding(&api, &stale, &account).await.expect_err("stale");
+        assert!(matches!(err, ProviderError::Conflict(_)), "{err:?}");
+        let current = api.get("alone").await.expect("not deleted");
+        assert_eq!(names(&current), ["ServiceAccount/racer", "User/bob"]);
+
+        // Gone is fine.
+        api.delete("alone", &DeleteParams::default()).await.expect("delete");
+        release_binding(&api, &current, &account).await.expect("gone is fine");
+
+        let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
     }
 
     #[test]

@@ -61,10 +61,7 @@ impl ProviderError {
 
     /// A transient error without a hint.
     pub fn transient(message: impl Into<String>) -> Self {
-        ProviderError::Transient {
-            message: message.into(),
-            retry_after: None,
-        }
+        ProviderError::Transient { message: message.into(), retry_after: None }
     }
 }
 
@@ -164,9 +161,7 @@ impl KeyMaterial {
 
 impl fmt::Debug for KeyMaterial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.keys().map(|k| (k, "<redacted>")))
-            .finish()
+        f.debug_map().entries(self.0.keys().map(|k| (k, "<redacted>"))).finish()
     }
 }
 
@@ -207,22 +202,13 @@ pub trait Provider: Send + Sync {
     }
 
     /// The account, if it exists (owned or not).
-    async fn observe_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<Option<ObservedAccount>, ProviderError>;
+    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError>;
     /// Creates the account. Succeeds if it already exists and is ours;
     /// [`ProviderError::Conflict`] if it exists and is not.
-    async fn create_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<ObservedAccount, ProviderError>;
+    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError>;
     /// Brings an existing, owned account's description, owner and labels in
     /// line with the request (and re-enables it if disabled).
-    async fn update_account(
-        &self,
-        account: &AccountRequest,
-    ) -> Result<ObservedAccount, ProviderError>;
+    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError>;
     /// Disables the account, keeping it. Succeeds if it is gone.
     async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError>;
     /// Deletes the account and whatever keysmith created for it (role
@@ -232,33 +218,16 @@ pub trait Provider: Send + Sync {
     /// The roles the account holds.
     async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError>;
     /// Grants a role. Succeeds if already granted.
-    async fn grant_role(
-        &self,
-        account: &AccountRequest,
-        grant: &RoleGrant,
-    ) -> Result<(), ProviderError>;
+    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError>;
     /// Revokes a role. Succeeds if not granted.
-    async fn revoke_role(
-        &self,
-        account: &AccountRequest,
-        grant: &RoleGrant,
-    ) -> Result<(), ProviderError>;
+    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError>;
 
     /// Issues a new key.
-    async fn issue_key(
-        &self,
-        account: &AccountRequest,
-        request: &KeyRequest,
-    ) -> Result<IssuedKey, ProviderError>;
+    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError>;
     /// The keys the account holds.
     async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError>;
     /// Revokes a key so the target refuses it from now on. Succeeds if gone.
-    async fn revoke_key(&self, account: &AccountRequest, key_id: &str)
-        -> Result<(), ProviderError>;
+    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError>;
     /// Proves a freshly issued key works by using it against the target.
-    async fn verify_key(
-        &self,
-        account: &AccountRequest,
-        key: &IssuedKey,
-    ) -> Result<(), ProviderError>;
+    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError>;
 }

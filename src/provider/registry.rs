@@ -60,72 +60,48 @@ impl ProviderRegistry {
     /// A registry whose `kubernetes` provider targets the cluster `client`
     /// (built from `config`) talks to, unless a connection names another.
     pub fn new(client: Client, config: kube::Config) -> Self {
-        Self {
-            client,
-            config,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { client, config, cache: Mutex::new(HashMap::new()) }
     }
 
     /// The provider for `connection`.
-    pub async fn provider_for(
-        &self,
-        connection: &ResolvedConnection,
-    ) -> Result<Arc<dyn Provider>, ProviderError> {
+    pub async fn provider_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = &connection.spec.provider;
         if let Some(kubernetes) = &provider.kubernetes {
             let (cache_key, config) = match &kubernetes.kubeconfig_secret_ref {
-                None => (
-                    format!("local/{}", kubernetes.allow_cluster_scope),
-                    self.config.clone(),
-                ),
+                None => (format!("local/{}", kubernetes.allow_cluster_scope), self.config.clone()),
                 Some(selector) => {
-                    let (text, version) =
-                        self.read_secret(connection, selector, "kubeconfig").await?;
+                    let (text, version) = self.read_secret(connection, selector, "kubeconfig").await?;
                     let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).map_err(|e| {
                         ProviderError::Invalid(format!(
                             "the kubeconfig in Secret {:?} does not parse: {e}",
                             selector.name
                         ))
                     })?;
-                    let config = kube::Config::from_custom_kubeconfig(
-                        kubeconfig,
-                        &KubeConfigOptions::default(),
-                    )
-                    .await
-                    .map_err(|e| {
-                        ProviderError::Invalid(format!(
-                            "the kubeconfig in Secret {:?} is not usable: {e}",
-                            selector.name
-                        ))
-                    })?;
-                    (
-                        format!(
-                            "{}/{}/{}",
-                            connection.uid, version, kubernetes.allow_cluster_scope
-                        ),
-                        config,
-                    )
+                    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                        .await
+                        .map_err(|e| {
+                            ProviderError::Invalid(format!(
+                                "the kubeconfig in Secret {:?} is not usable: {e}",
+                                selector.name
+                            ))
+                        })?;
+                    (format!("{}/{}/{}", connection.uid, version, kubernetes.allow_cluster_scope), config)
                 }
             };
             let mut cache = self.cache.lock().await;
             if let Some(found) = cache.get(&cache_key) {
                 return Ok(found.clone());
             }
-            let built: Arc<dyn Provider> = Arc::new(KubernetesProvider::from_config(
-                config,
-                kubernetes.allow_cluster_scope,
-            )?);
+            let built: Arc<dyn Provider> =
+                Arc::new(KubernetesProvider::from_config(config, kubernetes.allow_cluster_scope)?);
             cache.insert(cache_key, built.clone());
             return Ok(built);
         }
         match provider.selected() {
-            Some(name) => Err(ProviderError::Invalid(format!(
-                "the {name} provider is not available in this build of keysmith"
-            ))),
-            None => Err(ProviderError::Invalid(
-                "spec.provider must set exactly one provider".into(),
-            )),
+            Some(name) => {
+                Err(ProviderError::Invalid(format!("the {name} provider is not available in this build of keysmith")))
+            }
+            None => Err(ProviderError::Invalid("spec.provider must set exactly one provider".into())),
         }
     }
 
@@ -156,10 +132,7 @@ impl ProviderRegistry {
             .and_then(|d| d.get(key))
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
             .ok_or_else(|| {
-                ProviderError::Invalid(format!(
-                    "credential Secret {namespace}/{} has no key {key:?}",
-                    selector.name
-                ))
+                ProviderError::Invalid(format!("credential Secret {namespace}/{} has no key {key:?}", selector.name))
             })?;
         Ok((value, secret.metadata.resource_version.unwrap_or_default()))
     }

@@ -15,9 +15,7 @@ use kube::{
 pub async fn control_plane() -> &'static ControlPlane {
     let cp = controlplane::shared().await.expect("control plane starts");
     let client = cp.client().await.expect("admin client");
-    keysmith::install::install_crds(&client, Duration::from_secs(60))
-        .await
-        .expect("CRDs install");
+    keysmith::install::install_crds(&client, Duration::from_secs(60)).await.expect("CRDs install");
     cp
 }
 
@@ -35,34 +33,21 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"keysmith.dev/test": prefix}}
         }))
         .unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("create namespace");
-        Self {
-            name,
-            client: client.clone(),
-        }
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+        Self { name, client: client.clone() }
     }
 
     /// Deletes the namespace (the controller-manager removes what is in it).
     pub async fn delete(self) {
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::background())
-            .await;
+        let _ = Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::background()).await;
     }
 }
 
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    nanos
-        ^ (std::process::id() << 16)
-        ^ COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    nanos ^ (std::process::id() << 16) ^ COUNTER.fetch_add(0x9e37, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Runs kubectl against the control plane as admin.
@@ -79,22 +64,109 @@ pub fn kubectl(cp: &ControlPlane, args: &[&str]) -> Output {
 /// kubectl, asserting success, returning stdout.
 pub fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
     let out = kubectl(cp, args);
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// The manifests of an examples/ file, as JSON values.
 pub fn example(path: &str) -> Vec<serde_json::Value> {
-    let full = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(path);
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path);
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
         .filter(|v: &serde_json::Value| !v.is_null())
         .collect()
+}
+
+/// A keysmith operator running as its own process against the control
+/// plane, authenticated as the operator user, watching one namespace. Killed
+/// when dropped.
+pub struct Operator {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts `keysmith run` for `namespace`, with extra environment variables.
+    pub fn start(cp: &ControlPlane, namespace: &str, env: &[(&str, &str)]) -> Operator {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("operator.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keysmith"));
+        command
+            .args(["run", "--namespace", namespace, "--kubeconfig"])
+            .arg(cp.operator_kubeconfig_path())
+            .env("KEYSMITH_LOG", "info,keysmith=debug")
+            .env_remove("KEYSMITH_FAILPOINT")
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start keysmith run");
+        Operator { child, log, _dir: dir }
+    }
+
+    /// Everything the operator logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the operator exits by itself; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// SIGTERM, then waits for a graceful exit (SIGKILL after 10 s).
+    pub async fn stop(mut self) -> String {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        if self.wait_exit(Duration::from_secs(10)).await.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.logs()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` every 250 ms until it returns Some, or panics after `timeout`
+/// saying what was awaited.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Applies the objects of a YAML text into `namespace` (server-side apply).
+pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) {
+    for mut object in keysmith::manifest::parse(yaml).expect("valid YAML") {
+        if object.types.as_ref().is_some_and(|t| t.kind == "Namespace") {
+            continue;
+        }
+        object.metadata.namespace = Some(namespace.to_owned());
+        keysmith::manifest::apply(client, &object, "test").await.expect("apply");
+    }
 }
