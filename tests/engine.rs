@@ -527,3 +527,146 @@ async fn a_full_resync_with_nothing_changed_makes_no_writes() {
     assert!(writes.is_empty(), "a resync with nothing changed wrote: {writes:?}\n{logs}");
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn a_cluster_connection_serves_only_the_namespaces_it_admits() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let admitted = TestNamespace::create(&client, "admitted").await;
+    let refused = TestNamespace::create(&client, "refused").await;
+    let connection = format!("shared-{}", admitted.name);
+    let yaml = format!(
+        "apiVersion: keysmith.dev/v1alpha1\nkind: ClusterAppConnection\nmetadata: {{name: {connection}}}\nspec:\n  provider: {{kubernetes: {{}}}}\n  namespaceSelector: {{matchLabels: {{keysmith.dev/test: admitted}}}}\n"
+    );
+    for object in keysmith::manifest::parse(&yaml).unwrap() {
+        keysmith::manifest::apply(&client, &object, "test").await.unwrap();
+    }
+    let account = ACCOUNT
+        .split("---")
+        .nth(2)
+        .unwrap()
+        .replace(
+            "connectionRef: {name: cluster}",
+            &format!("connectionRef: {{kind: ClusterAppConnection, name: {connection}}}"),
+        )
+        .replace("  rotationPolicyRef: {name: policy}\n", "");
+    let _a = Operator::start(cp, &admitted.name, &[]);
+    let _b = Operator::start(cp, &refused.name, &[]);
+    apply_yaml(&client, &admitted.name, &account).await;
+    apply_yaml(&client, &refused.name, &account).await;
+    ready_account(&client, &admitted.name, "robot").await;
+    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), &refused.name);
+    let condition = eventually("the refused account to say why", WAIT, || async {
+        let status = api.get("robot").await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "AccountReady" && c.reason == "ConnectionNotAdmitted")
+    })
+    .await;
+    assert!(condition.message.contains(&refused.name), "{}", condition.message);
+    assert!(Api::<ServiceAccount>::namespaced(client.clone(), &refused.name).get_opt("robot").await.unwrap().is_none());
+    let _ = Api::<keysmith::api::ClusterAppConnection>::all(client.clone())
+        .delete(&connection, &DeleteParams::default())
+        .await;
+    admitted.delete().await;
+    refused.delete().await;
+}
+
+#[tokio::test]
+async fn a_secret_keysmith_did_not_create_is_never_overwritten() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "foreign").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let theirs: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "robot-key"}, "stringData": {"token": "theirs"}})).unwrap();
+    secrets.create(&PostParams::default(), &theirs).await.unwrap();
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let condition = eventually("SecretNotOwned", WAIT, || async {
+        let status = api.get("robot").await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "KeyReady" && c.reason == "SecretNotOwned")
+    })
+    .await;
+    assert!(condition.message.contains("robot-key"), "{}", condition.message);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(secret_value(&client, &ns.name, "robot-key", "token").await.as_deref(), Some("theirs"));
+    assert!(anchors(&client, &ns.name).await.is_empty(), "no key is issued that could not be published");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn restart_targets_are_rolled_after_a_rotation() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "restart").await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let app: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "app"},
+        "spec": {"selector": {"matchLabels": {"app": "app"}},
+                 "template": {"metadata": {"labels": {"app": "app"}},
+                              "spec": {"containers": [{"name": "app", "image": "example.invalid/app"}]}}}
+    }))
+    .unwrap();
+    deployments.create(&PostParams::default(), &app).await.unwrap();
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    apply_yaml(
+        &client,
+        &ns.name,
+        &ACCOUNT.replace(
+            "{rotateEvery: 24h, gracePeriod: 15s}",
+            "{rotateEvery: 24h, gracePeriod: 15s, restartTargets: [{kind: Deployment, name: app}]}",
+        ),
+    )
+    .await;
+    ready_account(&client, &ns.name, "robot").await;
+    let restarted = |d: &k8s_openapi::api::apps::v1::Deployment| {
+        d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("keysmith.dev/restartedAt").cloned()
+    };
+    assert_eq!(restarted(&deployments.get("app").await.unwrap()), None, "the first key restarts nothing");
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    accounts
+        .patch(
+            "robot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "go"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the Deployment to be rolled", WAIT, || async { restarted(&deployments.get("app").await.ok()?) }).await;
+    eventually("the restart recorded on the new key", WAIT, || async {
+        let status = accounts.get("robot").await.ok()?.status?;
+        let current = status.current_key?;
+        status.keys.iter().find(|k| k.id == current.id)?.restarted_at.clone()
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_credential_is_refused_is_not_ready() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "refusedcred").await;
+    let kubeconfig = serde_yaml::to_string(&cp.kubeconfig_for_token(cp.user_token(1).unwrap())).unwrap();
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "remote"}, "stringData": {"kubeconfig": kubeconfig}}))
+            .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &secret).await.unwrap();
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    apply_yaml(
+        &client,
+        &ns.name,
+        "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: remote}\nspec:\n  provider: {kubernetes: {kubeconfigSecretRef: {name: remote}}}\n",
+    )
+    .await;
+    let api: Api<keysmith::api::AppConnection> = Api::namespaced(client.clone(), &ns.name);
+    let ready = eventually("the connection to report its credential", WAIT, || async {
+        let status = api.get("remote").await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "Ready")
+    })
+    .await;
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "Unauthorized", "{}", ready.message);
+    assert!(!ready.message.contains(cp.user_token(1).unwrap()), "the credential never appears in status");
+    ns.delete().await;
+}
