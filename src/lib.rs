@@ -3,10 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cli;
 pub mod controller;
 pub mod controlplane;
 pub mod install;
+pub mod leader;
 pub mod manifest;
+pub mod metrics;
 pub mod policy;
 pub mod provider;
 pub mod schedule;
+pub mod server;

@@ -21,6 +21,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -37,6 +43,8 @@ enum Command {
         /// Watch only this namespace (default: all namespaces).
         #[arg(long, env = "KEYSMITH_NAMESPACE")]
         namespace: Option<String>,
+        #[command(flatten)]
+        operations: RunFlags,
     },
     /// Start a throwaway local control plane, install keysmith's CRDs, run
     /// the operator in it, and apply examples/quickstart. Stops on Ctrl-C.
@@ -45,6 +53,45 @@ enum Command {
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart"))]
         examples: PathBuf,
     },
+    /// Rotate an IntegrationAccount's key now and follow the rotation until
+    /// the new key is published.
+    Rotate {
+        /// The account, as NAMESPACE/NAME.
+        target: String,
+        /// Give up after this long (a duration such as 2m or 90s).
+        #[arg(long, default_value = "5m")]
+        timeout: String,
+        /// A kubeconfig file; defaults to KUBECONFIG, then in-cluster config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// List every integration account: connection and provider, roles, key
+    /// age, next rotation, readiness.
+    Inventory {
+        /// Only this namespace (default: all).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// A kubeconfig file; defaults to KUBECONFIG, then in-cluster config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Show what applying these manifests would change in the target apps,
+    /// without changing anything.
+    Plan {
+        /// A YAML file with IntegrationAccounts (and the RoleBindings,
+        /// KeyRotationPolicies and connections they use).
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// A kubeconfig file; defaults to KUBECONFIG, then in-cluster config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Print keysmith's CustomResourceDefinitions as YAML (all of them, as one
     /// multi-document stream), or write one file per kind into a directory.
     Crd {
@@ -52,6 +99,11 @@ enum Command {
         /// instead of printing.
         #[arg(long)]
         output_dir: Option<PathBuf>,
+        /// Write Helm chart templates instead (charts/keysmith/templates/crds):
+        /// each CRD behind `crds.enabled`, kept on uninstall while `crds.keep`,
+        /// its CEL rules rendered only for apiservers from 1.23.
+        #[arg(long)]
+        helm: bool,
     },
 }
 
@@ -59,9 +111,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
     let result = match cli.command {
-        Command::Crd { output_dir } => print_crds(output_dir),
-        Command::Run { kubeconfig, namespace } => runtime().and_then(|rt| rt.block_on(run(kubeconfig, namespace))),
+        Command::Crd { output_dir, helm } => print_crds(output_dir, helm),
+        Command::Run { kubeconfig, namespace, operations } => {
+            runtime().and_then(|rt| rt.block_on(run(kubeconfig, namespace, operations)))
+        }
         Command::Dev { examples } => runtime().and_then(|rt| rt.block_on(dev(examples))),
+        Command::Rotate { target, timeout, kubeconfig } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let timeout = keysmith::api::validation::parse_duration("--timeout", &timeout)?;
+                let (client, _) = connect(kubeconfig).await?;
+                keysmith::cli::rotate(client, &target, timeout, &mut std::io::stdout()).await
+            })
+        }),
+        Command::Inventory { namespace, output, kubeconfig } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let (client, _) = connect(kubeconfig).await?;
+                let rows = keysmith::cli::inventory(client, namespace.as_deref()).await?;
+                match output {
+                    Output::Table => print!("{}", keysmith::cli::inventory_table(&rows)),
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                }
+                Ok(())
+            })
+        }),
+        Command::Plan { file, output, kubeconfig } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let (client, config) = connect(kubeconfig).await?;
+                let plans = keysmith::cli::plan(client, config, &file).await?;
+                match output {
+                    Output::Table => print!("{}", keysmith::cli::plan_text(&plans)),
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&plans)?),
+                }
+                Ok(())
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +153,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A client from `--kubeconfig`, else KUBECONFIG, else in-cluster config.
+async fn connect(kubeconfig: Option<PathBuf>) -> anyhow::Result<(kube::Client, kube::Config)> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
+    };
+    Ok((kube::Client::try_from(config.clone())?, config))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -106,7 +202,33 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>) -> anyhow::Result<()> {
+/// `keysmith run`'s HTTP endpoints and leader election.
+#[derive(clap::Args)]
+struct RunFlags {
+    /// Where to serve /metrics, /healthz and /readyz; `off` disables them.
+    #[arg(long, env = "KEYSMITH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: keysmith::server::ListenAddr,
+    /// Run the controllers only while holding the `keysmith-leader` Lease,
+    /// so that several replicas can run and only one acts.
+    #[arg(long, env = "KEYSMITH_LEADER_ELECT")]
+    leader_elect: bool,
+    /// The Lease's namespace (default: POD_NAMESPACE, else `default`).
+    #[arg(long, env = "KEYSMITH_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// How long followers wait after the leader's last renewal before taking over.
+    #[arg(long, default_value = "15s", value_parser = keysmith::leader::parse_flag_duration)]
+    leader_election_lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it stops (and exits).
+    #[arg(long, default_value = "10s", value_parser = keysmith::leader::parse_flag_duration)]
+    leader_election_renew_deadline: Duration,
+    /// How often candidates try to take the Lease and the leader renews it.
+    #[arg(long, default_value = "2s", value_parser = keysmith::leader::parse_flag_duration)]
+    leader_election_retry_period: Duration,
+}
+
+async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunFlags) -> anyhow::Result<()> {
+    use keysmith::leader::{self, LeaderElector, LeaseSettings};
+
     let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(&path)
@@ -117,7 +239,52 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>) -> anyhow::
     };
     let client = kube::Client::try_from(config.clone())?;
     let options = controller::RunOptions { namespace, ..Default::default() };
-    controller::run(client, config, options, shutdown_signal()).await
+    let telemetry = controller::Telemetry::default();
+    let election = flags.leader_elect.then(|| LeaseSettings {
+        lease_duration: flags.leader_election_lease_duration,
+        renew_deadline: flags.leader_election_renew_deadline,
+        retry_period: flags.leader_election_retry_period,
+        ..LeaseSettings::new(leader::default_namespace(flags.leader_election_namespace), leader::default_identity())
+    });
+    if let Some(settings) = &election {
+        settings.validate().map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
+    }
+    if let Some(addr) = flags.metrics_addr.0 {
+        keysmith::server::serve(addr, telemetry.metrics.clone(), telemetry.health.clone()).await?;
+    }
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    let Some(settings) = election else {
+        return controller::run_with(client, config, options, telemetry, std::future::ready(()), shutdown).await;
+    };
+
+    // The caches sync while waiting for the Lease; the controllers start
+    // once both are done.
+    let elector = LeaderElector::new(client.clone(), settings, telemetry.metrics.clone(), telemetry.health.clone());
+    let (lead, leading) = tokio::sync::oneshot::channel::<()>();
+    let start = async {
+        if leading.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let operator = controller::run_with(client, config, options, telemetry, start, shutdown.clone());
+    tokio::pin!(operator);
+    let mut leadership = tokio::select! {
+        leadership = elector.acquire() => leadership,
+        result = &mut operator => return result,
+    };
+    let _ = lead.send(());
+    let result = tokio::select! {
+        result = &mut operator => result,
+        why = leadership.lost() => {
+            // Another replica may act from now on: stop at once, mid-reconcile
+            // if need be (every reconcile is safe to interrupt and redo).
+            tracing::error!(reason = %why, "lost leadership; exiting");
+            std::process::exit(1);
+        }
+    };
+    // The controllers have stopped: hand over at once.
+    leadership.release().await;
+    result
 }
 
 async fn dev(examples: PathBuf) -> anyhow::Result<()> {
@@ -126,15 +293,27 @@ async fn dev(examples: PathBuf) -> anyhow::Result<()> {
     let client = cp.client().await?;
     install::install_crds(&client, Duration::from_secs(60)).await?;
     let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await?;
+    let telemetry = controller::Telemetry::default();
+    let (metrics_addr, _server) =
+        keysmith::server::serve(([127, 0, 0, 1], 0).into(), telemetry.metrics.clone(), telemetry.health.clone())
+            .await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(controller::run(client.clone(), config, controller::RunOptions::default(), async {
-        let _ = stop_rx.await;
-    }));
+    let operator = tokio::spawn(controller::run_with(
+        client.clone(),
+        config,
+        controller::RunOptions::default(),
+        telemetry,
+        std::future::ready(()),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let applied = manifest::apply_dir(&client, &examples).await?;
     println!("KUBECONFIG={}", cp.kubeconfig_path().display());
     eprintln!(
         "keysmith is running; applied {applied} objects from {}.\n\
          Try: export KUBECONFIG={} && kubectl get keysmith -A\n\
+         Metrics: http://{metrics_addr}/metrics\n\
          Press Ctrl-C to stop and remove the control plane.",
         examples.display(),
         cp.kubeconfig_path().display()
@@ -151,16 +330,26 @@ async fn dev(examples: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn print_crds(output_dir: Option<PathBuf>, helm: bool) -> anyhow::Result<()> {
     let crds = keysmith::api::crds();
+    let render = |crd| -> anyhow::Result<String> {
+        if helm {
+            helm_crd_template(crd)
+        } else {
+            Ok(keysmith::api::crd_yaml(crd)?)
+        }
+    };
     match output_dir {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for crd in &crds {
                 let path = dir.join(keysmith::api::crd_file_name(crd));
-                std::fs::write(&path, keysmith::api::crd_yaml(crd)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, render(crd)?).with_context(|| format!("writing {}", path.display()))?;
             }
+        }
+        None if helm => {
+            let docs = crds.iter().map(render).collect::<Result<Vec<_>, _>>()?;
+            print!("---\n{}", docs.join("---\n"));
         }
         None => {
             let docs = crds.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?;
@@ -168,4 +357,66 @@ fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Renders a CRD as a template of the Helm chart (charts/keysmith): the CRD
+/// exactly as `keysmith crd` prints it, behind `crds.enabled`, with the
+/// chart's labels, `helm.sh/resource-policy: keep` while `crds.keep`, and
+/// every `x-kubernetes-validations` behind a check that the apiserver is
+/// 1.23 or later (older ones refuse the field; see
+/// `keysmith::install::strip_validation_rules`). Being templates rather than
+/// files in the chart's crds/ folder, they are updated on `helm upgrade`.
+fn helm_crd_template(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> anyhow::Result<String> {
+    const HEADER: &str = "{{- /* Generated by `keysmith crd --helm --output-dir charts/keysmith/templates/crds` \
+                          from the Rust types in src/api. Do not edit. */}}\n{{- if .Values.crds.enabled }}\n";
+    const METADATA: &str = r#"metadata:
+  name: NAME
+  labels:
+    {{- include "keysmith.labels" . | nindent 4 }}
+  {{- if .Values.crds.keep }}
+  annotations:
+    helm.sh/resource-policy: keep
+  {{- end }}
+"#;
+    const CEL_GUARD: &str = r#"{{- if semverCompare ">=1.23-0" .Capabilities.KubeVersion.Version }}"#;
+    let name = crd.metadata.name.as_deref().context("a CRD without a name")?;
+    anyhow::ensure!(
+        crd.metadata.labels.is_none() && crd.metadata.annotations.is_none(),
+        "CRD {name}: the chart template sets labels and annotations itself; teach `keysmith crd --helm` to merge these"
+    );
+    let yaml = serde_yaml::to_string(crd)?;
+    anyhow::ensure!(
+        !yaml.contains("{{") && !yaml.contains("}}"),
+        "CRD {name} contains `{{{{` or `}}}}`, which Helm would read as a template; reword its docs"
+    );
+    let mut out = String::from(HEADER);
+    let mut lines = yaml.lines().peekable();
+    while let Some(line) = lines.next() {
+        let content = line.trim_start();
+        let indent = &line[..line.len() - content.len()];
+        if line == "metadata:" {
+            while lines.next_if(|l| l.starts_with(' ')).is_some() {}
+            out.push_str(&METADATA.replace("NAME", name));
+        } else if content.starts_with("x-kubernetes-validations:") {
+            out.push_str(&format!("{indent}{CEL_GUARD}\n{line}\n"));
+            // The rules: deeper lines, list items at the key's own indent, and
+            // the blank lines of block scalars.
+            while let Some(rule) = lines.next_if(|l| {
+                let rest = l.trim_start();
+                let depth = l.len() - rest.len();
+                rest.is_empty() || depth > indent.len() || (depth == indent.len() && rest.starts_with("- "))
+            }) {
+                out.push_str(rule);
+                out.push('\n');
+            }
+            out.push_str(&format!("{indent}{{{{- end }}}}\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("{{- end }}\n");
+    Ok(out)
 }

@@ -19,7 +19,7 @@ use kube::{
 };
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(120);
 
 fn quickstart() -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart");
@@ -668,5 +668,44 @@ async fn a_connection_whose_credential_is_refused_is_not_ready() {
     assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, "Unauthorized", "{}", ready.message);
     assert!(!ready.message.contains(cp.user_token(1).unwrap()), "the credential never appears in status");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn an_invalid_rotation_policy_is_reported_not_acted_on() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "badpolicy").await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    // Passes the schema's shape check, but minute 61 does not exist.
+    apply_yaml(
+        &client,
+        &ns.name,
+        &ACCOUNT.replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"61 * * * *\"}"),
+    )
+    .await;
+    let policies: Api<keysmith::api::KeyRotationPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let ready = eventually("the policy to report itself invalid", WAIT, || async {
+        let status = policies.get("policy").await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")
+    })
+    .await;
+    assert!(ready.message.contains("spec.schedule") && ready.message.contains("61"), "{}", ready.message);
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let key_ready = eventually("the account to say why it has no key", WAIT, || async {
+        let status = accounts.get("robot").await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "KeyReady" && c.reason == "RotationPolicyInvalid")
+    })
+    .await;
+    assert!(key_ready.message.contains("61"), "{}", key_ready.message);
+    assert!(anchors(&client, &ns.name).await.is_empty(), "no key is issued under an invalid policy");
+    // Fixing the policy lets the account converge.
+    apply_yaml(
+        &client,
+        &ns.name,
+        &ACCOUNT.replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"0 * * * *\"}"),
+    )
+    .await;
+    ready_account(&client, &ns.name, "robot").await;
     ns.delete().await;
 }

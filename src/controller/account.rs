@@ -142,8 +142,6 @@ fn whole_seconds(t: Timestamp) -> Timestamp {
 pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = account.namespace().unwrap_or_default();
     let api: Api<IntegrationAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-    let span = tracing::info_span!("reconcile", kind = "IntegrationAccount", account = %super::key_of(account.as_ref()), trace_id = %trace_id());
-    let _enter = span.enter();
     let has_finalizer = account.finalizers().iter().any(|f| f == FINALIZER);
 
     if account.meta().deletion_timestamp.is_some() {
@@ -171,10 +169,6 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
         }
         Err(error) => Err(error),
     }
-}
-
-fn trace_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 /// What one reconcile learns and decides, turned into status at the end.
@@ -304,18 +298,16 @@ pub async fn resolve_connection(
 
 /// The roles the account's RoleBindings grant, after the connection's
 /// policy, with each grant's scope made explicit.
-pub fn desired_roles(
+pub fn desired_roles<'a>(
     account: &IntegrationAccount,
-    stores: &Stores,
+    bindings: impl IntoIterator<Item = &'a crate::api::RoleBinding>,
     spec: &AppConnectionSpec,
     default_scope: Option<String>,
 ) -> BTreeSet<RoleGrant> {
     let policy = RolePolicy::new(spec.policy.as_ref());
     let namespace = account.namespace();
-    stores
-        .bindings
-        .state()
-        .iter()
+    bindings
+        .into_iter()
         .filter(|b| b.namespace() == namespace && b.spec.account_ref.name == account.name_any())
         .filter(|b| b.meta().deletion_timestamp.is_none())
         .flat_map(|b| {
@@ -432,7 +424,12 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     } else {
         (BTreeSet::new(), Vec::new())
     };
-    let desired = desired_roles(account, &ctx.stores, &connection.spec, provider.default_scope(&request));
+    let desired = desired_roles(
+        account,
+        ctx.stores.bindings.state().iter().map(|b| b.as_ref()),
+        &connection.spec,
+        provider.default_scope(&request),
+    );
     let max_keys = max_keys(&connection, provider.as_ref());
 
     let status = run.status.clone();
@@ -747,12 +744,27 @@ impl Apply<'_> {
         Ok(())
     }
 
+    /// Rotates, counting the attempt in `keysmith_rotations_total`.
     async fn rotate(
         &mut self,
         run: &mut Run,
         reason: RotationReason,
         revoke_previous_at_once: bool,
     ) -> Result<(), Error> {
+        let result = self.issue_and_publish(run, reason, revoke_previous_at_once).await;
+        let published = matches!(result, Ok(true));
+        self.ctx.metrics.rotation(published, reason.as_str());
+        result.map(|_| ())
+    }
+
+    /// Issues, verifies and publishes a new key; `Ok(true)` once it is
+    /// published, `Ok(false)` when a problem stopped it (now a condition).
+    async fn issue_and_publish(
+        &mut self,
+        run: &mut Run,
+        reason: RotationReason,
+        revoke_previous_at_once: bool,
+    ) -> Result<bool, Error> {
         let key_id = new_key_id();
         let now = run.now;
         // Record the intent before the external create, so a crash between
@@ -786,7 +798,7 @@ impl Apply<'_> {
             Ok(issued) => issued,
             Err(error) => {
                 provider_failed(run, KEY_READY, error)?;
-                return Ok(());
+                return Ok(false);
             }
         };
         self.ctx.failpoints.hit("after-issue");
@@ -799,7 +811,7 @@ impl Apply<'_> {
         if let Err(error) = self.provider.verify_key(self.request, &issued).await {
             self.revoke_key(run, &issued.id, "VerificationFailed").await?;
             run.status.pending = None;
-            return provider_failed(run, KEY_READY, error).map(|_| ());
+            return provider_failed(run, KEY_READY, error).map(|_| false);
         }
 
         // Publish.
@@ -809,7 +821,7 @@ impl Apply<'_> {
                 self.revoke_key(run, &issued.id, "NotPublishable").await?;
                 run.status.pending = None;
                 run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", invalid.to_string()));
-                return Ok(());
+                return Ok(false);
             }
         };
         let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
@@ -864,7 +876,7 @@ impl Apply<'_> {
         if previous.is_some() {
             self.restart_targets(run, &issued.id).await;
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn restart_targets(&self, run: &mut Run, key_id: &str) {
@@ -898,6 +910,14 @@ impl Apply<'_> {
             };
             match result {
                 Ok(()) => {
+                    tracing::info!(
+                        target: "keysmith::audit",
+                        account = %super::key_of(self.account),
+                        action = "RestartWorkload",
+                        key_id,
+                        workload = %format!("{:?}/{}", target.kind, target.name),
+                        "restarted a workload to pick up the new key"
+                    );
                     self.ctx
                         .event(
                             self.account,
@@ -1042,6 +1062,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
                 Ok(()) | Err(ProviderError::NotFound(_)) => {}
                 Err(error) => return Err(error.into()),
             }
+            audit(account, provider.name(), "RevokeRole", None, &format!("revoked {grant} on deletion"));
         }
         match provider.delete_account(&request).await {
             Ok(()) | Err(ProviderError::NotFound(_)) => {}

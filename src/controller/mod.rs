@@ -15,11 +15,12 @@ pub mod stream;
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{future::BoxFuture, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     core::PartialObjectMeta,
@@ -31,10 +32,13 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt,
 };
+use tracing::Instrument;
 
 use crate::{
     api::{AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding},
+    metrics::Metrics,
     provider::{ProviderError, ProviderRegistry},
+    server::Health,
 };
 
 /// Why a reconcile failed. Most problems are not errors but conditions; these
@@ -134,6 +138,8 @@ pub struct Context {
     pub stores: Stores,
     /// Crash points for tests.
     pub failpoints: Failpoints,
+    /// The operator's metrics.
+    pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -185,9 +191,16 @@ pub fn backoff(attempt: u32) -> Duration {
 /// else back off per object with jitter.
 pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(obj.as_ref()).to_string();
-    let delay = error.retry_after().unwrap_or_else(|| ctx.next_backoff(&key));
+    let delay = retry_delay(error, || ctx.next_backoff(&key));
+    ctx.metrics.reconcile_failed(&K::kind(&()), error.category());
     tracing::warn!(object = %key, category = error.category(), %error, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
+}
+
+/// How long to wait after `error`: the target's Retry-After when it gave
+/// one, else the object's next backoff step.
+pub fn retry_delay(error: &Error, backoff: impl FnOnce() -> Duration) -> Duration {
+    error.retry_after().unwrap_or_else(backoff)
 }
 
 /// Records a successful reconcile (resets the object's backoff).
@@ -223,14 +236,40 @@ where
     }
 }
 
+/// What the operator reports about itself: metrics, and readiness.
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    /// Reconcile, rotation and provider metrics; the cluster gauges read the caches.
+    pub metrics: Arc<Metrics>,
+    /// Set once the caches are synced and while the controllers run.
+    pub health: Arc<Health>,
+}
+
 /// Runs every controller until `shutdown` resolves, then stops gracefully
 /// (in-flight reconciles finish).
 pub async fn run(
     client: Client,
     config: kube::Config,
     options: RunOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(client, config, options, Telemetry::default(), futures::future::ready(()), shutdown).await
+}
+
+/// [`run`], reporting into `telemetry`, with the controllers held back until
+/// `start` resolves (leader election: a follower keeps its caches warm and
+/// reconciles nothing). Returns without starting them if `shutdown` comes
+/// first.
+pub async fn run_with(
+    client: Client,
+    config: kube::Config,
+    options: RunOptions,
+    telemetry: Telemetry,
+    start: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = Box::pin(shutdown).shared();
+    let Telemetry { metrics, health } = telemetry;
     crate::install::wait_for_crds(&client, options.crd_timeout).await?;
     let ns = options.namespace.as_deref();
 
@@ -261,10 +300,11 @@ pub async fn run(
     let reporter = Reporter { controller: options.controller_name.clone(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        providers: ProviderRegistry::new(client.clone(), config),
+        providers: ProviderRegistry::new(client.clone(), config).with_metrics(metrics.clone()),
         recorder: Recorder::new(client.clone(), reporter),
         stores: stores.clone(),
         failpoints: Failpoints::from_env(),
+        metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -287,9 +327,21 @@ pub async fn run(
         tokio::spawn(secrets_driver),
     ];
     stores.ready().await?;
-    tracing::info!("caches synced; starting controllers");
+    metrics.watch(stores.clone());
+    health.set_synced();
+    tracing::info!("caches synced");
+    tokio::select! {
+        _ = start => {}
+        _ = shutdown.clone() => {
+            for handle in drivers {
+                handle.abort();
+            }
+            tracing::info!("stopped before the controllers started");
+            return Ok(());
+        }
+    }
+    tracing::info!("starting controllers");
 
-    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let config = controller::Config::default().concurrency(8);
     let account_controller = account::controller(
         &stores,
@@ -302,7 +354,7 @@ pub async fn run(
     )
     .with_config(config.clone())
     .graceful_shutdown_on(shutdown.clone())
-    .run(account::reconcile, error_policy, ctx.clone())
+    .run(instrumented(account::reconcile), error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
     let binding_controller = binding::controller(
         &stores,
@@ -313,22 +365,22 @@ pub async fn run(
     )
     .with_config(config.clone())
     .graceful_shutdown_on(shutdown.clone())
-    .run(binding::reconcile, error_policy, ctx.clone())
+    .run(instrumented(binding::reconcile), error_policy, ctx.clone())
     .for_each(|_| futures::future::ready(()));
     let policy_controller = rotation::controller(&stores, policy_events, account_for_policies)
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown.clone())
-        .run(rotation::reconcile, error_policy, ctx.clone())
+        .run(instrumented(rotation::reconcile), error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let connection_controller = connection::namespaced_controller(&stores, connection_events)
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown.clone())
-        .run(connection::reconcile_namespaced, error_policy, ctx.clone())
+        .run(instrumented(connection::reconcile_namespaced), error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let cluster_connection_controller = connection::cluster_controller(&stores, cluster_events)
         .with_config(config)
         .graceful_shutdown_on(shutdown.clone())
-        .run(connection::reconcile_cluster, error_policy, ctx.clone())
+        .run(instrumented(connection::reconcile_cluster), error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
     let controllers = [
@@ -338,15 +390,56 @@ pub async fn run(
         tokio::spawn(connection_controller),
         tokio::spawn(cluster_connection_controller),
     ];
+    health.set_leading(true);
+    metrics.set_leader(true);
     tracing::info!("controllers started");
     for handle in controllers {
         handle.await?;
     }
+    health.set_stopping();
+    health.set_leading(false);
+    metrics.set_leader(false);
     for handle in drivers {
         handle.abort();
     }
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// Wraps a reconcile function: a `reconcile` span with the object and a
+/// fresh `trace_id` around each run (every log line of the run carries
+/// them), and its duration in `keysmith_reconcile_duration_seconds`.
+fn instrumented<K, F, Fut>(
+    reconcile: F,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> BoxFuture<'static, Result<Action, Error>>
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        let kind = K::kind(&()).into_owned();
+        let object = match obj.meta().namespace.as_deref() {
+            Some(ns) => format!("{ns}/{}", obj.name_any()),
+            None => obj.name_any(),
+        };
+        let span = tracing::info_span!("reconcile", kind = %kind, object = %object, trace_id = %trace_id());
+        let metrics = ctx.metrics.clone();
+        let run = reconcile(obj, ctx);
+        async move {
+            let started = Instant::now();
+            let result = run.await;
+            metrics.reconciled(&kind, started.elapsed());
+            result
+        }
+        .instrument(span)
+        .boxed()
+    }
+}
+
+/// A fresh id for one reconcile, to find all of its log lines.
+fn trace_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// The namespace and name of a namespaced object, for messages.
@@ -364,4 +457,31 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     Controller::for_stream(stream::changes(events, key), store.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_wins_over_backoff() {
+        let limited = Error::Provider(ProviderError::Transient {
+            message: "429".into(),
+            retry_after: Some(Duration::from_secs(7)),
+        });
+        assert_eq!(retry_delay(&limited, || Duration::from_secs(1)), Duration::from_secs(7));
+        let flaky = Error::Provider(ProviderError::transient("503"));
+        assert_eq!(retry_delay(&flaky, || Duration::from_secs(2)), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps_at_five_minutes() {
+        for attempt in 1..=30 {
+            let expected = Duration::from_secs(1u64 << (attempt - 1).min(9)).min(Duration::from_secs(300));
+            let got = backoff(attempt);
+            assert!(got >= expected.mul_f64(0.8) && got <= expected.mul_f64(1.2), "attempt {attempt}: {got:?}");
+        }
+        let samples: std::collections::BTreeSet<u128> = (0..20).map(|_| backoff(3).as_millis()).collect();
+        assert!(samples.len() > 1, "backoff is jittered");
+    }
 }

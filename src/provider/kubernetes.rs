@@ -461,9 +461,18 @@ impl Provider for KubernetesProvider {
     }
 
     async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        let current = self.owned_service_account(account).await?;
-        let updated = self.patch_service_account(account, &current, false).await?;
-        Ok(observed_account(&updated, account))
+        // The patch carries the resourceVersion it read; kube-controller-manager
+        // edits ServiceAccounts too (token Secrets), so a lost race is retried
+        // on a fresh read.
+        let mut attempts = 0;
+        loop {
+            let current = self.owned_service_account(account).await?;
+            match self.patch_service_account(account, &current, false).await {
+                Ok(updated) => return Ok(observed_account(&updated, account)),
+                Err(ProviderError::Conflict(_)) if attempts < 3 => attempts += 1,
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {

@@ -8,7 +8,10 @@ use kube::{config::KubeConfigOptions, Api, Client};
 use tokio::sync::Mutex;
 
 use super::{kubernetes::KubernetesProvider, Provider, ProviderError};
-use crate::api::{AppConnectionSpec, ConnectionKind, SecretKeySelector};
+use crate::{
+    api::{AppConnectionSpec, ConnectionKind, SecretKeySelector},
+    metrics::{InstrumentedProvider, Metrics},
+};
 
 /// A connection resolved for one account: where it is and what it says.
 #[derive(Debug, Clone)]
@@ -54,17 +57,32 @@ pub struct ProviderRegistry {
     client: Client,
     config: kube::Config,
     cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ProviderRegistry {
     /// A registry whose `kubernetes` provider targets the cluster `client`
     /// (built from `config`) talks to, unless a connection names another.
     pub fn new(client: Client, config: kube::Config) -> Self {
-        Self { client, config, cache: Mutex::new(HashMap::new()) }
+        Self { client, config, cache: Mutex::new(HashMap::new()), metrics: None }
     }
 
-    /// The provider for `connection`.
+    /// Counts and times every call of every provider it hands out in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The provider for `connection`; instrumented when the registry has metrics.
     pub async fn provider_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
+        let provider = self.build(connection).await?;
+        Ok(match &self.metrics {
+            Some(metrics) => Arc::new(InstrumentedProvider::new(provider, metrics.clone())),
+            None => provider,
+        })
+    }
+
+    async fn build(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = &connection.spec.provider;
         if let Some(kubernetes) = &provider.kubernetes {
             let (cache_key, config) = match &kubernetes.kubeconfig_secret_ref {

@@ -87,25 +87,61 @@ pub struct Operator {
     _dir: tempfile::TempDir,
 }
 
+/// How to start an [`Operator`] beyond its namespace.
+#[derive(Default)]
+pub struct OperatorOptions<'a> {
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// Extra arguments to `keysmith run`. Without `--metrics-addr`, the
+    /// endpoints listen on a free loopback port (so operators never collide).
+    pub args: &'a [&'a str],
+    /// Another kubeconfig than the operator user's.
+    pub kubeconfig: Option<&'a Path>,
+}
+
 impl Operator {
     /// Starts `keysmith run` for `namespace`, with extra environment variables.
     pub fn start(cp: &ControlPlane, namespace: &str, env: &[(&str, &str)]) -> Operator {
+        Self::start_with(cp, namespace, &OperatorOptions { env, ..OperatorOptions::default() })
+    }
+
+    /// Starts `keysmith run` for `namespace` with extra arguments, environment
+    /// or another kubeconfig.
+    pub fn start_with(cp: &ControlPlane, namespace: &str, options: &OperatorOptions) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
         let file = std::fs::File::create(&log).unwrap();
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keysmith"));
         command
             .args(["run", "--namespace", namespace, "--kubeconfig"])
-            .arg(cp.operator_kubeconfig_path())
+            .arg(options.kubeconfig.unwrap_or(cp.operator_kubeconfig_path()))
             .env("KEYSMITH_LOG", "info,keysmith=debug")
             .env_remove("KEYSMITH_FAILPOINT")
+            .env_remove("KEYSMITH_METRICS_ADDR")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
             .stdout(std::process::Stdio::null())
             .stderr(file);
-        for (k, v) in env {
+        if !options.args.iter().any(|a| a.starts_with("--metrics-addr")) {
+            command.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        command.args(options.args);
+        for (k, v) in options.env {
             command.env(k, v);
         }
         let child = command.spawn().expect("start keysmith run");
         Operator { child, log, _dir: dir }
+    }
+
+    /// SIGKILL, as a crash or a lost node would: no cleanup at all.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
     }
 
     /// Everything the operator logged so far.
@@ -127,7 +163,7 @@ impl Operator {
 
     /// SIGTERM, then waits for a graceful exit (SIGKILL after 10 s).
     pub async fn stop(mut self) -> String {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.terminate();
         if self.wait_exit(Duration::from_secs(10)).await.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -141,6 +177,11 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `check` every 250 ms until it returns Some, or panics after `timeout`

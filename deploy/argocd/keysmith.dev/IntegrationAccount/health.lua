@@ -1,0 +1,95 @@
+-- Argo CD health check for keysmith.dev/IntegrationAccount.
+--
+-- Progressing  keysmith has not reconciled the current spec yet, or Ready
+--              is False because keysmith is still at work (Reconciling,
+--              NoKey) or the target app is briefly unavailable (Transient:
+--              keysmith retries with backoff).
+-- Suspended    spec.suspend is true.
+-- Healthy      Ready is True: the account, its roles and its key are in place.
+-- Degraded     Ready is False for a reason someone has to act on:
+--              ConnectionNotFound, ConnectionNotAdmitted, ConnectionChanged,
+--              SecretNotOwned, RotationPolicyNotFound, RotationPolicyInvalid,
+--              AccountConflict, RoleNotGranted, InvalidSecretSpec,
+--              Unauthorized, Invalid, NotFound, Conflict, LimitExceeded, or
+--              any reason not listed above. The message is the condition's.
+--
+-- Written for Argo CD's Lua VM (gopher-lua, Lua 5.1), which runs custom
+-- health checks with the base and table libraries only: no string or math
+-- functions, and no Argo CD helpers. keysmith writes only status, never
+-- spec, so status is all there is to read.
+
+local function condition(type_)
+  if obj.status == nil or obj.status.conditions == nil then
+    return nil
+  end
+  for _, c in ipairs(obj.status.conditions) do
+    if c.type == type_ then
+      return c
+    end
+  end
+  return nil
+end
+
+-- What to tell the user about a condition: its message, else its reason.
+local function describe(c)
+  if c.message ~= nil and c.message ~= "" then
+    return c.message
+  end
+  if c.reason ~= nil and c.reason ~= "" then
+    return c.reason
+  end
+  return c.type
+end
+
+-- Whether keysmith has acted on the current spec: status.observedGeneration
+-- says which metadata.generation its status describes.
+local function reconciled()
+  if obj.status == nil or obj.status.observedGeneration == nil then
+    return false
+  end
+  local generation = tonumber(obj.metadata.generation)
+  return generation == nil or tonumber(obj.status.observedGeneration) >= generation
+end
+
+local waiting = { status = "Progressing", message = "Waiting for keysmith to reconcile" }
+
+-- The verdict of the Ready condition. `working` holds the reasons of
+-- Ready=False that mean keysmith is still at work, or retrying by itself.
+local function from_ready(working)
+  local ready = condition("Ready")
+  if ready == nil then
+    return waiting
+  end
+  if ready.status == "True" then
+    return { status = "Healthy", message = describe(ready) }
+  end
+  if ready.status ~= "False" or working[ready.reason] then
+    return { status = "Progressing", message = describe(ready) }
+  end
+  return { status = "Degraded", message = describe(ready) }
+end
+
+local working = { Reconciling = true, NoKey = true, Transient = true }
+
+if not reconciled() then
+  return waiting
+end
+if obj.spec ~= nil and obj.spec.suspend == true then
+  local ready = condition("Ready")
+  if ready ~= nil and ready.reason == "Suspended" then
+    return { status = "Suspended", message = describe(ready) }
+  end
+  return { status = "Suspended", message = "spec.suspend is true: keysmith makes no changes in the target app" }
+end
+local verdict = from_ready(working)
+local ready = condition("Ready")
+if verdict.status == "Progressing" and ready ~= nil and ready.reason ~= "Transient" then
+  -- Still at work, unless a part of it already needs someone to act.
+  for _, type_ in ipairs({ "AccountReady", "RolesSynced", "KeyReady" }) do
+    local c = condition(type_)
+    if c ~= nil and c.status == "False" and not working[c.reason] then
+      return { status = "Degraded", message = describe(c) }
+    end
+  end
+end
+return verdict
