@@ -8,6 +8,7 @@
 //! from an outage ([`ProviderError`]).
 
 pub mod kubernetes;
+pub mod ratelimit;
 mod registry;
 
 use std::{collections::BTreeMap, fmt, time::Duration};

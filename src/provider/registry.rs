@@ -7,7 +7,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{config::KubeConfigOptions, Api, Client};
 use tokio::sync::Mutex;
 
-use super::{kubernetes::KubernetesProvider, Provider, ProviderError};
+use super::{
+    kubernetes::KubernetesProvider,
+    ratelimit::{RateLimited, TokenBucket, DEFAULT_RATE},
+    Provider, ProviderError,
+};
 use crate::{
     api::{AppConnectionSpec, ConnectionKind, SecretKeySelector},
     metrics::{InstrumentedProvider, Metrics},
@@ -57,6 +61,7 @@ pub struct ProviderRegistry {
     client: Client,
     config: kube::Config,
     cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
+    buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -64,7 +69,7 @@ impl ProviderRegistry {
     /// A registry whose `kubernetes` provider targets the cluster `client`
     /// (built from `config`) talks to, unless a connection names another.
     pub fn new(client: Client, config: kube::Config) -> Self {
-        Self { client, config, cache: Mutex::new(HashMap::new()), metrics: None }
+        Self { client, config, cache: Mutex::new(HashMap::new()), buckets: Mutex::new(HashMap::new()), metrics: None }
     }
 
     /// Counts and times every call of every provider it hands out in `metrics`.
@@ -76,10 +81,32 @@ impl ProviderRegistry {
     /// The provider for `connection`; instrumented when the registry has metrics.
     pub async fn provider_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = self.build(connection).await?;
-        Ok(match &self.metrics {
+        let measured: Arc<dyn Provider> = match &self.metrics {
             Some(metrics) => Arc::new(InstrumentedProvider::new(provider, metrics.clone())),
             None => provider,
-        })
+        };
+        Ok(Arc::new(RateLimited::new(measured, self.bucket_for(connection).await)))
+    }
+
+    /// The connection's token bucket, shared by every account behind it;
+    /// rebuilt when its rateLimit changes.
+    pub async fn bucket_for(&self, connection: &ResolvedConnection) -> Arc<TokenBucket> {
+        let (rate, burst) = connection
+            .spec
+            .rate_limit
+            .as_ref()
+            .map(|r| (r.requests_per_second, u32::try_from(r.burst).unwrap_or(1)))
+            .unwrap_or(DEFAULT_RATE);
+        let key = format!("{}/{}", connection.display(), connection.uid);
+        let mut buckets = self.buckets.lock().await;
+        match buckets.get(&key) {
+            Some(bucket) if bucket.settings() == TokenBucket::new(rate, burst).settings() => bucket.clone(),
+            _ => {
+                let bucket = Arc::new(TokenBucket::new(rate, burst));
+                buckets.insert(key, bucket.clone());
+                bucket
+            }
+        }
     }
 
     async fn build(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {

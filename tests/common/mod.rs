@@ -2,6 +2,8 @@
 //! binary, a fresh namespace per test, kubectl against the control plane.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::{path::Path, process::Output, time::Duration};
 
 use k8s_openapi::api::core::v1::Namespace;
