@@ -8,8 +8,10 @@
 //! from an outage ([`ProviderError`]).
 
 pub mod kubernetes;
+pub mod postgres;
 pub mod ratelimit;
 mod registry;
+pub mod scim;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 

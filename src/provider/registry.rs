@@ -9,7 +9,9 @@ use tokio::sync::Mutex;
 
 use super::{
     kubernetes::KubernetesProvider,
+    postgres::PostgresProvider,
     ratelimit::{RateLimited, TokenBucket, DEFAULT_RATE},
+    scim::ScimProvider,
     Provider, ProviderError,
 };
 use crate::{
@@ -142,6 +144,34 @@ impl ProviderRegistry {
             cache.insert(cache_key, built.clone());
             return Ok(built);
         }
+        if let Some(scim) = &provider.scim {
+            let (token, version) = self.read_secret(connection, &scim.token_secret_ref, "token").await?;
+            let key = format!("scim/{}/{version}", connection.uid);
+            return self
+                .cached(key, || Ok(Arc::new(ScimProvider::new(scim.base_url.clone(), token, http_client()?))))
+                .await;
+        }
+        if let Some(pg) = &provider.postgres {
+            let selector = &pg.credentials_secret_ref;
+            let (data, version) = self.read_secret_data(connection, selector).await?;
+            let field = |key: &str| {
+                data.get(key).cloned().ok_or_else(|| {
+                    ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
+                })
+            };
+            let (user, password) = (field("username")?, field("password")?);
+            let port = u16::try_from(pg.port)
+                .map_err(|_| ProviderError::Invalid(format!("port {} is out of range", pg.port)))?;
+            let key = format!("postgres/{}/{version}", connection.uid);
+            return self
+                .cached(key, || {
+                    Ok(Arc::new(
+                        PostgresProvider::new(pg.host.clone(), port, pg.database.clone(), user, password)
+                            .with_ssl_mode(pg.ssl_mode),
+                    ))
+                })
+                .await;
+        }
         match provider.selected() {
             Some(name) => {
                 Err(ProviderError::Invalid(format!("the {name} provider is not available in this build of keysmith")))
@@ -150,16 +180,43 @@ impl ProviderRegistry {
         }
     }
 
-    /// Reads one key of a credential Secret; returns it and the Secret's
-    /// resourceVersion (to key caches). Never puts the value in an error.
+    async fn cached(
+        &self,
+        key: String,
+        build: impl FnOnce() -> Result<Arc<dyn Provider>, ProviderError>,
+    ) -> Result<Arc<dyn Provider>, ProviderError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(found) = cache.get(&key) {
+            return Ok(found.clone());
+        }
+        let built = build()?;
+        cache.insert(key, built.clone());
+        Ok(built)
+    }
+
+    /// One key of a credential Secret (see [`Self::read_secret_data`]).
     async fn read_secret(
         &self,
         connection: &ResolvedConnection,
         selector: &SecretKeySelector,
         default_key: &str,
     ) -> Result<(String, String), ProviderError> {
-        let namespace = connection.secret_namespace(selector)?;
         let key = selector.key.as_deref().unwrap_or(default_key);
+        let (data, version) = self.read_secret_data(connection, selector).await?;
+        let value = data.get(key).cloned().ok_or_else(|| {
+            ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
+        })?;
+        Ok((value, version))
+    }
+
+    /// A credential Secret's data and resourceVersion (to key caches). Never
+    /// puts a value in an error.
+    async fn read_secret_data(
+        &self,
+        connection: &ResolvedConnection,
+        selector: &SecretKeySelector,
+    ) -> Result<(std::collections::BTreeMap<String, String>, String), ProviderError> {
+        let namespace = connection.secret_namespace(selector)?;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
         let secret = match api.get_opt(&selector.name).await {
             Ok(Some(secret)) => secret,
@@ -171,14 +228,21 @@ impl ProviderRegistry {
             }
             Err(e) => return Err(super::kubernetes::classify(e)),
         };
-        let value = secret
+        let data = secret
             .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .and_then(|v| String::from_utf8(v.0.clone()).ok())
-            .ok_or_else(|| {
-                ProviderError::Invalid(format!("credential Secret {namespace}/{} has no key {key:?}", selector.name))
-            })?;
-        Ok((value, secret.metadata.resource_version.unwrap_or_default()))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v.trim_end_matches('\n').to_owned())))
+            .collect();
+        Ok((data, secret.metadata.resource_version.unwrap_or_default()))
     }
+}
+
+/// The HTTP client for HTTP-based providers: rustls, bounded waits.
+fn http_client() -> Result<reqwest::Client, ProviderError> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| ProviderError::Invalid(format!("cannot build an HTTP client: {e}")))
 }
