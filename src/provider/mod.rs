@@ -8,6 +8,8 @@
 //! from an outage ([`ProviderError`]).
 
 pub mod kubernetes;
+pub mod oauth2;
+pub mod oauth2_store;
 pub mod postgres;
 pub mod ratelimit;
 mod registry;

@@ -9,6 +9,8 @@ use tokio::sync::Mutex;
 
 use super::{
     kubernetes::KubernetesProvider,
+    oauth2::OAuth2Provider,
+    oauth2_store::SecretRegistrationStore,
     postgres::PostgresProvider,
     ratelimit::{RateLimited, TokenBucket, DEFAULT_RATE},
     scim::ScimProvider,
@@ -149,6 +151,29 @@ impl ProviderRegistry {
             let key = format!("scim/{}/{version}", connection.uid);
             return self
                 .cached(key, || Ok(Arc::new(ScimProvider::new(scim.base_url.clone(), token, http_client()?))))
+                .await;
+        }
+        if let Some(oauth) = &provider.oauth2 {
+            let (token, version) = match &oauth.initial_access_token_secret_ref {
+                Some(selector) => {
+                    let (token, version) = self.read_secret(connection, selector, "token").await?;
+                    (Some(token), version)
+                }
+                None => (None, String::new()),
+            };
+            let key = format!("oauth2/{}/{version}", connection.uid);
+            let store = Arc::new(SecretRegistrationStore::new(self.client.clone()));
+            return self
+                .cached(key, || {
+                    Ok(Arc::new(OAuth2Provider::new(
+                        oauth.registration_endpoint.clone(),
+                        oauth.token_endpoint.clone(),
+                        oauth.introspection_endpoint.clone(),
+                        token,
+                        http_client()?,
+                        store,
+                    )))
+                })
                 .await;
         }
         if let Some(pg) = &provider.postgres {

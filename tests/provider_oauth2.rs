@@ -1,0 +1,730 @@
+//! The `oauth2` provider against a real OAuth 2.0 authorization server:
+//! npm's `oidc-provider` (pinned in `tests/oidc/package.json`), run by
+//! `tests/oidc/server.js` on a free loopback port, one per test, killed when
+//! the test ends. It registers clients behind an initial access token
+//! (RFC 7591), manages them (RFC 7592, rotating the registration access token
+//! on every update), issues client-credentials tokens and introspects them.
+//!
+//! The package lives outside the work tree: in `OIDC_PROVIDER_MODULES` (a
+//! `node_modules` folder; `.ci/run` installs it and sets this), else in
+//! `~/.cache/keysmith/oidc-provider`, where the tests install it with
+//! `npm ci` when it is missing. `NODE` names another node binary.
+//!
+//! Which scopes a client may use, and whether a secret still works, is
+//! checked with the server's own token endpoint, as a workload would.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use keysmith::provider::oauth2::{
+    self, InMemoryRegistrationStore, OAuth2Provider, Registration, RegistrationStore, AUTH_METHOD_OPTION,
+};
+use keysmith::provider::{AccountRequest, IssuedKey, KeyMaterial, KeyRequest, Provider, ProviderError, RoleGrant};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const STARTUP: Duration = Duration::from_secs(30);
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The oidc-provider version tests/oidc/package.json pins.
+fn pinned_version() -> String {
+    let path = manifest_dir().join("tests/oidc/package.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let manifest: Value = serde_json::from_str(&text).expect("package.json is JSON");
+    manifest["dependencies"]["oidc-provider"].as_str().expect("oidc-provider is pinned").to_owned()
+}
+
+/// The version of oidc-provider installed in `modules`, if any.
+fn installed_version(modules: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(modules.join("oidc-provider/package.json")).ok()?;
+    let manifest: Value = serde_json::from_str(&text).ok()?;
+    manifest["version"].as_str().map(str::to_owned)
+}
+
+/// The node_modules folder holding the pinned oidc-provider, installed into
+/// keysmith's cache with `npm ci` if needed. Panics, saying why, when it is
+/// neither there nor installable: these tests must not pass without it.
+fn oidc_modules() -> &'static Path {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    MODULES.get_or_init(|| match install_oidc_provider() {
+        Ok(modules) => modules,
+        Err(why) => panic!("oidc-provider is needed for these tests and is not available: {why}"),
+    })
+}
+
+fn install_oidc_provider() -> Result<PathBuf, String> {
+    let pinned = pinned_version();
+    if let Some(modules) = std::env::var_os("OIDC_PROVIDER_MODULES").filter(|v| !v.is_empty()) {
+        let modules = PathBuf::from(modules);
+        return match installed_version(&modules) {
+            Some(found) if found == pinned => Ok(modules),
+            found => Err(format!(
+                "OIDC_PROVIDER_MODULES={} holds oidc-provider {found:?}, the tests need {pinned} (.ci/run installs it)",
+                modules.display()
+            )),
+        };
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .ok_or("neither OIDC_PROVIDER_MODULES, XDG_CACHE_HOME nor HOME is set")?;
+    let prefix = cache.join("keysmith/oidc-provider");
+    let modules = prefix.join("node_modules");
+    let lock = manifest_dir().join("tests/oidc/package-lock.json");
+    let same_lock = std::fs::read(&lock)
+        .ok()
+        .is_some_and(|ours| std::fs::read(prefix.join("package-lock.json")).ok() == Some(ours));
+    if same_lock && installed_version(&modules).as_deref() == Some(pinned.as_str()) {
+        return Ok(modules);
+    }
+    std::fs::create_dir_all(&prefix).map_err(|e| format!("creating {}: {e}", prefix.display()))?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(manifest_dir().join("tests/oidc").join(file), prefix.join(file))
+            .map_err(|e| format!("copying tests/oidc/{file} to {}: {e}", prefix.display()))?;
+    }
+    let output = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+        .arg(&prefix)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running npm ci (is npm installed?): {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "npm ci --prefix {} failed ({}):\n{}{}",
+            prefix.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    match installed_version(&modules) {
+        Some(found) if found == pinned => Ok(modules),
+        found => Err(format!("npm ci installed oidc-provider {found:?}, not {pinned}")),
+    }
+}
+
+/// What tests/oidc/server.js prints once it listens.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct ServerInfo {
+    issuer: String,
+    initial_access_token: String,
+    registration_endpoint: String,
+    token_endpoint: String,
+    introspection_endpoint: String,
+}
+
+/// An oidc-provider process on 127.0.0.1, killed on drop.
+struct OidcServer {
+    child: Child,
+    info: ServerInfo,
+    log: tempfile::NamedTempFile,
+    http: reqwest::Client,
+}
+
+impl OidcServer {
+    async fn start() -> Self {
+        let modules = oidc_modules();
+        let node = std::env::var("NODE").unwrap_or_else(|_| "node".to_owned());
+        let script = manifest_dir().join("tests/oidc/server.js");
+        let http = reqwest::Client::new();
+        let mut last_log = String::new();
+        // A port found free may be taken before the server binds it: try again.
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port();
+            let log = tempfile::NamedTempFile::new().expect("a log file");
+            let mut child = Command::new(&node)
+                .arg(&script)
+                .arg(port.to_string())
+                .env("OIDC_PROVIDER_MODULES", modules)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log.reopen().expect("log file"))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {node} {}: {e}", script.display()));
+            let stdout = child.stdout.take().expect("stdout is piped");
+            // The first line says where the server listens; the rest (the
+            // server logs to stdout too) goes to the log. stdout is read to
+            // its end: node dies of EPIPE writing to a closed pipe.
+            let mut rest = std::fs::OpenOptions::new().append(true).open(log.path()).expect("log file");
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let _ = tx.send(line);
+                let _ = std::io::copy(&mut reader, &mut rest);
+            });
+            let info = rx.recv_timeout(STARTUP).ok().and_then(|line| serde_json::from_str::<ServerInfo>(&line).ok());
+            let Some(info) = info else {
+                let _ = child.kill();
+                let _ = child.wait();
+                last_log = read_log(&log);
+                continue;
+            };
+            let server = OidcServer { child, info, log, http: http.clone() };
+            let discovery = format!("{}/.well-known/openid-configuration", server.info.issuer);
+            let started = Instant::now();
+            while started.elapsed() < STARTUP {
+                let probe = http.get(&discovery).send().await;
+                if probe.is_ok_and(|r| r.status().is_success()) {
+                    return server;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            last_log = read_log(&server.log);
+        }
+        panic!("oidc-provider did not start:\n{last_log}");
+    }
+
+    /// A provider with the right initial access token and a store of its own.
+    fn provider(&self) -> (OAuth2Provider, Arc<InMemoryRegistrationStore>) {
+        let store = Arc::new(InMemoryRegistrationStore::new());
+        (self.provider_with(Some(self.info.initial_access_token.clone()), store.clone()), store)
+    }
+
+    fn provider_with(&self, token: Option<String>, store: Arc<InMemoryRegistrationStore>) -> OAuth2Provider {
+        OAuth2Provider::new(
+            self.info.registration_endpoint.clone(),
+            self.info.token_endpoint.clone(),
+            Some(self.info.introspection_endpoint.clone()),
+            token,
+            self.http.clone(),
+            store,
+        )
+    }
+
+    /// A client-credentials token request, as a workload makes it (HTTP Basic).
+    async fn token(&self, client_id: &str, secret: &str, scope: Option<&str>) -> (StatusCode, Value) {
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        let response = self
+            .http
+            .post(&self.info.token_endpoint)
+            .basic_auth(client_id, Some(secret))
+            .form(&form)
+            .send()
+            .await
+            .expect("the token endpoint answers");
+        let status = response.status();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// The client's configuration as the server holds it, read with the
+    /// registration access token keysmith stored.
+    async fn client_config(&self, registration: &Registration) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(&registration.registration_client_uri)
+            .bearer_auth(&registration.registration_access_token)
+            .send()
+            .await
+            .expect("the server answers");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Makes the next `count` registration requests answer 429 with
+    /// `Retry-After: retry_after`.
+    async fn throttle(&self, count: u32, retry_after: u64) {
+        let response = self
+            .http
+            .post(format!("{}/__test/throttle", self.info.issuer))
+            .json(&json!({"count": count, "retry_after": retry_after}))
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+}
+
+impl Drop for OidcServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("oidc-provider's log:\n{}", read_log(&self.log));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_log(log: &tempfile::NamedTempFile) -> String {
+    let mut text = String::new();
+    let _ = log.reopen().and_then(|mut f| f.read_to_string(&mut text));
+    text
+}
+
+fn account(name: &str) -> AccountRequest {
+    AccountRequest {
+        name: name.to_owned(),
+        namespace: "payments".to_owned(),
+        account_name: name.to_owned(),
+        owner_uid: format!("uid-{:016x}", rand::random::<u64>()),
+        description: Some(format!("{name}: nightly sync")),
+        owner: Some("team-payments".to_owned()),
+        options: BTreeMap::new(),
+    }
+}
+
+fn role(name: &str) -> RoleGrant {
+    RoleGrant { role: name.to_owned(), scope: None }
+}
+
+fn key(id: &str) -> KeyRequest {
+    KeyRequest { key_id: id.to_owned(), lifetime: None }
+}
+
+fn roles(grants: Vec<RoleGrant>) -> BTreeSet<String> {
+    grants.into_iter().map(|g| g.role).collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn secret_of(key: &IssuedKey) -> &str {
+    &key.material.expose()["client_secret"]
+}
+
+fn client_id_of(key: &IssuedKey) -> &str {
+    &key.material.expose()["client_id"]
+}
+
+/// The answer of the token endpoint to an authenticated client without a
+/// grant type. RFC 6749 §5.2 says `unauthorized_client`; oidc-provider says
+/// `invalid_request`.
+fn assert_no_grant(status: StatusCode, body: &Value) {
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    assert_eq!(body["error_description"], "requested grant type is not allowed for this client", "{body}");
+    assert_eq!(body.get("access_token"), None, "{body}");
+}
+
+/// The key with another secret.
+fn with_secret(key: &IssuedKey, secret: &str) -> IssuedKey {
+    let mut values = key.material.expose().clone();
+    values.insert("client_secret".to_owned(), secret.to_owned());
+    IssuedKey { material: KeyMaterial::new(values), ..key.clone() }
+}
+
+async fn stored(store: &InMemoryRegistrationStore, account: &AccountRequest) -> Registration {
+    store.get(account).await.expect("store").expect("a registration is stored")
+}
+
+#[tokio::test]
+async fn register_is_idempotent_and_keeps_the_registration_in_the_store() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("billing-sync");
+
+    assert_eq!(provider.observe_account(&acct).await.expect("observe"), None);
+    let created = provider.create_account(&acct).await.expect("register");
+    assert!(created.owned && !created.drifted && !created.disabled, "{created:?}");
+    assert_eq!(created.name, "billing-sync");
+    let registration = stored(&store, &acct).await;
+    assert_eq!(registration.client_id, created.id);
+    assert!(registration.registration_client_uri.starts_with(&server.info.registration_endpoint));
+    assert_eq!(registration.current_key, None);
+
+    let (status, config) = server.client_config(&registration).await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["client_name"], "billing-sync");
+    assert_eq!(config["software_id"], oauth2::SOFTWARE_ID);
+    assert_eq!(config["token_endpoint_auth_method"], "client_secret_basic");
+    // No role yet: no grant, so no token for anything.
+    assert_eq!(config["grant_types"], json!([]));
+    assert_eq!(config.get("scope"), None);
+
+    let again = provider.create_account(&acct).await.expect("register again");
+    assert_eq!(again, created);
+    assert_eq!(stored(&store, &acct).await, registration, "the second create changed nothing");
+    assert_eq!(provider.observe_account(&acct).await.expect("observe"), Some(created.clone()));
+    // Nothing drifted: update does not touch the client (its token would rotate).
+    assert_eq!(provider.update_account(&acct).await.expect("update"), created);
+    assert_eq!(stored(&store, &acct).await, registration);
+
+    // Another IntegrationAccount of the same name gets a client of its own.
+    let twin = account("billing-sync");
+    let other = provider.create_account(&twin).await.expect("register twin");
+    assert_ne!(other.id, created.id);
+
+    // A client that vanished (deleted by the server's admin, say) is
+    // registered anew.
+    let response = server
+        .http
+        .delete(&registration.registration_client_uri)
+        .bearer_auth(&registration.registration_access_token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(provider.observe_account(&acct).await.expect("observe"), None);
+    let renewed = provider.create_account(&acct).await.expect("register anew");
+    assert_ne!(renewed.id, created.id);
+    assert_eq!(stored(&store, &acct).await.client_id, renewed.id);
+}
+
+#[tokio::test]
+async fn tokens_carry_the_granted_scopes_only() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("reporting");
+    provider.create_account(&acct).await.expect("register");
+
+    // Without roles the secret authenticates but gets no token at all, not
+    // even for a scope nobody granted (oidc-provider lets a client without
+    // `scope` metadata ask for any scope).
+    let bare = provider.issue_key(&acct, &key("k0")).await.expect("issue");
+    assert_eq!(bare.material.expose()["scope"], "");
+    provider.verify_key(&acct, &bare).await.expect("the secret authenticates");
+    for scope in [Some("admin"), None] {
+        let (status, body) = server.token(client_id_of(&bare), secret_of(&bare), scope).await;
+        assert_no_grant(status, &body);
+    }
+    // A wrong secret fails verification, with or without introspection.
+    let wrong = with_secret(&bare, "not-the-secret");
+    let err = provider.verify_key(&acct, &wrong).await.expect_err("wrong secret");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    let plain = OAuth2Provider::new(
+        server.info.registration_endpoint.clone(),
+        server.info.token_endpoint.clone(),
+        None,
+        None,
+        server.http.clone(),
+        store.clone(),
+    );
+    plain.verify_key(&acct, &bare).await.expect("the secret authenticates, without introspection");
+    let err = plain.verify_key(&acct, &wrong).await.expect_err("wrong secret, without introspection");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+
+    provider.grant_role(&acct, &role("read")).await.expect("grant read");
+    provider.grant_role(&acct, &role("write")).await.expect("grant write");
+    provider.grant_role(&acct, &role("write")).await.expect("granting twice is fine");
+    assert_eq!(roles(provider.list_roles(&acct).await.expect("list")), set(&["read", "write"]));
+
+    let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
+    assert_eq!(issued.id, "k1");
+    assert_eq!(issued.expires_at, None);
+    let material = issued.material.expose();
+    assert_eq!(
+        material.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["client_id", "client_secret", "scope", "token_url"]
+    );
+    assert_eq!(material["scope"], "read write");
+    assert_eq!(material["token_url"], server.info.token_endpoint);
+    provider.verify_key(&acct, &issued).await.expect("the new key works, and its token introspects as active");
+
+    let (status, body) = server.token(client_id_of(&issued), secret_of(&issued), Some("read write")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["scope"], "read write");
+    let (status, body) = server.token(client_id_of(&issued), secret_of(&issued), Some("read")).await;
+    assert_eq!((status, body["scope"].as_str()), (StatusCode::OK, Some("read")), "{body}");
+    let (status, body) = server.token(client_id_of(&issued), secret_of(&issued), Some("read admin")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_scope");
+}
+
+#[tokio::test]
+async fn grant_and_revoke_change_what_a_token_may_carry() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("deployer");
+    provider.create_account(&acct).await.expect("register");
+    provider.grant_role(&acct, &role("read")).await.expect("grant read");
+    let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
+    let (id, secret) = (client_id_of(&issued).to_owned(), secret_of(&issued).to_owned());
+
+    let (status, _) = server.token(&id, &secret, Some("admin")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let before = stored(&store, &acct).await;
+    provider.grant_role(&acct, &role("admin")).await.expect("grant admin");
+    let (status, body) = server.token(&id, &secret, Some("admin")).await;
+    assert_eq!((status, body["scope"].as_str()), (StatusCode::OK, Some("admin")), "{body}");
+
+    // Every update rotated the registration access token: keysmith stored
+    // the new one, and the server refuses the old one.
+    let after = stored(&store, &acct).await;
+    assert_ne!(after.registration_access_token, before.registration_access_token);
+    let (status, _) = server.client_config(&before).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The role changes kept the secret, and the key.
+    assert_eq!(after.current_key.as_ref().map(|k| k.id.as_str()), Some("k1"));
+
+    provider.revoke_role(&acct, &role("admin")).await.expect("revoke admin");
+    provider.revoke_role(&acct, &role("admin")).await.expect("revoking twice is fine");
+    let (status, body) = server.token(&id, &secret, Some("admin")).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scope")), "{body}");
+    let (status, _) = server.token(&id, &secret, Some("read")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(roles(provider.list_roles(&acct).await.expect("list")), set(&["read"]));
+
+    // The last role goes: no grant is left, and the client cannot ask for
+    // whatever it likes.
+    provider.revoke_role(&acct, &role("read")).await.expect("revoke read");
+    assert_eq!(roles(provider.list_roles(&acct).await.expect("list")), set(&[]));
+    for scope in [Some("read"), Some("admin"), None] {
+        let (status, body) = server.token(&id, &secret, scope).await;
+        assert_no_grant(status, &body);
+    }
+    let observed = provider.observe_account(&acct).await.expect("observe").expect("exists");
+    assert!(!observed.drifted, "{observed:?}");
+
+    // Scopes the server does not know, and roles that are no scope.
+    let err = provider.grant_role(&acct, &role("superuser")).await.expect_err("unknown scope");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    assert!(err.to_string().contains("invalid_client_metadata"), "{err}");
+    let err = provider.grant_role(&acct, &role("read write")).await.expect_err("two scopes");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    let scoped = RoleGrant { role: "read".to_owned(), scope: Some("db".to_owned()) };
+    let err = provider.grant_role(&acct, &scoped).await.expect_err("scoped role");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    assert_eq!(roles(provider.list_roles(&acct).await.expect("list")), set(&[]));
+}
+
+#[tokio::test]
+async fn issue_key_rotates_the_secret_at_once() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("ci-bot");
+    provider.create_account(&acct).await.expect("register");
+    provider.grant_role(&acct, &role("read")).await.expect("grant");
+    assert_eq!(provider.list_keys(&acct).await.expect("list"), vec![]);
+
+    let first = provider.issue_key(&acct, &key("k1")).await.expect("issue k1");
+    let keys = provider.list_keys(&acct).await.expect("list");
+    assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["k1"]);
+    assert!(keys[0].created_at.is_some());
+
+    let second = provider.issue_key(&acct, &key("k2")).await.expect("issue k2");
+    assert_eq!(client_id_of(&second), client_id_of(&first));
+    assert_ne!(secret_of(&second), secret_of(&first));
+    provider.verify_key(&acct, &second).await.expect("the new secret works");
+    let (status, body) = server.token(client_id_of(&second), secret_of(&second), Some("read")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // No grace period: the old secret is refused at once.
+    let (status, body) = server.token(client_id_of(&first), secret_of(&first), Some("read")).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")), "{body}");
+    let err = provider.verify_key(&acct, &first).await.expect_err("the old secret");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    assert_eq!(provider.list_keys(&acct).await.expect("list").iter().map(|k| k.id.clone()).collect::<Vec<_>>(), ["k2"]);
+
+    // Revoking the replaced key changes nothing; revoking the current one
+    // rotates the secret to one nobody holds.
+    provider.revoke_key(&acct, "k1").await.expect("revoke k1");
+    let (status, _) = server.token(client_id_of(&second), secret_of(&second), Some("read")).await;
+    assert_eq!(status, StatusCode::OK);
+    provider.revoke_key(&acct, "k2").await.expect("revoke k2");
+    let (status, _) = server.token(client_id_of(&second), secret_of(&second), Some("read")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(provider.list_keys(&acct).await.expect("list"), vec![]);
+    provider.revoke_key(&acct, "k2").await.expect("revoking twice is fine");
+    assert_eq!(stored(&store, &acct).await.current_key, None);
+
+    let third = provider.issue_key(&acct, &key("k3")).await.expect("issue k3");
+    provider.verify_key(&acct, &third).await.expect("k3 works");
+
+    let err = provider.issue_key(&acct, &key("")).await.expect_err("empty key id");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    let nobody = account("nobody");
+    let err = provider.issue_key(&nobody, &key("k1")).await.expect_err("no client");
+    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn client_secret_post_clients_and_auth_method_changes() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let basic = account("poster");
+    provider.create_account(&basic).await.expect("register");
+    provider.grant_role(&basic, &role("write")).await.expect("grant");
+    let issued = provider.issue_key(&basic, &key("k1")).await.expect("issue");
+
+    // Switching to client_secret_post is drift, which update repairs
+    // keeping the secret.
+    let mut post = basic.clone();
+    post.options.insert(AUTH_METHOD_OPTION.to_owned(), "client_secret_post".to_owned());
+    let seen = provider.observe_account(&post).await.expect("observe").expect("exists");
+    assert!(seen.drifted, "{seen:?}");
+    let updated = provider.update_account(&post).await.expect("update");
+    assert!(!updated.drifted, "{updated:?}");
+    let (_, config) = server.client_config(&stored(&store, &basic).await).await;
+    assert_eq!(config["token_endpoint_auth_method"], "client_secret_post");
+    assert_eq!(config["scope"], "write");
+    provider.verify_key(&post, &issued).await.expect("the same secret works, in the form body");
+
+    let mut odd = basic.clone();
+    odd.options.insert(AUTH_METHOD_OPTION.to_owned(), "private_key_jwt".to_owned());
+    let err = provider.update_account(&odd).await.expect_err("unsupported method");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn delete_removes_the_client() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("leaver");
+    provider.create_account(&acct).await.expect("register");
+    provider.grant_role(&acct, &role("read")).await.expect("grant");
+    let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
+    let registration = stored(&store, &acct).await;
+
+    provider.delete_account(&acct).await.expect("delete");
+    let (status, body) = server.token(client_id_of(&issued), secret_of(&issued), Some("read")).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")), "{body}");
+    let (status, _) = server.client_config(&registration).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(store.get(&acct).await.expect("store"), None);
+    assert_eq!(provider.observe_account(&acct).await.expect("observe"), None);
+
+    provider.delete_account(&acct).await.expect("a second delete is fine");
+    assert_eq!(provider.list_keys(&acct).await.expect("list"), vec![]);
+    assert_eq!(provider.list_roles(&acct).await.expect("list"), vec![]);
+    provider.revoke_role(&acct, &role("read")).await.expect("revoking from nothing is fine");
+    provider.revoke_key(&acct, "k1").await.expect("revoking from nothing is fine");
+    let err = provider.grant_role(&acct, &role("read")).await.expect_err("no client");
+    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+    let err = provider.update_account(&acct).await.expect_err("no client");
+    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+
+    // A client the server already forgot (its token with it) counts as deleted.
+    provider.create_account(&acct).await.expect("register again");
+    let registration = stored(&store, &acct).await;
+    let response = server
+        .http
+        .delete(&registration.registration_client_uri)
+        .bearer_auth(&registration.registration_access_token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    provider.delete_account(&acct).await.expect("delete what is gone");
+    assert_eq!(store.get(&acct).await.expect("store"), None);
+}
+
+#[tokio::test]
+async fn the_initial_access_token_is_required() {
+    let server = OidcServer::start().await;
+    let (good, _) = server.provider();
+    good.verify_connection().await.expect("the right initial access token is accepted");
+
+    for token in [None, Some("not-the-token".to_owned())] {
+        let store = Arc::new(InMemoryRegistrationStore::new());
+        let provider = server.provider_with(token.clone(), store.clone());
+        let acct = account("intruder");
+        let err = provider.create_account(&acct).await.expect_err("registration without a valid token");
+        assert!(matches!(err, ProviderError::Unauthorized(_)), "{token:?}: {err:?}");
+        assert!(err.to_string().contains("invalid_token"), "{err}");
+        assert_eq!(store.get(&acct).await.expect("store"), None);
+        let err = provider.verify_connection().await.expect_err("verify without a valid token");
+        assert!(matches!(err, ProviderError::Unauthorized(_)), "{token:?}: {err:?}");
+    }
+
+    // Wrong endpoints are spec errors, not outages.
+    let wrong = OAuth2Provider::new(
+        format!("{}/nowhere", server.info.issuer),
+        server.info.token_endpoint.clone(),
+        None,
+        Some(server.info.initial_access_token.clone()),
+        server.http.clone(),
+        Arc::new(InMemoryRegistrationStore::new()),
+    );
+    let err = wrong.verify_connection().await.expect_err("no registration endpoint there");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+    let wrong = OAuth2Provider::new(
+        server.info.registration_endpoint.clone(),
+        format!("{}/nowhere", server.info.issuer),
+        None,
+        Some(server.info.initial_access_token.clone()),
+        server.http.clone(),
+        Arc::new(InMemoryRegistrationStore::new()),
+    );
+    let err = wrong.verify_connection().await.expect_err("no token endpoint there");
+    assert!(matches!(err, ProviderError::Invalid(_)), "{err:?}");
+
+    // Nothing answering at all: transient.
+    let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port();
+    let down = OAuth2Provider::new(
+        format!("http://127.0.0.1:{port}/reg"),
+        format!("http://127.0.0.1:{port}/token"),
+        None,
+        None,
+        server.http.clone(),
+        Arc::new(InMemoryRegistrationStore::new()),
+    );
+    let err = down.verify_connection().await.expect_err("nothing listens");
+    assert!(matches!(err, ProviderError::Transient { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn throttling_is_transient_and_honours_retry_after() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("patient");
+    server.throttle(1, 7).await;
+    let err = provider.create_account(&acct).await.expect_err("throttled");
+    match &err {
+        ProviderError::Transient { retry_after, .. } => assert_eq!(*retry_after, Some(Duration::from_secs(7))),
+        other => panic!("expected Transient, got {other:?}"),
+    }
+    assert_eq!(store.get(&acct).await.expect("store"), None);
+    provider.create_account(&acct).await.expect("registers once the server lets it");
+}
+
+#[tokio::test]
+async fn credentials_never_show_in_debug_output_or_errors() {
+    let server = OidcServer::start().await;
+    let (provider, store) = server.provider();
+    let acct = account("discreet");
+    let created = provider.create_account(&acct).await.expect("register");
+    provider.grant_role(&acct, &role("read")).await.expect("grant");
+    let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
+    let registration = stored(&store, &acct).await;
+    let rat = registration.registration_access_token.clone();
+    let secret = secret_of(&issued).to_owned();
+    let iat = server.info.initial_access_token.clone();
+
+    let mut shown = vec![
+        format!("{provider:?}"),
+        format!("{store:?}"),
+        format!("{registration:?}"),
+        format!("{issued:?}"),
+        format!("{:?}", issued.material),
+        format!("{created:?}"),
+        format!("{:?}", provider.list_keys(&acct).await),
+        format!("{:?}", provider.observe_account(&acct).await),
+    ];
+    // Errors from calls that carry each credential.
+    let wrong = with_secret(&issued, &format!("{secret}x"));
+    shown.push(format!("{:?}", provider.verify_key(&acct, &wrong).await));
+    shown.push(format!("{:?}", provider.grant_role(&acct, &role("superuser")).await));
+    let stale = OAuth2Provider::new(
+        server.info.registration_endpoint.clone(),
+        server.info.token_endpoint.clone(),
+        None,
+        Some(format!("{iat}x")),
+        server.http.clone(),
+        Arc::new(InMemoryRegistrationStore::new()),
+    );
+    shown.push(format!("{stale:?}"));
+    shown.push(format!("{:?}", stale.create_account(&acct).await));
+    shown.push(format!("{:?}", stale.verify_connection().await));
+
+    for text in &shown {
+        for (name, value) in
+            [("registration access token", &rat), ("client secret", &secret), ("initial access token", &iat)]
+        {
+            assert!(!text.contains(value.as_str()), "the {name} shows in {text}");
+        }
+    }
+    assert!(shown[2].contains("<redacted>"), "{}", shown[2]);
+}
