@@ -1,6 +1,7 @@
 //! The `scim` provider against a real SCIM 2.0 server: PyPI's `scim2-server`
 //! (installed by `.ci/run`), one per test on a free loopback port, started
-//! by the test and killed when it ends. `SCIM2_SERVER` names another binary.
+//! by the test and killed when it ends (`tests/common/scim_server.rs`).
+//! `SCIM2_SERVER` names another binary.
 //!
 //! What the provider does is checked with the server's own view, read over
 //! the SCIM API. scim2-server keeps passwords in memory and lets a search
@@ -8,168 +9,17 @@
 //! tests use that to prove which password is live, something the provider
 //! itself cannot (see its module docs).
 
+#[path = "common/scim_server.rs"]
+mod scim_server;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keysmith::provider::scim::{self, ScimProvider};
 use keysmith::provider::{AccountRequest, KeyRequest, Provider, ProviderError, RoleGrant};
+use scim_server::{ScimServer, PATCH_OP};
 use serde_json::{json, Value};
-
-const STARTUP: Duration = Duration::from_secs(30);
-const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
-const SEARCH_REQUEST: &str = "urn:ietf:params:scim:api:messages:2.0:SearchRequest";
-const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
-const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
-
-/// A scim2-server process on 127.0.0.1, killed on drop.
-struct ScimServer {
-    child: Child,
-    base_url: String,
-    token: String,
-    log: tempfile::NamedTempFile,
-    http: reqwest::Client,
-}
-
-impl ScimServer {
-    async fn start() -> Self {
-        let binary = std::env::var("SCIM2_SERVER").unwrap_or_else(|_| "scim2-server".to_owned());
-        let token = format!("admin-{:032x}", rand::random::<u128>());
-        let http = reqwest::Client::new();
-        let mut last_log = String::new();
-        // A port found free may be taken before the server binds it: try again.
-        for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port();
-            let log = tempfile::NamedTempFile::new().expect("a log file");
-            let child = Command::new(&binary)
-                .args(["--hostname", "127.0.0.1", "--port", &port.to_string(), "--bearer-token", &token])
-                .stdin(Stdio::null())
-                .stdout(log.reopen().expect("log file"))
-                .stderr(log.reopen().expect("log file"))
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start {binary}: {e}; install it with `pip install scim2-server==0.8.3`")
-                });
-            let mut server = ScimServer {
-                child,
-                base_url: format!("http://127.0.0.1:{port}/v2"),
-                token: token.clone(),
-                log,
-                http: http.clone(),
-            };
-            let started = Instant::now();
-            while started.elapsed() < STARTUP {
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break;
-                }
-                let probe = http.get(format!("{}/ServiceProviderConfig", server.base_url)).send().await;
-                if probe.is_ok_and(|r| r.status().is_success()) {
-                    return server;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            last_log = server.log_text();
-        }
-        panic!("scim2-server did not start:\n{last_log}");
-    }
-
-    fn log_text(&self) -> String {
-        let mut text = String::new();
-        let _ = self.log.reopen().and_then(|mut f| f.read_to_string(&mut text));
-        text
-    }
-
-    fn provider(&self) -> ScimProvider {
-        ScimProvider::new(self.base_url.clone(), self.token.clone(), self.http.clone())
-    }
-
-    /// A raw SCIM request as the admin; panics unless it succeeds.
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base_url)).bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req.header("content-type", "application/scim+json").body(body.to_string());
-        }
-        let response = req.send().await.expect("scim2-server answers");
-        let status = response.status();
-        let text = response.text().await.expect("a body");
-        assert!(status.is_success(), "{method} {path}: {status} {text}");
-        if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).expect("JSON")
-        }
-    }
-
-    async fn create_user(&self, user_name: &str, external_id: Option<&str>) -> String {
-        let mut body = json!({"schemas": [USER_SCHEMA], "userName": user_name, "displayName": "someone's"});
-        if let Some(id) = external_id {
-            body["externalId"] = json!(id);
-        }
-        id_of(&self.admin(reqwest::Method::POST, "/Users", Some(body)).await)
-    }
-
-    async fn user(&self, id: &str) -> Value {
-        self.admin(reqwest::Method::GET, &format!("/Users/{id}"), None).await
-    }
-
-    async fn user_named(&self, user_name: &str) -> Option<Value> {
-        let page = self
-            .admin(reqwest::Method::POST, "/Users/.search", Some(json!({"schemas": [SEARCH_REQUEST], "filter": format!("userName eq {}", scim::filter_value(user_name))})))
-            .await;
-        page["Resources"].as_array().and_then(|r| r.first()).cloned()
-    }
-
-    async fn create_group(&self, name: &str) -> String {
-        let body = json!({"schemas": [GROUP_SCHEMA], "displayName": name});
-        id_of(&self.admin(reqwest::Method::POST, "/Groups", Some(body)).await)
-    }
-
-    async fn members(&self, group_id: &str) -> Vec<String> {
-        let group = self.admin(reqwest::Method::GET, &format!("/Groups/{group_id}"), None).await;
-        group["members"]
-            .as_array()
-            .map(|m| m.iter().filter_map(|m| m["value"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
-    }
-
-    async fn add_member(&self, group_id: &str, user_id: &str) {
-        let op = json!({"schemas": [PATCH_OP], "Operations": [{"op": "add", "path": "members", "value": [{"value": user_id}]}]});
-        self.admin(reqwest::Method::PATCH, &format!("/Groups/{group_id}"), Some(op)).await;
-    }
-
-    /// Whether `password` is the User's password, by scim2-server's
-    /// filtering on passwords (the password travels in a POST body).
-    async fn password_is(&self, user_name: &str, password: &str) -> bool {
-        let filter =
-            format!("userName eq {} and password eq {}", scim::filter_value(user_name), scim::filter_value(password));
-        let page = self
-            .admin(
-                reqwest::Method::POST,
-                "/Users/.search",
-                Some(json!({"schemas": [SEARCH_REQUEST], "filter": filter})),
-            )
-            .await;
-        page["totalResults"].as_u64() == Some(1)
-    }
-
-    /// The request lines the server logged.
-    fn requests(&self) -> Vec<String> {
-        self.log_text().lines().filter_map(|l| l.split('"').nth(1).map(str::to_owned)).collect()
-    }
-}
-
-impl Drop for ScimServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn id_of(resource: &Value) -> String {
-    resource["id"].as_str().expect("an id").to_owned()
-}
 
 fn account(name: &str) -> AccountRequest {
     AccountRequest {

@@ -7,6 +7,7 @@
 //! is gone succeeds. Errors are classified so the controllers can tell a typo
 //! from an outage ([`ProviderError`]).
 
+pub mod aws_iam;
 pub mod kubernetes;
 pub mod oauth2;
 pub mod oauth2_store;

@@ -8,6 +8,7 @@ use kube::{config::KubeConfigOptions, Api, Client};
 use tokio::sync::Mutex;
 
 use super::{
+    aws_iam::AwsIamProvider,
     kubernetes::KubernetesProvider,
     oauth2::OAuth2Provider,
     oauth2_store::SecretRegistrationStore,
@@ -172,6 +173,29 @@ impl ProviderRegistry {
                         token,
                         http_client()?,
                         store,
+                    )))
+                })
+                .await;
+        }
+        if let Some(iam) = &provider.aws_iam {
+            let selector = &iam.credentials_secret_ref;
+            let (data, version) = self.read_secret_data(connection, selector).await?;
+            let field = |key: &str| {
+                data.get(key).cloned().ok_or_else(|| {
+                    ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
+                })
+            };
+            let (id, secret) = (field("AWS_ACCESS_KEY_ID")?, field("AWS_SECRET_ACCESS_KEY")?);
+            let key = format!("awsIam/{}/{version}", connection.uid);
+            return self
+                .cached(key, || {
+                    Ok(Arc::new(AwsIamProvider::new(
+                        iam.endpoint.clone().unwrap_or_default(),
+                        iam.region.clone(),
+                        iam.path.clone(),
+                        id,
+                        secret,
+                        http_client()?,
                     )))
                 })
                 .await;

@@ -1,0 +1,312 @@
+//! The `scim` provider end to end: the operator as its own process, scoped to
+//! a test namespace on the real kube-apiserver, managing Users and Group
+//! memberships in a real SCIM 2.0 server (scim2-server, started by each test,
+//! `tests/common/scim_server.rs`). Every assertion is made on real effects:
+//! what the SCIM server holds, read over its API, and which password it
+//! accepts (scim2-server's `password eq` filter, which real services lack).
+
+mod common;
+#[path = "common/scim_server.rs"]
+mod scim_server;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::{apply_yaml, control_plane, eventually, Operator, TestNamespace};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Condition};
+use keysmith::api::{AppConnection, IntegrationAccount, KeyState};
+use kube::{
+    api::{Api, DeleteParams, Patch, PatchParams, PostParams},
+    Client, ResourceExt,
+};
+use scim_server::ScimServer;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(120);
+const READERS: &str = "Billing Readers";
+const WRITERS: &str = "Billing Writers";
+
+/// The connection, policy and account; `{base_url}` is the SCIM server's.
+/// The token Secret is created separately (it holds the live admin token).
+const ACCOUNT: &str = r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: AppConnection
+metadata: {name: crm}
+spec:
+  provider:
+    scim:
+      baseUrl: "{base_url}"
+      tokenSecretRef: {name: scim-admin}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: KeyRotationPolicy
+metadata: {name: policy}
+spec: {rotateEvery: 24h}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: IntegrationAccount
+metadata: {name: invoice-bot}
+spec:
+  connectionRef: {name: crm}
+  description: "Invoice export, nightly"
+  owner: team-billing
+  secret: {name: invoice-bot-credentials}
+  rotationPolicyRef: {name: policy}
+  deletionPolicy: Delete
+"#;
+
+fn binding_yaml(roles: &[&str]) -> String {
+    format!(
+        "apiVersion: keysmith.dev/v1alpha1\nkind: RoleBinding\nmetadata: {{name: invoice-bot-groups}}\nspec:\n  accountRef: {{name: invoice-bot}}\n  roles: {roles:?}\n"
+    )
+}
+
+/// Creates the Secret holding the SCIM admin bearer token, under the default key `token`.
+async fn token_secret(client: &Client, ns: &str, name: &str, token: &str) {
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"token": token}})).expect("a Secret");
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.expect("create Secret");
+}
+
+async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
+    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
+        let account = api.get(name).await.ok()?;
+        let status = account.status.as_ref()?;
+        (status.common.observed_generation == account.metadata.generation
+            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .then_some(account)
+    })
+    .await
+}
+
+async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await.ok()??;
+    secret.data?.into_iter().map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v))).collect()
+}
+
+async fn connection_ready(client: &Client, ns: &str, name: &str) -> Condition {
+    let api: Api<AppConnection> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("AppConnection {ns}/{name} to report Ready"), WAIT, || async {
+        let status = api.get(name).await.ok()?.status?;
+        status.common.conditions.into_iter().find(|c| c.type_ == "Ready")
+    })
+    .await
+}
+
+/// An object's spec as the apiserver stored it, read back through keysmith's types.
+async fn stored_spec<K>(client: &Client, ns: &str, name: &str) -> Value
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object = Api::<K>::namespaced(client.clone(), ns).get(name).await.expect("stored");
+    serde_json::to_value(&object).expect("JSON")["spec"].clone()
+}
+
+/// Every field of `written` is in `stored`, with the same value (the
+/// apiserver may add defaults).
+fn assert_subset(written: &Value, stored: &Value, at: &str) {
+    match (written, stored) {
+        (Value::Object(written), Value::Object(stored)) => {
+            for (key, value) in written {
+                let at = format!("{at}.{key}");
+                assert_subset(value, stored.get(key).unwrap_or_else(|| panic!("{at} was dropped")), &at);
+            }
+        }
+        // 2 in YAML, 2.0 in a Rust f64.
+        (Value::Number(written), Value::Number(stored)) => assert_eq!(written.as_f64(), stored.as_f64(), "{at}"),
+        _ => assert_eq!(written, stored, "{at}"),
+    }
+}
+
+fn user_id(user: &Value) -> String {
+    user["id"].as_str().expect("a User id").to_owned()
+}
+
+#[tokio::test]
+async fn an_account_becomes_a_scim_user_in_its_groups_and_its_password_rotates() {
+    let server = ScimServer::start().await;
+    let readers = server.create_group(READERS).await;
+    let writers = server.create_group(WRITERS).await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "scim").await;
+    let operator = Operator::start(cp, &ns.name, &[]);
+    token_secret(&client, &ns.name, "scim-admin", &server.token).await;
+    apply_yaml(&client, &ns.name, &ACCOUNT.replace("{base_url}", &server.base_url)).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&[READERS, WRITERS])).await;
+
+    // Ready: the User exists, tagged as ours, in both Groups.
+    let account = ready_account(&client, &ns.name, "invoice-bot").await;
+    let uid = account.uid().expect("a uid");
+    let status = account.status.expect("status");
+    let current = status.current_key.expect("a current key");
+    let user = server.user_named("invoice-bot").await.expect("the SCIM User exists");
+    let id = user_id(&user);
+    assert_eq!(user["externalId"], format!("keysmith:{uid}"), "{user:#}");
+    assert_eq!(user["displayName"], "Invoice export, nightly");
+    assert_eq!(user["active"], true);
+    assert_eq!(user["nickName"], format!("keysmith-key:{}", current.id), "the live key's id is on the User");
+    let external = status.account.expect("status names the User");
+    assert_eq!((external.provider.as_str(), external.id.as_str()), ("scim", id.as_str()));
+    assert!(server.members(&readers).await.contains(&id), "in {READERS}");
+    assert!(server.members(&writers).await.contains(&id), "in {WRITERS}");
+
+    // The Secret: exactly the provider's three keys; its password is the live one.
+    let data = secret_data(&client, &ns.name, "invoice-bot-credentials").await.expect("the output Secret");
+    assert_eq!(data.keys().map(String::as_str).collect::<Vec<_>>(), ["password", "scim_base_url", "username"]);
+    assert_eq!(data["username"], "invoice-bot");
+    assert_eq!(data["scim_base_url"], server.base_url);
+    let old_password = data["password"].clone();
+    assert!(server.password_is("invoice-bot", &old_password).await, "the Secret holds the live password");
+
+    let ready = connection_ready(&client, &ns.name, "crm").await;
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Verified"), "{}", ready.message);
+
+    // A manual rotation. SCIM has no grace period: a User has exactly one
+    // password, so setting the new one ends the old one at the same instant.
+    // By the time the Secret shows the new password, the old one is refused.
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    accounts
+        .patch(
+            "invoice-bot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "1"}}})),
+        )
+        .await
+        .expect("annotate");
+    let new_password = eventually("a new password in the Secret", WAIT, || async {
+        let password = secret_data(&client, &ns.name, "invoice-bot-credentials").await?.remove("password")?;
+        (password != old_password).then_some(password)
+    })
+    .await;
+    assert!(server.password_is("invoice-bot", &new_password).await, "the new password is live");
+    assert!(!server.password_is("invoice-bot", &old_password).await, "the old password stopped working at once");
+    let status = eventually("the old key recorded as revoked", WAIT, || async {
+        let status = accounts.get("invoice-bot").await.ok()?.status?;
+        let old = status.keys.iter().find(|k| k.id == current.id)?;
+        (old.state == KeyState::Revoked && status.current_key.as_ref()?.id != current.id).then_some(status)
+    })
+    .await;
+    let new_key = status.current_key.expect("a current key");
+    let new_record = status.keys.iter().find(|k| k.id == new_key.id).expect("the new key's record");
+    assert_eq!(new_record.state, KeyState::Published);
+    assert_eq!(new_record.reason.as_deref(), Some("ManualRotation"));
+    let user = server.user_named("invoice-bot").await.expect("the User");
+    assert_eq!(user_id(&user), id, "rotation keeps the User");
+    assert_eq!(user["nickName"], format!("keysmith-key:{}", new_key.id));
+
+    // Dropping a role from the RoleBinding drops the membership, and only that one.
+    apply_yaml(&client, &ns.name, &binding_yaml(&[READERS])).await;
+    eventually(&format!("the membership of {WRITERS} to be removed"), WAIT, || async {
+        (!server.members(&writers).await.contains(&id)).then_some(())
+    })
+    .await;
+    assert!(server.members(&readers).await.contains(&id), "still in {READERS}");
+
+    // deletionPolicy Delete: the User goes, and leaves no membership behind.
+    accounts.delete("invoice-bot", &DeleteParams::default()).await.expect("delete");
+    eventually("the IntegrationAccount to be gone", WAIT, || async {
+        accounts.get_opt("invoice-bot").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(server.user_named("invoice-bot").await.is_none(), "the SCIM User is deleted");
+    assert!(server.members(&readers).await.is_empty(), "no dangling member");
+
+    // Neither the admin token nor a password ever reached the logs.
+    let logs = operator.stop().await;
+    assert!(logs.contains("invoice-bot"), "the operator logged its work");
+    for secret in [&server.token, &old_password, &new_password] {
+        assert!(!logs.contains(secret.as_str()), "a credential in the operator's logs");
+    }
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_refused_bearer_token_makes_the_connection_unauthorized() {
+    let server = ScimServer::start().await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "scimtoken").await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    let wrong = format!("not-the-token-{:016x}", rand::random::<u64>());
+    token_secret(&client, &ns.name, "scim-admin", &wrong).await;
+    let connection = ACCOUNT.split("---").next().expect("the AppConnection").replace("{base_url}", &server.base_url);
+    apply_yaml(&client, &ns.name, &connection).await;
+
+    let ready = connection_ready(&client, &ns.name, "crm").await;
+    assert_eq!(ready.status, "False", "{}", ready.message);
+    assert_eq!(ready.reason, "Unauthorized", "{}", ready.message);
+    assert!(ready.message.contains("401"), "{}", ready.message);
+    assert!(!ready.message.contains(&wrong), "the token never appears in status");
+    ns.delete().await;
+}
+
+/// Where the example points, replaced by the test server's URL and token.
+const EXAMPLE_BASE_URL: &str = "https://crm.example.com/scim/v2";
+const EXAMPLE_TOKEN: &str = "REPLACE-WITH-THE-SCIM-ADMIN-TOKEN";
+
+/// examples/scim/, in file order, as one YAML text.
+fn scim_example() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/scim");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("examples/scim")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| std::fs::read_to_string(f).expect("readable")).collect::<Vec<_>>().join("\n---\n")
+}
+
+#[tokio::test]
+async fn the_scim_example_is_accepted_and_works_against_a_real_server() {
+    let text = scim_example();
+    let objects = keysmith::manifest::parse(&text).expect("the example parses");
+    let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
+    assert_eq!(
+        kinds,
+        ["Namespace", "Secret", "AppConnection", "KeyRotationPolicy", "IntegrationAccount", "RoleBinding"],
+        "read top to bottom"
+    );
+    for object in objects.iter().skip(1) {
+        assert_eq!(object.metadata.namespace.as_deref(), Some("crm-sync"), "{:?}", object.metadata.name);
+    }
+    assert!(text.contains(EXAMPLE_BASE_URL) && text.contains(EXAMPLE_TOKEN), "the placeholders the test replaces");
+
+    // Pointed at a real server holding the Group it names, the example is
+    // accepted by the apiserver as written and the account becomes Ready.
+    let server = ScimServer::start().await;
+    let group = server.create_group("CRM Invoice Readers").await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "scimexample").await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    let text = text.replace(EXAMPLE_BASE_URL, &server.base_url).replace(EXAMPLE_TOKEN, &server.token);
+    apply_yaml(&client, &ns.name, &text).await;
+    // Nothing was lost on the way: every field the example writes is stored
+    // and read back through keysmith's own types, with the value written.
+    for object in keysmith::manifest::parse(&text).expect("the example parses") {
+        let (Some(types), Some(name)) = (&object.types, &object.metadata.name) else { continue };
+        let written = serde_json::to_value(&object).expect("JSON");
+        let stored = match types.kind.as_str() {
+            "AppConnection" => stored_spec::<AppConnection>(&client, &ns.name, name).await,
+            "KeyRotationPolicy" => stored_spec::<keysmith::api::KeyRotationPolicy>(&client, &ns.name, name).await,
+            "IntegrationAccount" => stored_spec::<IntegrationAccount>(&client, &ns.name, name).await,
+            "RoleBinding" => stored_spec::<keysmith::api::RoleBinding>(&client, &ns.name, name).await,
+            _ => continue,
+        };
+        assert_subset(&written["spec"], &stored, &format!("{}/{name}.spec", types.kind));
+    }
+    ready_account(&client, &ns.name, "invoice-export").await;
+    let user = server.user_named("invoice-export").await.expect("the SCIM User");
+    assert_eq!(server.members(&group).await, vec![user_id(&user)]);
+    let data = secret_data(&client, &ns.name, "invoice-export-credentials").await.expect("the output Secret");
+    assert_eq!(data.keys().map(String::as_str).collect::<Vec<_>>(), ["CRM_PASSWORD", "CRM_SCIM_URL", "CRM_USERNAME"]);
+    assert!(server.password_is("invoice-export", &data["CRM_PASSWORD"]).await);
+    let ready = connection_ready(&client, &ns.name, "crm").await;
+    assert_eq!(ready.status, "True", "{}", ready.message);
+    ns.delete().await;
+}
