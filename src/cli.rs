@@ -20,7 +20,7 @@ use crate::{
         KeyRotationPolicy, RoleBinding,
     },
     controller::{
-        account::{account_request, desired_roles, now, ROTATE_NOW_ANNOTATION},
+        account::{account_request, desired_roles, max_keys, now, ROTATE_NOW_ANNOTATION},
         plan::{self, Action, PlanInput},
         secret::{ownership, SecretOwnership},
     },
@@ -355,7 +355,7 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
             seed: &request.owner_uid,
             rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
             last_rotation_request: status.last_rotation_request.as_deref(),
-            max_keys: usize::try_from(connection.spec.max_keys_per_account.max(1)).unwrap_or(2),
+            max_keys: max_keys(&connection, provider.as_ref()),
         });
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);

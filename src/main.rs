@@ -229,15 +229,7 @@ struct RunFlags {
 async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunFlags) -> anyhow::Result<()> {
     use keysmith::leader::{self, LeaderElector, LeaseSettings};
 
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-        }
-        None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
-    };
-    let client = kube::Client::try_from(config.clone())?;
+    let (client, config) = connect(kubeconfig).await?;
     let options = controller::RunOptions { namespace, ..Default::default() };
     let telemetry = controller::Telemetry::default();
     let election = flags.leader_elect.then(|| LeaseSettings {

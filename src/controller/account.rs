@@ -559,7 +559,9 @@ fn provider_failed(run: &mut Run, condition: &'static str, error: ProviderError)
     }
 }
 
-fn max_keys(connection: &ResolvedConnection, provider: &dyn Provider) -> usize {
+/// The most keys an account may hold: the connection's limit, or the
+/// provider's if lower.
+pub fn max_keys(connection: &ResolvedConnection, provider: &dyn Provider) -> usize {
     let ours = usize::try_from(connection.spec.max_keys_per_account.max(1)).unwrap_or(2);
     match provider.capabilities().max_keys_per_account {
         Some(theirs) => ours.min(usize::try_from(theirs).unwrap_or(ours)),
@@ -1044,8 +1046,26 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
         }
         audit(account, provider.name(), "RevokeKey", Some(&key.id), "revoked key on deletion");
     }
-    let disable = policy == DeletionPolicy::Disable && provider.capabilities().disable;
-    if disable {
+    if policy == DeletionPolicy::Disable && !provider.capabilities().disable {
+        // The target cannot disable accounts: every key is revoked, so the
+        // account can no longer authenticate, and it is kept for audit.
+        audit(account, provider.name(), "KeepAccount", None, "kept the account without keys on deletion");
+        ctx.event(
+            account,
+            EventType::Normal,
+            "AccountKeptWithoutKeys",
+            "Deprovision",
+            format!(
+                "revoked every key of {} account {}; the {} provider cannot disable accounts, so it is kept without a usable key",
+                provider.name(),
+                request.name,
+                provider.name()
+            ),
+        )
+        .await;
+        return Ok(());
+    }
+    if policy == DeletionPolicy::Disable {
         provider.disable_account(&request).await?;
         audit(account, provider.name(), "DisableAccount", None, "disabled the account on deletion");
         ctx.event(
