@@ -142,6 +142,14 @@ fn whole_seconds(t: Timestamp) -> Timestamp {
 pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = account.namespace().unwrap_or_default();
     let api: Api<IntegrationAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = ObjectRef::from_obj(account.as_ref()).to_string();
+    // The cache can lag behind this process's own last write (the watch
+    // event is still on its way). Acting on the older copy would undo that
+    // write, and could even revoke a key just published as "untracked".
+    if ctx.is_stale(&key, account.metadata.resource_version.as_deref()) {
+        tracing::debug!("cache behind our last write; retrying shortly");
+        return Ok(Requeue::requeue(Duration::from_millis(500)));
+    }
     let has_finalizer = account.finalizers().iter().any(|f| f == FINALIZER);
 
     if account.meta().deletion_timestamp.is_some() {
@@ -151,15 +159,17 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
         }
         return Ok(Requeue::await_change());
     }
+    let mut run = Run::new(&account, &key);
     if !has_finalizer {
-        add_finalizer(&api, &account).await?;
+        let updated = add_finalizer(&api, &account).await?;
+        run.resource_version = updated.metadata.resource_version;
+        ctx.wrote(&key, run.resource_version.as_deref());
     }
 
-    let mut run = Run::new(&account);
     let outcome = converge(&account, &ctx, &mut run).await;
     let status = run.finish(&account);
     if account.status.as_ref() != Some(&status) {
-        write_status(&api, &account, &status).await?;
+        run.write_status(&api, &account, &ctx).await?;
     }
     match outcome {
         Ok(wait) => {
@@ -176,11 +186,43 @@ struct Run {
     status: IntegrationAccountStatus,
     conditions: Vec<ConditionUpdate>,
     now: Timestamp,
+    /// The object's resourceVersion as of this reconcile's last write: every
+    /// status write is conditional on it, so two writers never interleave.
+    resource_version: Option<String>,
+    key: String,
 }
 
 impl Run {
-    fn new(account: &IntegrationAccount) -> Self {
-        Self { status: account.status.clone().unwrap_or_default(), conditions: Vec::new(), now: now() }
+    fn new(account: &IntegrationAccount, key: &str) -> Self {
+        Self {
+            status: account.status.clone().unwrap_or_default(),
+            conditions: Vec::new(),
+            now: now(),
+            resource_version: account.metadata.resource_version.clone(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Writes `self.status`, on the condition that nobody wrote the object
+    /// since this reconcile last saw it.
+    async fn write_status(
+        &mut self,
+        api: &Api<IntegrationAccount>,
+        account: &IntegrationAccount,
+        ctx: &Context,
+    ) -> Result<(), Error> {
+        let patch = json!({
+            "apiVersion": IntegrationAccount::api_version(&()),
+            "kind": IntegrationAccount::kind(&()),
+            "metadata": {"name": account.name_any(), "resourceVersion": self.resource_version},
+            "status": self.status,
+        });
+        let updated = api
+            .patch_status(&account.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await?;
+        self.resource_version = updated.metadata.resource_version;
+        ctx.wrote(&self.key, self.resource_version.as_deref());
+        Ok(())
     }
 
     fn condition(&mut self, update: ConditionUpdate) {
@@ -188,7 +230,7 @@ impl Run {
         self.conditions.push(update);
     }
 
-    fn finish(mut self, account: &IntegrationAccount) -> IntegrationAccountStatus {
+    fn finish(&mut self, account: &IntegrationAccount) -> IntegrationAccountStatus {
         let failing: Vec<&ConditionUpdate> = self
             .conditions
             .iter()
@@ -212,7 +254,7 @@ impl Run {
         self.status.common.conditions =
             merge_conditions(&self.status.common.conditions, &self.conditions, account.meta().generation, &time);
         self.status.common.observed_generation = account.meta().generation;
-        self.status
+        self.status.clone()
     }
 }
 
@@ -786,7 +828,7 @@ impl Apply<'_> {
             reason: Some(reason.as_str().into()),
         });
         let api: Api<IntegrationAccount> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
-        write_status(&api, self.account, &run.status).await?;
+        run.write_status(&api, self.account, self.ctx).await?;
 
         let lifetime = self.provider.capabilities().key_expiry.then(|| match self.schedule {
             Some(schedule) => {
@@ -872,7 +914,7 @@ impl Apply<'_> {
                 self.revoke_key(run, &old.id, "KeyLimit").await?;
             }
         }
-        write_status(&api, self.account, &run.status).await?;
+        run.write_status(&api, self.account, self.ctx).await?;
 
         // Roll the workloads that read the Secret.
         if previous.is_some() {
@@ -957,26 +999,14 @@ fn new_key_id() -> String {
     (0..10).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
-async fn write_status(
+async fn add_finalizer(
     api: &Api<IntegrationAccount>,
     account: &IntegrationAccount,
-    status: &IntegrationAccountStatus,
-) -> Result<(), Error> {
-    let patch = json!({
-        "apiVersion": IntegrationAccount::api_version(&()),
-        "kind": IntegrationAccount::kind(&()),
-        "status": status,
-    });
-    api.patch_status(&account.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
-}
-
-async fn add_finalizer(api: &Api<IntegrationAccount>, account: &IntegrationAccount) -> Result<(), Error> {
+) -> Result<IntegrationAccount, Error> {
     let mut finalizers = account.finalizers().to_vec();
     finalizers.push(FINALIZER.into());
     let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": account.resource_version()}});
-    api.patch(&account.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    Ok(())
+    Ok(api.patch(&account.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?)
 }
 
 async fn remove_finalizer(api: &Api<IntegrationAccount>, account: &IntegrationAccount) -> Result<(), Error> {

@@ -142,6 +142,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The resourceVersion of each object's last write by this process, to
+    /// recognise a cache that has not caught up with it yet.
+    written: Mutex<HashMap<String, u64>>,
 }
 
 impl Context {
@@ -159,6 +162,22 @@ impl Context {
         if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%error, reason, "could not publish event");
         }
+    }
+
+    /// Records that this process wrote `key` at `resource_version`.
+    pub fn wrote(&self, key: &str, resource_version: Option<&str>) {
+        if let (Some(rv), Ok(mut written)) = (resource_version.and_then(|v| v.parse::<u64>().ok()), self.written.lock())
+        {
+            let entry = written.entry(key.to_owned()).or_insert(rv);
+            *entry = (*entry).max(rv);
+        }
+    }
+
+    /// Whether the cached copy of `key` (at `resource_version`) predates this
+    /// process's own last write: acting on it would undo that write.
+    pub fn is_stale(&self, key: &str, resource_version: Option<&str>) -> bool {
+        let Some(cached) = resource_version.and_then(|v| v.parse::<u64>().ok()) else { return false };
+        self.written.lock().ok().and_then(|w| w.get(key).copied()).is_some_and(|last| cached < last)
     }
 
     fn reset_failures(&self, key: &str) {
@@ -306,6 +325,7 @@ pub async fn run_with(
         failpoints: Failpoints::from_env(),
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
     });
 
     let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;
