@@ -265,7 +265,8 @@ impl PostgresProvider {
         self
     }
 
-    /// How long to wait for the server to accept a connection (default 10 s).
+    /// How long to wait for the server to accept a connection and complete
+    /// the handshake (default 10 s).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -310,8 +311,10 @@ impl PostgresProvider {
         }
     }
 
-    /// Opens a connection as `user`.
-    async fn connect(&self, user: &str, password: &str, dbname: &str) -> Result<Client, tokio_postgres::Error> {
+    /// Opens a connection as `user`. The connect timeout bounds the whole
+    /// handshake (tokio-postgres applies it to the TCP connect only), so a
+    /// server that accepts and then says nothing is Transient, not a hang.
+    async fn connect(&self, user: &str, password: &str, dbname: &str, who: Principal) -> Result<Client, ProviderError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.host)
@@ -323,7 +326,15 @@ impl PostgresProvider {
             .options(SESSION_OPTIONS)
             .connect_timeout(self.connect_timeout)
             .ssl_mode(SslMode::Disable);
-        let (client, connection) = config.connect(NoTls).await?;
+        let (client, connection) = match tokio::time::timeout(self.connect_timeout, config.connect(NoTls)).await {
+            Ok(connected) => connected.map_err(|e| classify(&e, who))?,
+            Err(_) => {
+                return Err(ProviderError::transient(format!(
+                    "the server at {}:{} did not complete the connection handshake within {:?}",
+                    self.host, self.port, self.connect_timeout
+                )))
+            }
+        };
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "PostgreSQL connection ended with an error");
@@ -340,7 +351,7 @@ impl PostgresProvider {
     /// An admin connection to `dbname`.
     async fn admin_on(&self, dbname: &str) -> Result<Client, ProviderError> {
         self.check_ssl_mode()?;
-        self.connect(&self.admin_user, &self.admin_password, dbname).await.map_err(admin_error)
+        self.connect(&self.admin_user, &self.admin_password, dbname, Principal::Admin).await
     }
 
     /// The database issued keys are for.
@@ -1169,10 +1180,7 @@ impl Provider for PostgresProvider {
         let (Some(username), Some(password)) = (values.get("username"), values.get("password")) else {
             return Err(ProviderError::Invalid("the key has no username or password".to_owned()));
         };
-        let client = self
-            .connect(username, password, self.dbname_for(account))
-            .await
-            .map_err(|e| classify(&e, Principal::Key))?;
+        let client = self.connect(username, password, self.dbname_for(account), Principal::Key).await?;
         let row = client
             .query_one("SELECT session_user::text, current_user::text", &[])
             .await
