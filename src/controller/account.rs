@@ -338,6 +338,23 @@ pub async fn resolve_connection(
     }
 }
 
+/// The provider for `connection`, given its annotations from the caches (the
+/// no-op provider marker, see [`crate::provider::noop`]).
+pub async fn provider_for(ctx: &Context, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
+    let annotations = match connection.kind {
+        ConnectionKind::AppConnection => ctx
+            .stores
+            .connections
+            .get(&ObjectRef::new(&connection.name).within(connection.namespace.as_deref().unwrap_or_default()))
+            .map(|c| c.annotations().clone()),
+        ConnectionKind::ClusterAppConnection => {
+            ctx.stores.cluster_connections.get(&ObjectRef::new(&connection.name)).map(|c| c.annotations().clone())
+        }
+    }
+    .unwrap_or_default();
+    ctx.providers.provider_for_annotated(connection, &annotations).await
+}
+
 /// The roles the account's RoleBindings grant, after the connection's
 /// policy, with each grant's scope made explicit.
 pub fn desired_roles<'a>(
@@ -389,7 +406,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     if account.spec.suspend {
         return Ok(Requeue::await_change());
     }
-    let provider = match ctx.providers.provider_for(&connection).await {
+    let provider = match provider_for(ctx, &connection).await {
         Ok(provider) => provider,
         Err(error) => return provider_failed(run, ACCOUNT_READY, error),
     };
@@ -1049,7 +1066,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
             return Ok(());
         }
     };
-    let provider = match ctx.providers.provider_for(&connection).await {
+    let provider = match provider_for(ctx, &connection).await {
         Ok(provider) => provider,
         Err(ProviderError::Invalid(message)) => {
             ctx.event(

@@ -87,7 +87,7 @@ where
         return Ok(Requeue::await_change());
     }
     let spec: &AppConnectionSpec = &resolved.spec;
-    let outcome = match ctx.providers.provider_for(resolved).await {
+    let outcome = match ctx.providers.provider_for_annotated(resolved, obj.annotations()).await {
         Ok(provider) => provider.verify_connection().await,
         Err(error) => Err(error),
     };

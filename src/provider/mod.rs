@@ -9,6 +9,7 @@
 
 pub mod aws_iam;
 pub mod kubernetes;
+pub mod noop;
 pub mod oauth2;
 pub mod oauth2_store;
 pub mod postgres;

@@ -10,6 +10,7 @@ use tokio::sync::Mutex;
 use super::{
     aws_iam::AwsIamProvider,
     kubernetes::KubernetesProvider,
+    noop::{self, NoopProvider},
     oauth2::OAuth2Provider,
     oauth2_store::SecretRegistrationStore,
     postgres::PostgresProvider,
@@ -68,13 +69,31 @@ pub struct ProviderRegistry {
     cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
     buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
     metrics: Option<Arc<Metrics>>,
+    /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1`: connections annotated
+    /// `keysmith.dev/noop-provider: "true"` get the no-op provider.
+    noop_enabled: bool,
 }
 
 impl ProviderRegistry {
     /// A registry whose `kubernetes` provider targets the cluster `client`
     /// (built from `config`) talks to, unless a connection names another.
     pub fn new(client: Client, config: kube::Config) -> Self {
-        Self { client, config, cache: Mutex::new(HashMap::new()), buckets: Mutex::new(HashMap::new()), metrics: None }
+        let noop_enabled = noop::enabled_by_env();
+        if noop_enabled {
+            tracing::warn!(
+                "{}=1: connections annotated {}=\"true\" use the in-memory no-op provider (benchmarks only)",
+                noop::ENABLE_ENV,
+                noop::ANNOTATION
+            );
+        }
+        Self {
+            client,
+            config,
+            cache: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            metrics: None,
+            noop_enabled,
+        }
     }
 
     /// Counts and times every call of every provider it hands out in `metrics`.
@@ -85,7 +104,22 @@ impl ProviderRegistry {
 
     /// The provider for `connection`; instrumented when the registry has metrics.
     pub async fn provider_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
-        let provider = self.build(connection).await?;
+        self.provider_for_annotated(connection, &std::collections::BTreeMap::new()).await
+    }
+
+    /// [`Self::provider_for`], given the connection object's annotations:
+    /// the no-op provider when this process allows it and the connection
+    /// asks for it (see [`noop`]); the one its spec selects otherwise.
+    pub async fn provider_for_annotated(
+        &self,
+        connection: &ResolvedConnection,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<dyn Provider>, ProviderError> {
+        let provider = if self.noop_enabled && noop::requested(annotations) {
+            self.cached(format!("noop/{}", connection.uid), || Ok(Arc::new(NoopProvider::new()))).await?
+        } else {
+            self.build(connection).await?
+        };
         let measured: Arc<dyn Provider> = match &self.metrics {
             Some(metrics) => Arc::new(InstrumentedProvider::new(provider, metrics.clone())),
             None => provider,
