@@ -67,9 +67,15 @@ fn tool(var: &str, name: &str) -> PathBuf {
         assert!(path.is_file(), "{var}={} does not exist", path.display());
         return path;
     }
+    // Where .ci/run installs helm, outside the work tree.
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|cache| cache.join("keysmith/helm/node_modules/.bin"));
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
+        .chain(cache)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| panic!("{name} is needed: set {var} or put it on PATH (.ci/run installs it)"))
