@@ -709,3 +709,39 @@ async fn an_invalid_rotation_policy_is_reported_not_acted_on() {
     ready_account(&client, &ns.name, "robot").await;
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn a_crash_between_publishing_and_recording_adopts_the_published_key() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "adopt").await;
+    let mut crashing = Operator::start(cp, &ns.name, &[("KEYSMITH_FAILPOINT", "after-publish")]);
+    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
+    assert_eq!(crashing.wait_exit(WAIT).await, Some(86), "the failpoint stops the operator");
+    // The key is in the Secret, but status still calls it pending.
+    let published = Api::<Secret>::namespaced(client.clone(), &ns.name).get("robot-key").await.unwrap();
+    let key_id = published.annotations()["keysmith.dev/key-id"].clone();
+    let token = secret_value(&client, &ns.name, "robot-key", "token").await.unwrap();
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let status = accounts.get("robot").await.unwrap().status.unwrap();
+    assert_eq!(status.pending.as_ref().map(|p| p.token.as_str()), Some(key_id.as_str()));
+    assert!(status.current_key.is_none());
+    drop(crashing);
+
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    let status = ready_account(&client, &ns.name, "robot").await.status.unwrap();
+    assert!(status.pending.is_none());
+    assert_eq!(status.current_key.unwrap().id, key_id, "the published key is adopted, not replaced");
+    let live = anchors(&client, &ns.name).await;
+    assert_eq!(live.len(), 1, "exactly one live key");
+    assert_eq!(secret_value(&client, &ns.name, "robot-key", "token").await.unwrap(), token, "the Secret is unchanged");
+    let robot = client_from_secret(&client, &ns.name, "robot-key").await;
+    eventually("the adopted key to work", WAIT, || async {
+        (list_configmaps(&robot, &ns.name).await == 200).then_some(())
+    })
+    .await;
+    let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.unwrap();
+    assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("KeyAdopted")));
+    ns.delete().await;
+}

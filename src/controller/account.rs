@@ -744,6 +744,7 @@ impl Apply<'_> {
                 Action::RevokeKey { id, reason } => {
                     self.revoke_key(run, id, reason.as_str()).await?;
                 }
+                Action::AdoptPublished { id } => self.adopt_published(run, id).await,
                 Action::Rotate { reason, revoke_previous_at_once } => {
                     if keys_blocked {
                         continue;
@@ -891,27 +892,8 @@ impl Apply<'_> {
             .await?;
         self.ctx.failpoints.hit("after-publish");
 
-        // The previous key starts retiring.
-        let grace = self.schedule.map(RotationSchedule::grace_period).unwrap_or(DEFAULT_GRACE_PERIOD);
-        let previous = run.status.current_key.take();
-        let revoke_at = if revoke_previous_at_once { now } else { whole_seconds(plan::saturating_add(now, grace)) };
-        for record in &mut run.status.keys {
-            if record.id == issued.id {
-                record.state = KeyState::Published;
-                record.published_at = Some(Time(now));
-            } else if matches!(record.state, KeyState::Published) {
-                record.state = KeyState::Retiring;
-                record.retiring_at = Some(Time(now));
-                record.revoke_at = Some(Time(revoke_at));
-                record.reason = Some("Rotated".into());
-            }
-        }
-        run.status.current_key = Some(CurrentKey {
-            id: issued.id.clone(),
-            issued_at: Time(now),
-            expires_at: issued.expires_at.map(|t| Time(whole_seconds(t))),
-        });
-        run.status.pending = None;
+        let previous = run.status.current_key.clone();
+        let revoke_at = self.record_published(run, &issued.id, now, issued.expires_at, revoke_previous_at_once);
         if reason == RotationReason::Manual {
             run.status.last_rotation_request = self.account.annotations().get(ROTATE_NOW_ANNOTATION).cloned();
         }
@@ -931,13 +913,61 @@ impl Apply<'_> {
                 self.revoke_key(run, &old.id, "KeyLimit").await?;
             }
         }
-        run.write_status(&api, self.account, self.ctx).await?;
+        // No status write here: the reconcile's final write records the
+        // publication. Should the process stop before it, the next reconcile
+        // finds the pending key in the Secret and adopts it.
 
         // Roll the workloads that read the Secret.
         if previous.is_some() {
             self.restart_targets(run, &issued.id).await;
         }
         Ok(true)
+    }
+
+    /// Records `id` as the published key and starts retiring the previous
+    /// one; returns when the previous key is due for revocation.
+    fn record_published(
+        &self,
+        run: &mut Run,
+        id: &str,
+        issued_at: Timestamp,
+        expires_at: Option<Timestamp>,
+        revoke_previous_at_once: bool,
+    ) -> Timestamp {
+        let now = run.now;
+        let grace = self.schedule.map(RotationSchedule::grace_period).unwrap_or(DEFAULT_GRACE_PERIOD);
+        let revoke_at = if revoke_previous_at_once { now } else { whole_seconds(plan::saturating_add(now, grace)) };
+        for record in &mut run.status.keys {
+            if record.id == id {
+                record.state = KeyState::Published;
+                record.published_at = Some(Time(now));
+            } else if matches!(record.state, KeyState::Published) {
+                record.state = KeyState::Retiring;
+                record.retiring_at = Some(Time(now));
+                record.revoke_at = Some(Time(revoke_at));
+                record.reason = Some("Rotated".into());
+            }
+        }
+        run.status.current_key = Some(CurrentKey {
+            id: id.to_owned(),
+            issued_at: Time(whole_seconds(issued_at)),
+            expires_at: expires_at.map(|t| Time(whole_seconds(t))),
+        });
+        run.status.pending = None;
+        revoke_at
+    }
+
+    /// The output Secret already holds a key status still calls pending:
+    /// the process stopped after publishing it. Record it as published.
+    async fn adopt_published(&mut self, run: &mut Run, id: &str) {
+        let Some(record) = run.status.keys.iter().find(|r| r.id == id).cloned() else { return };
+        let previous = run.status.current_key.clone();
+        self.record_published(run, id, record.created_at.0, record.expires_at.as_ref().map(|t| t.0), false);
+        let note = format!("key {id} was already published; recorded it after a restart");
+        self.changed("KeyAdopted", "RotateKey", note, Some(id)).await;
+        if previous.is_some() && record.restarted_at.is_none() {
+            self.restart_targets(run, id).await;
+        }
     }
 
     async fn restart_targets(&self, run: &mut Run, key_id: &str) {

@@ -32,7 +32,7 @@ use crate::{
 fn account_key(account: &IntegrationAccount) -> u64 {
     hash_of((
         account.uid(),
-        account.status.as_ref().map(|s| &s.roles),
+        account.status.as_ref().map(|s| (&s.roles, s.common.observed_generation)),
         &account.spec.connection_ref.name,
         account.meta().deletion_timestamp.is_some(),
     ))
@@ -110,6 +110,14 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
             "AccountNotFound",
             format!("IntegrationAccount {namespace}/{} does not exist", binding.spec.account_ref.name),
         )),
+        // Until the account has acted on its current spec, whatever this
+        // binding reported would change again in a moment: wait for it (its
+        // status update retriggers this binding).
+        Some(account)
+            if account.status.as_ref().and_then(|s| s.common.observed_generation) != account.metadata.generation =>
+        {
+            return Ok(Requeue::await_change());
+        }
         Some(account) => match resolve_connection(&account, &ctx).await? {
             Err(problem) => updates.push(ConditionUpdate::falsy(READY, problem.reason, problem.message)),
             Ok(connection) => {

@@ -95,6 +95,13 @@ pub enum Action {
         /// Why.
         reason: RevokeReason,
     },
+    /// A key whose creation was recorded as pending is already in the
+    /// output Secret (the process stopped between publishing it and
+    /// recording that): record it as published, as the rotation would have.
+    AdoptPublished {
+        /// The key's id.
+        id: String,
+    },
     /// Issue, verify and publish a new key; the current one starts retiring.
     Rotate {
         /// Why.
@@ -207,6 +214,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
     let observed_ids: BTreeSet<&str> = input.observed_keys.iter().map(|k| k.id.as_str()).collect();
     let current = input.current.filter(|_| input.account.is_some());
+
+    // A key still recorded as pending (or issued) that the Secret already
+    // holds was published: adopt it, then plan the rest on the next pass.
+    let published_unrecorded = input.records.iter().find(|r| {
+        matches!(r.state, KeyState::Pending | KeyState::Issued)
+            && input.secret_key_id == Some(r.id.as_str())
+            && observed_ids.contains(r.id.as_str())
+            && current.is_none_or(|c| c.id != r.id)
+    });
+    if let Some(record) = published_unrecorded {
+        actions.push(Action::AdoptPublished { id: record.id.clone() });
+        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None };
+    }
     let retiring: Vec<&KeyRecord> = input
         .records
         .iter()
@@ -488,6 +508,20 @@ mod tests {
             case.run().actions,
             vec![Action::RevokeKey { id: "k0".into(), reason: RevokeReason::GracePeriodEnded }]
         );
+    }
+
+    #[test]
+    fn a_published_but_unrecorded_key_is_adopted_not_revoked() {
+        let mut case = Case::steady();
+        case.keys = vec![key("k1"), key("k2")];
+        case.records.push(record("k2", KeyState::Pending, None, None));
+        case.secret_key = Some("k2".into());
+        let plan = case.run();
+        assert_eq!(plan.actions, vec![Action::AdoptPublished { id: "k2".into() }]);
+        assert_eq!(plan.wake_at, Some(case.now), "the rest is planned right after");
+        // Not in the Secret: the pending key's result was lost; it is revoked.
+        case.secret_key = Some("k1".into());
+        assert_eq!(case.run().actions, vec![Action::RevokeKey { id: "k2".into(), reason: RevokeReason::Untracked }]);
     }
 
     #[test]
