@@ -70,20 +70,26 @@ async fn crds_are_established_and_discoverable() {
 #[tokio::test]
 async fn kubectl_explain_shows_the_field_docs() {
     let cp = control_plane().await;
-    // The apiserver publishes a new CRD's OpenAPI a few seconds after the
-    // CRD is Established; kubectl explain reads that.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !common::kubectl(cp, &["explain", "integrationaccounts.spec"]).status.success() {
-        assert!(std::time::Instant::now() < deadline, "the CRD's OpenAPI was never published");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    let out = kubectl_ok(cp, &["explain", "integrationaccounts.spec"]);
+    // The apiserver publishes each new CRD's OpenAPI a few seconds after the
+    // CRD is Established, one CRD at a time; kubectl explain reads that.
+    let explain = |path: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = common::kubectl(cp, &["explain", path]);
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "the OpenAPI for {path} was never published");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    let out = explain("integrationaccounts.spec").await;
     assert!(out.contains("connectionRef"), "{out}");
     assert!(out.contains("The connection to the target app the account lives in"), "{out}");
     assert!(out.contains("deletionPolicy"), "{out}");
-    let out = kubectl_ok(cp, &["explain", "keyrotationpolicies.spec.gracePeriod"]);
+    let out = explain("keyrotationpolicies.spec.gracePeriod").await;
     assert!(out.contains("How long a replaced key stays valid"), "{out}");
-    let out = kubectl_ok(cp, &["explain", "integrationaccounts"]);
+    let out = explain("integrationaccounts").await;
     assert!(out.contains("A dedicated account that one integration uses"), "{out}");
 }
 

@@ -11,7 +11,7 @@ mod scim_server;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{apply_yaml, control_plane, eventually, Operator, TestNamespace};
+use common::{apply_yaml, assert_subset, control_plane, eventually, stored_spec, Operator, TestNamespace};
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Condition};
 use keysmith::api::{AppConnection, IntegrationAccount, KeyState};
 use kube::{
@@ -91,35 +91,6 @@ async fn connection_ready(client: &Client, ns: &str, name: &str) -> Condition {
         status.common.conditions.into_iter().find(|c| c.type_ == "Ready")
     })
     .await
-}
-
-/// An object's spec as the apiserver stored it, read back through keysmith's types.
-async fn stored_spec<K>(client: &Client, ns: &str, name: &str) -> Value
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let object = Api::<K>::namespaced(client.clone(), ns).get(name).await.expect("stored");
-    serde_json::to_value(&object).expect("JSON")["spec"].clone()
-}
-
-/// Every field of `written` is in `stored`, with the same value (the
-/// apiserver may add defaults).
-fn assert_subset(written: &Value, stored: &Value, at: &str) {
-    match (written, stored) {
-        (Value::Object(written), Value::Object(stored)) => {
-            for (key, value) in written {
-                let at = format!("{at}.{key}");
-                assert_subset(value, stored.get(key).unwrap_or_else(|| panic!("{at} was dropped")), &at);
-            }
-        }
-        // 2 in YAML, 2.0 in a Rust f64.
-        (Value::Number(written), Value::Number(stored)) => assert_eq!(written.as_f64(), stored.as_f64(), "{at}"),
-        _ => assert_eq!(written, stored, "{at}"),
-    }
 }
 
 fn user_id(user: &Value) -> String {

@@ -213,3 +213,33 @@ pub async fn apply_yaml(client: &Client, namespace: &str, yaml: &str) {
         keysmith::manifest::apply(client, &object, "test").await.expect("apply");
     }
 }
+
+/// An object's spec as the apiserver stored it, read back through keysmith's types.
+pub async fn stored_spec<K>(client: &Client, ns: &str, name: &str) -> serde_json::Value
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object = Api::<K>::namespaced(client.clone(), ns).get(name).await.expect("stored");
+    serde_json::to_value(&object).expect("JSON")["spec"].clone()
+}
+
+/// Every field of `written` is in `stored`, with the same value (the
+/// apiserver may add defaults).
+pub fn assert_subset(written: &serde_json::Value, stored: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (written, stored) {
+        (Value::Object(written), Value::Object(stored)) => {
+            for (key, value) in written {
+                let at = format!("{at}.{key}");
+                assert_subset(value, stored.get(key).unwrap_or_else(|| panic!("{at} was dropped")), &at);
+            }
+        }
+        // 2 in YAML, 2.0 in a Rust f64.
+        (Value::Number(written), Value::Number(stored)) => assert_eq!(written.as_f64(), stored.as_f64(), "{at}"),
+        _ => assert_eq!(written, stored, "{at}"),
+    }
+}
