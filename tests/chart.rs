@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use common::{apply_yaml, eventually, Operator, OperatorOptions, TestNamespace};
+use common::{apply_yaml, eventually, ready_account, Operator, OperatorOptions, TestNamespace};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -585,18 +585,6 @@ async fn service_account_kubeconfig(cp: &ControlPlane, client: &Client, ns: &str
     let path = dir.join("keysmith-sa.kubeconfig");
     std::fs::write(&path, serde_yaml::to_string(&cp.kubeconfig_for_token(&token)).unwrap()).unwrap();
     path
-}
-
-async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
-    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
-        let account = api.get(name).await.ok()?;
-        let status = account.status.as_ref()?;
-        (status.common.observed_generation == account.metadata.generation
-            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .then_some(account)
-    })
-    .await
 }
 
 /// A client that authenticates with the kubeconfig keysmith wrote.

@@ -14,7 +14,7 @@ mod pg_server;
 
 use std::{path::Path, time::Duration};
 
-use common::{apply_yaml, control_plane, eventually, Operator, TestNamespace};
+use common::{apply_yaml, control_plane, eventually, ready_account, Operator, TestNamespace};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use keysmith::api::{AppConnection, IntegrationAccount, KeyRotationPolicy, KeyState, RoleBinding};
@@ -102,18 +102,6 @@ async fn ledger_fixtures(server: &PgServer) {
         )
         .await
         .expect("tables");
-}
-
-async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
-    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
-        let account = api.get(name).await.ok()?;
-        let status = account.status.as_ref()?;
-        (status.common.observed_generation == account.metadata.generation
-            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .then_some(account)
-    })
-    .await
 }
 
 async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> Option<String> {

@@ -9,9 +9,12 @@ mod common;
 #[path = "common/scim_server.rs"]
 mod scim_server;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use common::{apply_yaml, assert_subset, control_plane, eventually, stored_spec, Operator, TestNamespace};
+use common::{
+    apply_yaml, assert_subset, control_plane, eventually, ready_account, secret_data, stored_spec, Operator,
+    TestNamespace,
+};
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Condition};
 use keysmith::api::{AppConnection, IntegrationAccount, KeyState};
 use kube::{
@@ -65,23 +68,6 @@ async fn token_secret(client: &Client, ns: &str, name: &str, token: &str) {
     let secret: Secret =
         serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"token": token}})).expect("a Secret");
     Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.expect("create Secret");
-}
-
-async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
-    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
-        let account = api.get(name).await.ok()?;
-        let status = account.status.as_ref()?;
-        (status.common.observed_generation == account.metadata.generation
-            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .then_some(account)
-    })
-    .await
-}
-
-async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<BTreeMap<String, String>> {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await.ok()??;
-    secret.data?.into_iter().map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v))).collect()
 }
 
 async fn connection_ready(client: &Client, ns: &str, name: &str) -> Condition {

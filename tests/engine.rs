@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{apply_yaml, control_plane, eventually, Operator, TestNamespace};
+use common::{apply_yaml, control_plane, eventually, ready_account, Operator, TestNamespace};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Event, Secret, ServiceAccount},
     rbac::v1::{ClusterRoleBinding, RoleBinding as RbacRoleBinding},
@@ -31,18 +31,6 @@ fn quickstart() -> String {
 /// The quickstart, with the RoleBinding's scope pointed at the test namespace.
 async fn apply_quickstart(client: &Client, ns: &str) {
     apply_yaml(client, ns, &quickstart().replace("scope: quickstart", &format!("scope: {ns}"))).await;
-}
-
-async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
-    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
-        let account = api.get(name).await.ok()?;
-        let status = account.status.as_ref()?;
-        (status.common.observed_generation == account.metadata.generation
-            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .then_some(account)
-    })
-    .await
 }
 
 async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> Option<String> {

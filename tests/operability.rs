@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{apply_yaml, control_plane, eventually, free_port, Operator, OperatorOptions, TestNamespace};
+use common::{
+    apply_yaml, control_plane, eventually, free_port, ready_account, Operator, OperatorOptions, TestNamespace,
+};
 use k8s_openapi::api::{coordination::v1::Lease, rbac::v1::ClusterRoleBinding};
 use keysmith::{api::IntegrationAccount, controlplane::ControlPlane};
 use kube::{
@@ -47,18 +49,6 @@ fn account_yaml(name: &str) -> String {
     format!(
         "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: {name}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: {name}-key}}\n  rotationPolicyRef: {{name: policy}}\n"
     )
-}
-
-async fn ready_account(client: &Client, ns: &str, name: &str) -> IntegrationAccount {
-    let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), WAIT, || async {
-        let account = api.get(name).await.ok()?;
-        let status = account.status.as_ref()?;
-        (status.common.observed_generation == account.metadata.generation
-            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .then_some(account)
-    })
-    .await
 }
 
 /// GET `http://127.0.0.1:<port><path>`: status and body, or None if nothing answers.

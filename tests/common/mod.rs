@@ -243,3 +243,24 @@ pub fn assert_subset(written: &serde_json::Value, stored: &serde_json::Value, at
         _ => assert_eq!(written, stored, "{at}"),
     }
 }
+
+/// Waits (up to two minutes) until the IntegrationAccount has acted on its
+/// current generation and is Ready; returns it.
+pub async fn ready_account(client: &Client, ns: &str, name: &str) -> keysmith::api::IntegrationAccount {
+    let api: Api<keysmith::api::IntegrationAccount> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("IntegrationAccount {ns}/{name} Ready"), Duration::from_secs(120), || async {
+        let account = api.get(name).await.ok()?;
+        let status = account.status.as_ref()?;
+        (status.common.observed_generation == account.metadata.generation
+            && status.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .then_some(account)
+    })
+    .await
+}
+
+/// A Secret's data as text, if the Secret exists.
+pub async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let secret =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns).get_opt(name).await.ok()??;
+    secret.data?.into_iter().map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v))).collect()
+}
