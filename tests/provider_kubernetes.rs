@@ -698,7 +698,8 @@ async fn a_hand_made_binding_is_reported_and_revoked() {
     let hand_cluster =
         hand_made_cluster_binding(&client, "kp-hand-view", "view", vec![sa_subject(Some(&ns), "deployer")]).await;
     let everywhere = grant("view", Some("*"));
-    assert_eq!(provider.list_roles(&acct).await.unwrap(), vec![everywhere.clone()]);
+    // Someone else's change reaches the provider through its watch.
+    roles_eventually(&provider, &acct, vec![everywhere.clone()]).await;
     eventually("pods through the ClusterRoleBinding", 200, || list_pods(&sa, &other)).await;
     provider.revoke_role(&acct, &everywhere).await.unwrap();
     assert!(get_cluster_binding(&client, &hand_cluster).await.is_none());
@@ -914,6 +915,89 @@ async fn bindings_for_a_same_named_service_account_elsewhere_are_not_the_account
     drop_cluster_binding(&client, &their_cluster).await;
     drop_namespace(&client, &ns).await;
     drop_namespace(&client, &elsewhere).await;
+}
+
+/// Polls `list_roles` until it says `expected`: bindings someone else makes
+/// reach the provider through its watch, within milliseconds.
+async fn roles_eventually(provider: &KubernetesProvider, acct: &AccountRequest, expected: Vec<RoleGrant>) {
+    let start = Instant::now();
+    loop {
+        let roles = provider.list_roles(acct).await.expect("list_roles");
+        if roles == expected {
+            return;
+        }
+        assert!(start.elapsed() < SETTLE, "roles {roles:?}, expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn reading_roles_costs_no_request_per_account() {
+    // Its own user, so that the audit log tells its requests apart from the
+    // other tests'.
+    let (cp, admin_client) = admin().await;
+    let user = "user-5";
+    let rights = hand_made_cluster_binding(
+        &admin_client,
+        "kp-index-admin",
+        "cluster-admin",
+        vec![Subject {
+            kind: "User".to_owned(),
+            name: user.to_owned(),
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            ..Subject::default()
+        }],
+    )
+    .await;
+    let client = cp.client_for_token(cp.user_token(5).unwrap()).await.unwrap();
+    let start = Instant::now();
+    while Api::<Namespace>::all(client.clone()).list(&ListParams::default().limit(1)).await.is_err() {
+        assert!(start.elapsed() < SETTLE, "{user} never got cluster-admin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ns = namespace(&admin_client, "kp-index").await;
+    let provider = provider(cp, &client, false);
+    let accounts: Vec<AccountRequest> = (0..20).map(|i| account(&ns, &format!("robot-{i}"))).collect();
+    for acct in &accounts {
+        provider.create_account(acct).await.unwrap();
+        provider.grant_role(acct, &grant("view", None)).await.unwrap();
+    }
+
+    let mark = cp.audit_mark().unwrap();
+    for _ in 0..3 {
+        for acct in &accounts {
+            // Its own grant reads back at once, without waiting for the watch.
+            assert_eq!(provider.list_roles(acct).await.unwrap(), vec![grant("view", Some(&ns))]);
+        }
+    }
+    let reads: Vec<String> = cp
+        .audit_records_since(mark)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.user == user && matches!(r.resource.as_str(), "rolebindings" | "clusterrolebindings"))
+        .filter(|r| r.verb != "watch")
+        .map(|r| format!("{} {}", r.verb, r.request_uri))
+        .collect();
+    // One (paged) list per kind to start the watches, then nothing: 60 reads
+    // of 20 accounts' roles used to be 120 cluster-wide lists.
+    assert!(reads.len() <= 2, "{reads:#?}");
+
+    // Revoking updates what the provider reads at once, too.
+    provider.revoke_role(&accounts[0], &grant("view", None)).await.unwrap();
+    assert_eq!(provider.list_roles(&accounts[0]).await.unwrap(), vec![]);
+
+    drop_cluster_binding(&admin_client, &rights).await;
+    drop_namespace(&admin_client, &ns).await;
+}
+
+#[tokio::test]
+async fn reading_roles_with_a_credential_that_may_not_list_bindings_is_unauthorized() {
+    let (cp, _) = admin().await;
+    let user = cp.client_for_token(cp.user_token(2).unwrap()).await.unwrap();
+    let started = Instant::now();
+    let err = provider(cp, &user, false).list_roles(&account("default", "nobody")).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Unauthorized(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "reported at once, not after a timeout");
 }
 
 #[tokio::test]

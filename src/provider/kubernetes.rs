@@ -18,7 +18,7 @@
 //! and `keysmith.dev/account-uid=<IntegrationAccount uid>`, so it can be found
 //! by label and is never confused with objects someone else made.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
@@ -39,6 +39,7 @@ use kube::{
 use serde_json::json;
 
 use super::{
+    rbac_index::{index_entry, IndexedKind, RbacIndex},
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
@@ -95,6 +96,9 @@ pub struct KubernetesProvider {
     allow_cluster_scope: bool,
     tls_server_name: Option<String>,
     insecure_skip_tls_verify: bool,
+    /// Every RBAC binding that can give a ServiceAccount a role, fed by a
+    /// watch: reading an account's roles costs no request.
+    index: Arc<RbacIndex>,
 }
 
 impl fmt::Debug for KubernetesProvider {
@@ -120,6 +124,7 @@ impl KubernetesProvider {
             allow_cluster_scope,
             tls_server_name: None,
             insecure_skip_tls_verify: false,
+            index: Arc::new(RbacIndex::new()),
         }
     }
 
@@ -354,7 +359,7 @@ impl KubernetesProvider {
     /// else's lose the ServiceAccount (see [`release_binding`]). Bindings
     /// that neither keysmith made for the account nor name its
     /// ServiceAccount are never touched.
-    async fn revoke_from<B: Binding>(
+    async fn revoke_from<B: Binding + IndexedKind>(
         &self,
         api: &Api<B>,
         account: &AccountRequest,
@@ -369,6 +374,7 @@ impl KubernetesProvider {
         for binding in &owned {
             if let Some(name) = binding.meta().name.as_deref() {
                 delete_ignoring_not_found(api, name, binding.meta().uid.clone()).await?;
+                self.index.deleted(&index_entry(binding).0);
             }
         }
         if foreign.is_empty() {
@@ -383,7 +389,10 @@ impl KubernetesProvider {
             Some(_) => {}
         }
         for binding in &foreign {
-            release_binding(api, binding, account).await?;
+            match release_binding(api, binding, account).await? {
+                Some(patched) => self.index.applied(&patched),
+                None => self.index.deleted(&index_entry(binding).0),
+            }
         }
         Ok(())
     }
@@ -518,6 +527,7 @@ impl Provider for KubernetesProvider {
             if let (Some(name), Some(ns)) = (&binding.metadata.name, &binding.metadata.namespace) {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
                 delete_ignoring_not_found(&api, name, binding.metadata.uid.clone()).await?;
+                self.index.deleted(&index_entry(&binding).0);
             }
         }
         let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone());
@@ -525,6 +535,7 @@ impl Provider for KubernetesProvider {
         for binding in listed.items {
             if let Some(name) = &binding.metadata.name {
                 delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone()).await?;
+                self.index.deleted(&index_entry(&binding).0);
             }
         }
 
@@ -542,17 +553,10 @@ impl Provider for KubernetesProvider {
     }
 
     async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        // Two list calls, whatever the number of namespaces: hand-made
-        // bindings can be anywhere, and carry no label to select them by.
-        let params = ListParams::default();
-        let bindings = Api::<RoleBinding>::all(self.client.clone()).list(&params).await.map_err(classify)?;
-        let cluster_bindings =
-            Api::<ClusterRoleBinding>::all(self.client.clone()).list(&params).await.map_err(classify)?;
-        let mut grants: Vec<RoleGrant> =
-            held_grants(&bindings.items, account).chain(held_grants(&cluster_bindings.items, account)).collect();
-        grants.sort();
-        grants.dedup();
-        Ok(grants)
+        // From the watch-fed index: hand-made bindings can be anywhere and
+        // carry no label to select them by, and listing every binding in the
+        // cluster per account would cost O(accounts x bindings).
+        self.index.grants_for(&self.client, &account.owner_uid, sa_namespace(account), &account.name).await
     }
 
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
@@ -605,24 +609,24 @@ impl Provider for KubernetesProvider {
             Some(ns) => {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
                 let binding = RoleBinding { metadata, role_ref, subjects };
-                match api.create(&post_params(), &binding).await {
-                    Ok(_) => (true, None),
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        (false, Some(api.get(&name).await.map_err(classify)?.metadata))
-                    }
+                let (created, existing) = match api.create(&post_params(), &binding).await {
+                    Ok(made) => (true, made),
+                    Err(kube::Error::Api(s)) if s.code == 409 => (false, api.get(&name).await.map_err(classify)?),
                     Err(e) => return Err(classify(e)),
-                }
+                };
+                self.index.applied(&existing);
+                (created, Some(existing.metadata))
             }
             None => {
                 let api = Api::<ClusterRoleBinding>::all(self.client.clone());
                 let binding = ClusterRoleBinding { metadata, role_ref, subjects };
-                match api.create(&post_params(), &binding).await {
-                    Ok(_) => (true, None),
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        (false, Some(api.get(&name).await.map_err(classify)?.metadata))
-                    }
+                let (created, existing) = match api.create(&post_params(), &binding).await {
+                    Ok(made) => (true, made),
+                    Err(kube::Error::Api(s)) if s.code == 409 => (false, api.get(&name).await.map_err(classify)?),
                     Err(e) => return Err(classify(e)),
-                }
+                };
+                self.index.applied(&existing);
+                (created, Some(existing.metadata))
             }
         };
         match existing {
@@ -981,19 +985,7 @@ fn holds<B: Binding>(binding: &B, account: &AccountRequest) -> bool {
 /// The grant a binding stands for, with its effective scope (see
 /// [`Binding::scope`]). A namespaced Role reads as `Role/<name>`.
 fn grant_of<B: Binding>(binding: &B) -> Option<RoleGrant> {
-    let scope = binding.scope()?;
-    let role_ref = binding.role_ref();
-    let role = if role_ref.kind == "Role" {
-        format!("{NAMESPACED_ROLE_PREFIX}{}", role_ref.name)
-    } else {
-        role_ref.name.clone()
-    };
-    Some(RoleGrant { role, scope: Some(scope) })
-}
-
-/// The grants the account holds through `bindings`.
-fn held_grants<'a, B: Binding>(bindings: &'a [B], account: &'a AccountRequest) -> impl Iterator<Item = RoleGrant> + 'a {
-    bindings.iter().filter(move |b| holds(*b, account)).filter_map(grant_of)
+    super::rbac_index::grant(binding.scope(), binding.role_ref())
 }
 
 /// Takes the account's ServiceAccount out of a binding someone else made:
@@ -1002,10 +994,15 @@ fn held_grants<'a, B: Binding>(bindings: &'a [B], account: &'a AccountRequest) -
 /// binding being as read (its uid and resourceVersion), so a change made in
 /// between is never lost: the apiserver answers 409 and this returns
 /// [`ProviderError::Conflict`] for the caller to retry. Gone is fine.
-async fn release_binding<B: Binding>(api: &Api<B>, binding: &B, account: &AccountRequest) -> Result<(), ProviderError> {
+/// Returns the binding as patched, or `None` when it is gone.
+async fn release_binding<B: Binding>(
+    api: &Api<B>,
+    binding: &B,
+    account: &AccountRequest,
+) -> Result<Option<B>, ProviderError> {
     let meta = binding.meta();
     let Some(name) = meta.name.as_deref() else {
-        return Ok(());
+        return Ok(None);
     };
     let what = match binding.binding_namespace() {
         Some(ns) => format!("{} {ns}/{name}", B::KIND),
@@ -1021,18 +1018,18 @@ async fn release_binding<B: Binding>(api: &Api<B>, binding: &B, account: &Accoun
             }),
             ..DeleteParams::background()
         };
-        api.delete(name, &params).await.map(|_| ())
+        api.delete(name, &params).await.map(|_| None)
     } else {
         let patch = json!({
             "metadata": { "resourceVersion": meta.resource_version },
             "subjects": others,
         });
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
-        api.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+        api.patch(name, &params, &Patch::Merge(&patch)).await.map(Some)
     };
     match result {
-        Ok(()) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Ok(patched) => Ok(patched),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
         Err(kube::Error::Api(status)) if status.code == 409 => Err(ProviderError::Conflict(format!(
             "{what} changed while removing ServiceAccount {} from it: {}",
             sa_ref(account),

@@ -14,6 +14,7 @@ pub mod oauth2;
 pub mod oauth2_store;
 pub mod postgres;
 pub mod ratelimit;
+pub mod rbac_index;
 mod registry;
 pub mod scim;
 
