@@ -516,6 +516,55 @@ async fn a_full_resync_with_nothing_changed_makes_no_writes() {
     ns.delete().await;
 }
 
+/// Waits until the keysmith RoleBinding `name` reports Ready.
+async fn binding_ready(client: &Client, ns: &str, name: &str) {
+    eventually(&format!("RoleBinding {name} to be Ready"), WAIT, || async {
+        let b = Api::<RoleBinding>::namespaced(client.clone(), ns).get(name).await.ok()?;
+        b.status?.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_that_leaves_the_account_as_it_is_does_not_ask_the_target_app() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "unchanged").await;
+    let operator = Operator::start(cp, &ns.name, &[]);
+    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
+    ready_account(&client, &ns.name, "robot").await;
+    binding_ready(&client, &ns.name, "robot-roles").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A second RoleBinding declaring a role the account already holds: the
+    // account is reconciled (its bindings changed) but its target state is
+    // the same, and its last look at the target app is a second old.
+    let mark = cp.audit_mark().unwrap();
+    let again = binding_yaml(&ns.name, &["view"]).replace("name: robot-roles", "name: robot-roles-again");
+    apply_yaml(&client, &ns.name, &again).await;
+    binding_ready(&client, &ns.name, "robot-roles-again").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let logs = operator.stop().await;
+    assert!(logs.contains("unchanged since it converged"), "the account was not reconciled:\n{logs}");
+    let target: Vec<String> = cp
+        .audit_records_since(mark)
+        .unwrap()
+        .into_iter()
+        // Other tests' operators run as the same user, in their namespaces.
+        .filter(|r| r.user == keysmith::controlplane::OPERATOR_USER && r.namespace.as_deref() == Some(&ns.name))
+        .filter(|r| matches!(r.resource.as_str(), "serviceaccounts" | "rolebindings" | "secrets"))
+        .filter(|r| r.api_group.as_deref() != Some("keysmith.dev"))
+        .filter(|r| r.verb != "watch")
+        .map(|r| format!("{} {}", r.verb, r.request_uri))
+        .collect();
+    assert!(
+        target.is_empty(),
+        "the target app (this namespace's ServiceAccounts, RBAC and key anchors) was asked: {target:#?}"
+    );
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn a_cluster_connection_serves_only_the_namespaces_it_admits() {
     let cp = control_plane().await;

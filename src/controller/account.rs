@@ -153,6 +153,7 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
     let has_finalizer = account.finalizers().iter().any(|f| f == FINALIZER);
 
     if account.meta().deletion_timestamp.is_some() {
+        ctx.forget_converged(&key);
         if has_finalizer {
             deprovision(&account, &ctx).await?;
             remove_finalizer(&api, &account).await?;
@@ -169,7 +170,22 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
     let outcome = converge(&account, &ctx, &mut run).await;
     let status = run.finish(&account);
     if account.status.as_ref() != Some(&status) {
-        run.write_status(&api, &account, &ctx).await?;
+        if let Err(error) = run.write_status(&api, &account, &ctx).await {
+            ctx.forget_converged(&key);
+            return Err(error);
+        }
+    }
+    match (&outcome, run.memo) {
+        (_, Memo::Skipped) => {}
+        (Ok(_), Memo::Observed { inputs, delay }) if is_ready(&status) => {
+            let fingerprint = fingerprint(inputs, &status, status.current_key.as_ref().map(|k| k.id.as_str()));
+            ctx.set_converged(
+                &key,
+                fingerprint,
+                std::time::Instant::now() + delay.saturating_sub(Duration::from_secs(2)),
+            );
+        }
+        _ => ctx.forget_converged(&key),
     }
     match outcome {
         Ok(wait) => {
@@ -190,6 +206,21 @@ struct Run {
     /// status write is conditional on it, so two writers never interleave.
     resource_version: Option<String>,
     key: String,
+    /// Whether this reconcile observed the target app, and on what.
+    memo: Memo,
+}
+
+/// What a reconcile tells the next one about the target app.
+#[derive(Debug, Clone, Copy)]
+enum Memo {
+    /// It did not get as far as observing: the next one must.
+    Unknown,
+    /// It observed and acted on `inputs` (see [`inputs_hash`]), and nothing
+    /// is due for `delay`.
+    Observed { inputs: u64, delay: Duration },
+    /// It found the inputs of the last convergence unchanged and skipped the
+    /// target app; that convergence still stands.
+    Skipped,
 }
 
 impl Run {
@@ -200,6 +231,7 @@ impl Run {
             now: now(),
             resource_version: account.metadata.resource_version.clone(),
             key: key.to_owned(),
+            memo: Memo::Unknown,
         }
     }
 
@@ -464,6 +496,37 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         ));
     }
 
+    let desired = desired_roles(
+        account,
+        ctx.stores.bindings.state().iter().map(|b| b.as_ref()),
+        &connection.spec,
+        provider.default_scope(&request),
+    );
+
+    // A reconcile right after one that converged (triggered by its own
+    // status and Secret writes, or by a change that does not concern this
+    // account) has nothing to learn from the target app: skip it until the
+    // next rotation, revocation or drift check.
+    let policy_version = account.spec.rotation_policy_ref.as_ref().map(|r| {
+        ctx.stores
+            .policies
+            .get(&ObjectRef::new(&r.name).within(&request.namespace))
+            .map(|p| (p.uid(), p.meta().generation))
+    });
+    let inputs = inputs_hash(account, &connection, policy_version, &desired, secret_foreign);
+    let current = fingerprint(inputs, &run.status, secret_key_id.as_deref());
+    if let Some(left) = ctx.converged_for(&run.key, current) {
+        for type_ in [ACCOUNT_READY, ROLES_SYNCED, KEY_READY] {
+            if let Some(c) = run.status.common.conditions.iter().find(|c| c.type_ == type_) {
+                let kept = ConditionUpdate::truthy(type_, c.reason.clone(), c.message.clone());
+                run.condition(kept);
+            }
+        }
+        run.memo = Memo::Skipped;
+        tracing::debug!(?left, "unchanged since it converged; the target app is next checked then");
+        return Ok(Requeue::requeue(left));
+    }
+
     // Observe the target app.
     let observed = match provider.observe_account(&request).await {
         Ok(observed) => observed,
@@ -483,12 +546,6 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     } else {
         (BTreeSet::new(), Vec::new())
     };
-    let desired = desired_roles(
-        account,
-        ctx.stores.bindings.state().iter().map(|b| b.as_ref()),
-        &connection.spec,
-        provider.default_scope(&request),
-    );
     let max_keys = max_keys(&connection, provider.as_ref());
 
     let status = run.status.clone();
@@ -606,7 +663,44 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         .map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
         .unwrap_or(DRIFT_CHECK_INTERVAL)
         .min(DRIFT_CHECK_INTERVAL);
+    run.memo = Memo::Observed { inputs, delay };
     Ok(Requeue::requeue(delay))
+}
+
+/// Hashes what a reconcile acts on besides its own status and the output
+/// Secret's key: the account's spec (generation) and rotate-now request,
+/// the connection's spec, the rotation policy, the declared roles and
+/// whether the output Secret is someone else's. (A connection's credential
+/// Secret is not among them: a changed credential is picked up by the next
+/// drift check, or by any change that is.)
+fn inputs_hash(
+    account: &IntegrationAccount,
+    connection: &ResolvedConnection,
+    policy: Option<Option<(Option<String>, Option<i64>)>>,
+    desired: &BTreeSet<RoleGrant>,
+    secret_foreign: bool,
+) -> u64 {
+    hash_of((
+        account.uid(),
+        account.meta().generation,
+        account.annotations().get(ROTATE_NOW_ANNOTATION),
+        &connection.uid,
+        serde_json::to_string(&connection.spec).unwrap_or_default(),
+        policy,
+        desired,
+        secret_foreign,
+    ))
+}
+
+/// [`inputs_hash`] with the account's status and the key id the output
+/// Secret holds.
+fn fingerprint(inputs: u64, status: &IntegrationAccountStatus, secret_key_id: Option<&str>) -> u64 {
+    hash_of((inputs, serde_json::to_string(status).unwrap_or_default(), secret_key_id))
+}
+
+/// Whether `status` says Ready.
+fn is_ready(status: &IntegrationAccountStatus) -> bool {
+    status.common.conditions.iter().any(|c| c.type_ == READY && c.status == "True")
 }
 
 /// A provider failure becomes a condition; transient ones also retry.

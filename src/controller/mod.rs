@@ -145,6 +145,19 @@ pub struct Context {
     /// The resourceVersion of each object's last write by this process, to
     /// recognise a cache that has not caught up with it yet.
     written: Mutex<HashMap<String, u64>>,
+    /// Accounts whose last reconcile observed the target app and left them
+    /// Ready: what that reconcile acted on, and until when it stands.
+    converged: Mutex<HashMap<String, Converged>>,
+}
+
+/// An account's last full reconcile: the fingerprint of everything it acted
+/// on (spec, status, connection, provider, policy, declared roles, output
+/// Secret) and until when its observation of the target app stands (its
+/// next rotation, revocation or drift check).
+#[derive(Debug, Clone, Copy)]
+struct Converged {
+    fingerprint: u64,
+    until: std::time::Instant,
 }
 
 impl Context {
@@ -178,6 +191,30 @@ impl Context {
     pub fn is_stale(&self, key: &str, resource_version: Option<&str>) -> bool {
         let Some(cached) = resource_version.and_then(|v| v.parse::<u64>().ok()) else { return false };
         self.written.lock().ok().and_then(|w| w.get(key).copied()).is_some_and(|last| cached < last)
+    }
+
+    /// Records that `key` converged on the inputs `fingerprint` hashes, and
+    /// that nothing in the target app needs looking at before `until`.
+    pub fn set_converged(&self, key: &str, fingerprint: u64, until: std::time::Instant) {
+        if let Ok(mut converged) = self.converged.lock() {
+            converged.insert(key.to_owned(), Converged { fingerprint, until });
+        }
+    }
+
+    /// How long `key` may go without observing the target app: some time
+    /// when its last reconcile converged on exactly these inputs and that
+    /// still stands, else `None`.
+    pub fn converged_for(&self, key: &str, fingerprint: u64) -> Option<Duration> {
+        let converged = self.converged.lock().ok()?.get(key).copied()?;
+        let left = converged.until.checked_duration_since(std::time::Instant::now())?;
+        (converged.fingerprint == fingerprint && !left.is_zero()).then_some(left)
+    }
+
+    /// Forgets `key`'s convergence: the next reconcile observes the target app.
+    pub fn forget_converged(&self, key: &str) {
+        if let Ok(mut converged) = self.converged.lock() {
+            converged.remove(key);
+        }
     }
 
     fn reset_failures(&self, key: &str) {
@@ -326,6 +363,7 @@ pub async fn run_with(
         metrics: metrics.clone(),
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
+        converged: Mutex::new(HashMap::new()),
     });
 
     let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;

@@ -41,20 +41,26 @@ where
     let senders: Vec<mpsc::UnboundedSender<watcher::Event<K>>> = channels.iter().map(|(tx, _)| tx.clone()).collect();
     let receivers = channels.map(|(_, rx)| UnboundedReceiverStream::new(rx));
     let kind = K::kind(&()).into_owned();
-    let driver = watcher(api, config).default_backoff().reflect(writer).for_each(move |event| {
-        match event {
-            Ok(event) => {
-                if matches!(event, watcher::Event::InitDone) {
-                    tracing::debug!(%kind, "cache synced");
+    // managedFields are the largest part of most objects' metadata and no
+    // controller reads them: the caches keep everything else.
+    let driver = watcher(api, config)
+        .default_backoff()
+        .modify(|obj| obj.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        tracing::debug!(%kind, "cache synced");
+                    }
+                    for tx in &senders {
+                        let _ = tx.send(event.clone());
+                    }
                 }
-                for tx in &senders {
-                    let _ = tx.send(event.clone());
-                }
+                Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
             }
-            Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
-        }
-        futures::future::ready(())
-    });
+            futures::future::ready(())
+        });
     (Watched { store: reader, consumers: receivers }, driver)
 }
 
