@@ -14,7 +14,7 @@
 //! told apart in the apiserver audit log.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -130,6 +130,11 @@ struct RunResult {
     steady_window: Duration,
     steady: Requests,
     steady_provider_calls: f64,
+    /// Steady-state provider calls that only read (the drift check:
+    /// observe, list roles, list keys; and the connection re-check).
+    steady_provider_reads: f64,
+    /// Accounts whose drift check fell into the steady window.
+    steady_drift_checks: f64,
     hwm_ready_kib: u64,
     hwm_steady_kib: u64,
     hwm_storm_kib: u64,
@@ -275,11 +280,22 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
     eprintln!("   steady state for {} s", args.steady_secs);
     let mark = cp.audit_mark()?;
     let calls_before = operator.provider_calls().await?;
+    let by_op_before = operator.provider_calls_by_operation().await?;
     let steady_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
     let steady_window = steady_started.elapsed();
     let steady = Requests::from(&cp.audit_records_since(mark)?);
     let steady_provider_calls = operator.provider_calls().await? - calls_before;
+    let by_op = operator.provider_calls_by_operation().await?;
+    let delta = |op: &str| by_op.get(op).copied().unwrap_or(0.0) - by_op_before.get(op).copied().unwrap_or(0.0);
+    let steady_provider_reads: f64 = READ_OPERATIONS.iter().map(|op| delta(op)).sum();
+    let steady_drift_checks = delta("observe_account");
+    eprintln!("     steady provider calls by operation: {:?}", {
+        let mut ops: Vec<(String, f64)> =
+            by_op.keys().map(|op| (op.clone(), delta(op))).filter(|(_, d)| *d > 0.0).collect();
+        ops.sort_by(|a, b| a.0.cmp(&b.0));
+        ops
+    });
     let hwm_steady_kib = operator.hwm_kib()?;
 
     // Rotation storm: every account due at once.
@@ -302,6 +318,8 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
         steady_window,
         steady,
         steady_provider_calls,
+        steady_provider_reads,
+        steady_drift_checks,
         hwm_ready_kib,
         hwm_steady_kib,
         hwm_storm_kib,
@@ -576,6 +594,10 @@ impl Operator {
         provider_calls(&reqwest::Client::new(), &self.metrics_url()).await
     }
 
+    async fn provider_calls_by_operation(&self) -> Result<HashMap<String, f64>> {
+        provider_calls_by_operation(&reqwest::Client::new(), &self.metrics_url()).await
+    }
+
     /// Peak resident set size so far (VmHWM), in KiB.
     fn hwm_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
@@ -614,6 +636,21 @@ async fn provider_calls(http: &reqwest::Client, url: &str) -> Result<f64> {
         .filter_map(|l| l.rsplit(' ').next())
         .filter_map(|v| v.parse::<f64>().ok())
         .sum())
+}
+
+/// Provider operations that change nothing in the target app.
+const READ_OPERATIONS: [&str; 5] = ["observe_account", "list_roles", "list_keys", "verify_connection", "verify_key"];
+
+/// `keysmith_provider_requests_total` summed per `operation` label.
+async fn provider_calls_by_operation(http: &reqwest::Client, url: &str) -> Result<HashMap<String, f64>> {
+    let text = http.get(url).send().await?.error_for_status()?.text().await?;
+    let mut by_op = HashMap::new();
+    for line in text.lines().filter(|l| l.starts_with("keysmith_provider_requests_total{")) {
+        let Some(op) = line.split("operation=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        *by_op.entry(op.to_owned()).or_insert(0.0) += value;
+    }
+    Ok(by_op)
 }
 
 fn mib(kib: u64) -> String {
@@ -666,19 +703,21 @@ fn print_tables(args: &Args, results: &[RunResult]) {
         );
     }
     println!("\n### Steady state (N accounts unchanged)\n");
-    println!("| provider | N | window (s) | apiserver writes/min | of which events | apiserver reads/min | provider calls/min |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| provider | N | window (s) | apiserver writes/min | of which events | apiserver reads/min | provider calls/min | of which reads | accounts drift-checked |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in results.iter().filter(|r| r.unrelated == 0) {
         let minutes = r.steady_window.as_secs_f64() / 60.0;
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
             r.provider,
             r.n,
             r.steady_window.as_secs_f64(),
             r.steady.writes as f64 / minutes,
             (r.steady.writes - r.steady.writes_without_events()) as f64 / minutes,
             r.steady.reads as f64 / minutes,
-            r.steady_provider_calls / minutes
+            r.steady_provider_calls / minutes,
+            r.steady_provider_reads / minutes,
+            r.steady_drift_checks
         );
     }
     println!("\n### Operator peak RSS (VmHWM, MiB)\n");

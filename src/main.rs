@@ -224,13 +224,29 @@ struct RunFlags {
     /// How often candidates try to take the Lease and the leader renews it.
     #[arg(long, default_value = "2s", value_parser = keysmith::leader::parse_flag_duration)]
     leader_election_retry_period: Duration,
+    /// How often an account nothing has changed is re-read from its target
+    /// app to find and undo drift (roles or keys changed by hand). Each check
+    /// costs three read calls against the connection's rate budget: with N
+    /// accounts behind a connection, 3·N per interval.
+    #[arg(long, default_value = "10m", value_parser = parse_drift_interval)]
+    drift_check_interval: Duration,
+}
+
+/// A drift-check interval: a duration of at least one second.
+fn parse_drift_interval(text: &str) -> Result<Duration, String> {
+    let interval = keysmith::leader::parse_flag_duration(text)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!("{text:?} is shorter than the minimum of 1s"));
+    }
+    Ok(interval)
 }
 
 async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunFlags) -> anyhow::Result<()> {
     use keysmith::leader::{self, LeaderElector, LeaseSettings};
 
     let (client, config) = connect(kubeconfig).await?;
-    let options = controller::RunOptions { namespace, ..Default::default() };
+    let options =
+        controller::RunOptions { namespace, drift_check_interval: flags.drift_check_interval, ..Default::default() };
     let telemetry = controller::Telemetry::default();
     let election = flags.leader_elect.then(|| LeaseSettings {
         lease_duration: flags.leader_election_lease_duration,
@@ -411,4 +427,21 @@ fn helm_crd_template(
     }
     out.push_str("{{- end }}\n");
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_check_interval_is_a_duration_of_at_least_a_second() {
+        assert_eq!(parse_drift_interval("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_drift_interval("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_drift_interval("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["0s", "500ms", "", "ten minutes", "10"] {
+            assert!(parse_drift_interval(bad).is_err(), "{bad:?} accepted");
+        }
+        let flags = Cli::try_parse_from(["keysmith", "run", "--drift-check-interval", "0s"]);
+        assert!(flags.is_err(), "run accepts a zero drift-check interval");
+    }
 }

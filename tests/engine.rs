@@ -566,6 +566,34 @@ async fn a_change_that_leaves_the_account_as_it_is_does_not_ask_the_target_app()
 }
 
 #[tokio::test]
+async fn the_drift_check_undoes_a_hand_made_grant_without_any_change_to_the_account() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "drift").await;
+    let options = common::OperatorOptions { args: &["--drift-check-interval", "3s"], ..Default::default() };
+    let _operator = Operator::start_with(cp, &ns.name, &options);
+    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
+    ready_account(&client, &ns.name, "robot").await;
+
+    // Someone binds `edit` to the ServiceAccount by hand; nothing in the
+    // cluster tells keysmith's account controller, only its drift check.
+    let by_hand: RbacRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "by-hand"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": ns.name}]
+    }))
+    .unwrap();
+    let rbac: Api<RbacRoleBinding> = Api::namespaced(client.clone(), &ns.name);
+    rbac.create(&PostParams::default(), &by_hand).await.unwrap();
+    eventually("the drift check to remove the hand-made binding", WAIT, || async {
+        rbac.get_opt("by-hand").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn a_cluster_connection_serves_only_the_namespaces_it_admits() {
     let cp = control_plane().await;
     let client = cp.client().await.unwrap();

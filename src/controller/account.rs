@@ -47,7 +47,8 @@ pub const FINALIZER: &str = "keysmith.dev/deprovision";
 pub const ROTATE_NOW_ANNOTATION: &str = "keysmith.dev/rotate-now";
 /// The pod-template annotation that rolls a restart target.
 pub const RESTARTED_AT_ANNOTATION: &str = "keysmith.dev/restartedAt";
-/// How often an unchanged account is checked for drift in the target app.
+/// How often an unchanged account is checked for drift in the target app,
+/// unless `--drift-check-interval` says otherwise.
 pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 /// How many revoked key records status keeps as an audit trail.
 const REVOKED_RECORDS_KEPT: usize = 5;
@@ -661,8 +662,8 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         .min();
     let delay = wake
         .map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
-        .unwrap_or(DRIFT_CHECK_INTERVAL)
-        .min(DRIFT_CHECK_INTERVAL);
+        .unwrap_or(ctx.drift_check_interval)
+        .min(ctx.drift_check_interval);
     run.memo = Memo::Observed { inputs, delay };
     Ok(Requeue::requeue(delay))
 }

@@ -148,6 +148,8 @@ pub struct Context {
     /// Accounts whose last reconcile observed the target app and left them
     /// Ready: what that reconcile acted on, and until when it stands.
     converged: Mutex<HashMap<String, Converged>>,
+    /// How often an unchanged account is checked for drift.
+    pub drift_check_interval: Duration,
 }
 
 /// An account's last full reconcile: the fingerprint of everything it acted
@@ -274,11 +276,19 @@ pub struct RunOptions {
     /// Watch only this namespace (ClusterAppConnections are always watched
     /// cluster-wide). `None` watches every namespace.
     pub namespace: Option<String>,
+    /// How often an unchanged account is checked for drift in its target app
+    /// (three read calls per account against the connection's rate budget).
+    pub drift_check_interval: Duration,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { controller_name: "keysmith".into(), crd_timeout: Duration::from_secs(120), namespace: None }
+        Self {
+            controller_name: "keysmith".into(),
+            crd_timeout: Duration::from_secs(120),
+            namespace: None,
+            drift_check_interval: account::DRIFT_CHECK_INTERVAL,
+        }
     }
 }
 
@@ -364,6 +374,7 @@ pub async fn run_with(
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
         converged: Mutex::new(HashMap::new()),
+        drift_check_interval: options.drift_check_interval.max(Duration::from_secs(1)),
     });
 
     let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;
