@@ -34,7 +34,7 @@ use keysmith::{
 };
 use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
-    Api, Client,
+    Api, Client, ResourceExt,
 };
 use serde_json::json;
 
@@ -68,6 +68,17 @@ struct Args {
     /// Skip the rotation storm.
     #[arg(long)]
     no_storm: bool,
+    /// How the storm makes every account due at once: `scheduled` (the
+    /// KeyRotationPolicy gets a cron schedule for one minute, plus
+    /// `--storm-jitter`) or `manual` (every account annotated
+    /// keysmith.dev/rotate-now, which no jitter spreads).
+    #[arg(long, default_value = "scheduled")]
+    storm: String,
+    /// The policy's jitter for a scheduled storm, in seconds; 0 picks the
+    /// smallest that keeps the rotations within the budget:
+    /// N x 6 provider calls / rate, at least 10 s.
+    #[arg(long, default_value_t = 0)]
+    storm_jitter: u64,
     /// Give up waiting for Ready (or for a storm to finish) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -143,7 +154,16 @@ struct RunResult {
 
 #[derive(Debug, Default, Clone)]
 struct Storm {
+    /// `manual`, or `scheduled, jitter Ns`.
+    kind: String,
+    /// From the annotation (manual) or the scheduled minute until every
+    /// account had rotated and was Ready again.
     duration: Duration,
+    /// Seconds after the scheduled minute at which the first, median and
+    /// last new key was published (scheduled storms).
+    published: Option<[f64; 3]>,
+    /// The most new keys published within any 10 s (scheduled storms).
+    max_published_10s: usize,
     provider_calls: f64,
     max_rate_1s: f64,
     /// The largest excess over the token bucket's bound (burst + rate × t) in
@@ -165,6 +185,9 @@ fn main() -> Result<()> {
 }
 
 async fn run_all(args: Args) -> Result<()> {
+    if !["scheduled", "manual"].contains(&args.storm.as_str()) {
+        bail!("--storm {:?}: scheduled or manual", args.storm);
+    }
     println!("{}", machine());
     println!("args: {args:?}\n");
     let mut results = Vec::new();
@@ -353,32 +376,36 @@ async fn storm(
             samples
         })
     };
-    let stamp = format!("storm-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
-    let started = Instant::now();
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    let patch = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": stamp}}});
-    stream::iter(0..n)
-        .map(|i| {
-            let accounts = accounts.clone();
-            let patch = patch.clone();
-            async move { accounts.patch(&account_name(i), &PatchParams::default(), &Patch::Merge(&patch)).await }
-        })
-        .buffer_unordered(args.client_concurrency)
-        .try_collect::<Vec<_>>()
-        .await?;
-    poll(operator, "every account rotated", timeout, || async {
-        let list = accounts.list(&ListParams::default()).await?;
-        Ok(list
-            .items
-            .iter()
-            .filter(|a| {
-                is_ready(a) && a.status.as_ref().and_then(|s| s.last_rotation_request.as_deref()) == Some(&stamp)
+    let (kind, duration, published, max_published_10s) = if args.storm == "manual" {
+        let stamp = format!("storm-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
+        let started = Instant::now();
+        let patch = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": stamp}}});
+        stream::iter(0..n)
+            .map(|i| {
+                let accounts = accounts.clone();
+                let patch = patch.clone();
+                async move { accounts.patch(&account_name(i), &PatchParams::default(), &Patch::Merge(&patch)).await }
             })
-            .count()
-            >= n)
-    })
-    .await?;
-    let duration = started.elapsed();
+            .buffer_unordered(args.client_concurrency)
+            .try_collect::<Vec<_>>()
+            .await?;
+        poll(operator, "every account rotated", timeout, || async {
+            let list = accounts.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .filter(|a| {
+                    is_ready(a) && a.status.as_ref().and_then(|s| s.last_rotation_request.as_deref()) == Some(&stamp)
+                })
+                .count()
+                >= n)
+        })
+        .await?;
+        ("manual (rotate-now)".to_owned(), started.elapsed(), None, 0)
+    } else {
+        scheduled_storm(args, client, operator, n, timeout).await?
+    };
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await?;
     let requests = Requests::from(&cp.audit_records_since(mark)?);
@@ -400,7 +427,91 @@ async fn storm(
         (Some(first), Some(last)) => last.1 - first.1,
         _ => 0.0,
     };
-    Ok(Storm { duration, provider_calls, max_rate_1s, max_excess: max_excess.max(0.0), requests })
+    Ok(Storm {
+        kind,
+        duration,
+        published,
+        max_published_10s,
+        provider_calls,
+        max_rate_1s,
+        max_excess: max_excess.max(0.0),
+        requests,
+    })
+}
+
+/// Every account due in the same minute: the policy gets a daily cron
+/// schedule for a minute far enough ahead for every account to have
+/// recomputed its next rotation, plus a jitter. Returns the storm's kind,
+/// the time from that minute until all had rotated, the publish times of the
+/// new keys (first, median, last, in seconds after the minute) and the most
+/// published in any 10 s.
+async fn scheduled_storm(
+    args: &Args,
+    client: &Client,
+    operator: &Operator,
+    n: usize,
+    timeout: Duration,
+) -> Result<(String, Duration, Option<[f64; 3]>, usize)> {
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), NAMESPACE);
+    let current_key =
+        |a: &IntegrationAccount| a.status.as_ref().and_then(|s| s.current_key.as_ref()).map(|k| k.id.clone());
+    let before: BTreeMap<String, Option<String>> =
+        accounts.list(&ListParams::default()).await?.items.iter().map(|a| (a.name_any(), current_key(a))).collect();
+    let jitter = match args.storm_jitter {
+        0 => ((n as f64 * 6.0 / args.rate).ceil() as u64).max(10),
+        j => j,
+    };
+    // The policy change reaches every account as one status write each
+    // (the next rotation), no provider call: allow ~100 writes/s, plus a minute.
+    let lead = Duration::from_secs(60 + n as u64 / 100);
+    let now = jiff::Timestamp::now();
+    let minute = now
+        .checked_add(jiff::SignedDuration::try_from(lead)?)?
+        .round(jiff::TimestampRound::new().smallest(jiff::Unit::Minute).mode(jiff::RoundMode::Ceil))?;
+    let at = minute.to_zoned(jiff::tz::TimeZone::UTC);
+    let cron = format!("{} {} * * *", at.minute(), at.hour());
+    let policies: Api<KeyRotationPolicy> = Api::namespaced(client.clone(), NAMESPACE);
+    let patch = json!({"spec": {"schedule": cron, "timeZone": "UTC", "jitter": format!("{jitter}s")}});
+    policies.patch("bench", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    eprintln!("   every account due at {minute} (cron {cron:?}), jitter {jitter} s");
+    let wait = Duration::try_from(minute.duration_since(jiff::Timestamp::now())).unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    let started = Instant::now();
+    poll(operator, "every account rotated", timeout, || async {
+        let list = accounts.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|a| is_ready(a) && current_key(a).is_some() && before.get(&a.name_any()) != Some(&current_key(a)))
+            .count()
+            >= n)
+    })
+    .await?;
+    let duration = started.elapsed();
+    let mut offsets: Vec<f64> = accounts
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|a| {
+            let status = a.status.as_ref()?;
+            let id = &status.current_key.as_ref()?.id;
+            let record = status.keys.iter().find(|k| &k.id == id)?;
+            Some(record.published_at.as_ref()?.0.duration_since(minute).as_secs_f64())
+        })
+        .collect();
+    offsets.sort_by(f64::total_cmp);
+    let published = (!offsets.is_empty()).then(|| [offsets[0], offsets[offsets.len() / 2], offsets[offsets.len() - 1]]);
+    let max_published_10s = offsets
+        .iter()
+        .enumerate()
+        .map(|(i, t0)| offsets[i..].iter().take_while(|t| **t < t0 + 10.0).count())
+        .max()
+        .unwrap_or(0);
+    // Back to the plain period, so that nothing else falls due.
+    let patch = json!({"spec": {"schedule": null, "jitter": null}});
+    policies.patch("bench", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok((format!("scheduled, jitter {jitter} s"), duration, published, max_published_10s))
 }
 
 fn is_ready(account: &IntegrationAccount) -> bool {
@@ -734,20 +845,21 @@ fn print_tables(args: &Args, results: &[RunResult]) {
             mib(r.hwm_storm_kib)
         );
     }
-    println!(
-        "\n### Rotation storm (all N annotated keysmith.dev/rotate-now at once; budget {} req/s, burst {})\n",
-        args.rate, args.burst
-    );
-    println!("| provider | N | unrelated Secrets | time until all rotated (s) | provider calls | mean calls/s | max calls in 1 s | max excess over burst + rate*t | writes/account (excl. events) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n### Rotation storm (every account due at once; budget {} req/s, burst {})\n", args.rate, args.burst);
+    println!("| provider | N | unrelated Secrets | storm | time until all rotated (s) | new keys published at (s after due: first / median / last) | most published in 10 s | provider calls | mean calls/s | max calls in 1 s | max excess over burst + rate*t | writes/account (excl. events) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         if let Some(s) = &r.storm {
+            let published = s.published.map_or("-".to_owned(), |[a, b, c]| format!("{a:.0} / {b:.0} / {c:.0}"));
             println!(
-                "| {} | {} | {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
+                "| {} | {} | {} | {} | {:.1} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} |",
                 r.provider,
                 r.n,
                 r.unrelated,
+                s.kind,
                 s.duration.as_secs_f64(),
+                published,
+                s.max_published_10s,
                 s.provider_calls,
                 s.provider_calls / s.duration.as_secs_f64(),
                 s.max_rate_1s,

@@ -544,6 +544,27 @@ async fn a_change_that_leaves_the_account_as_it_is_does_not_ask_the_target_app()
     let again = binding_yaml(&ns.name, &["view"]).replace("name: robot-roles", "name: robot-roles-again");
     apply_yaml(&client, &ns.name, &again).await;
     binding_ready(&client, &ns.name, "robot-roles-again").await;
+
+    // A shorter rotation period moves the next rotation, computed from the
+    // current key alone: nothing is due yet, so nothing needs the target
+    // app either. (A longer one could not: the token expires a day after it
+    // was issued, plus the grace period.)
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let next_rotation = |a: IntegrationAccount| a.status.and_then(|s| s.next_rotation_at).map(|t| t.0);
+    let before = next_rotation(accounts.get("robot").await.unwrap()).expect("a next rotation");
+    let policies: Api<keysmith::api::KeyRotationPolicy> = Api::namespaced(client.clone(), &ns.name);
+    policies
+        .patch("policy", &PatchParams::default(), &Patch::Merge(json!({"spec": {"rotateEvery": "12h"}})))
+        .await
+        .unwrap();
+    let after = eventually("the next rotation to move 12 hours earlier", WAIT, || async {
+        let next = next_rotation(accounts.get("robot").await.ok()?)?;
+        (next != before).then_some(next)
+    })
+    .await;
+    let robot = accounts.get("robot").await.unwrap();
+    let issued = robot.status.and_then(|s| s.current_key).expect("a current key").issued_at.0;
+    assert_eq!(after.duration_since(issued).as_secs(), 12 * 3600, "the policy has no jitter");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let logs = operator.stop().await;
     assert!(logs.contains("unchanged since it converged"), "the account was not reconciled:\n{logs}");

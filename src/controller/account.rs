@@ -508,24 +508,36 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // status and Secret writes, or by a change that does not concern this
     // account) has nothing to learn from the target app: skip it until the
     // next rotation, revocation or drift check.
-    let policy_version = account.spec.rotation_policy_ref.as_ref().map(|r| {
-        ctx.stores
-            .policies
-            .get(&ObjectRef::new(&r.name).within(&request.namespace))
-            .map(|p| (p.uid(), p.meta().generation))
-    });
-    let inputs = inputs_hash(account, &connection, policy_version, &desired, secret_foreign);
+    // A changed rotation policy alone needs no look either: the next
+    // rotation is recomputed from the current key, and a rotation now due
+    // takes the full path.
+    let inputs = inputs_hash(account, &connection, &desired, secret_foreign);
     let current = fingerprint(inputs, &run.status, secret_key_id.as_deref());
-    if let Some(left) = ctx.converged_for(&run.key, current) {
-        for type_ in [ACCOUNT_READY, ROLES_SYNCED, KEY_READY] {
-            if let Some(c) = run.status.common.conditions.iter().find(|c| c.type_ == type_) {
-                let kept = ConditionUpdate::truthy(type_, c.reason.clone(), c.message.clone());
-                run.condition(kept);
+    let next_rotation = run.status.current_key.as_ref().and_then(|c| {
+        plan::rotation_due(
+            schedule.as_ref(),
+            c.issued_at.0,
+            c.expires_at.as_ref().map(|t| t.0),
+            &plan::seed_for(&request.owner_uid, &c.id),
+        )
+        .map(whole_seconds)
+    });
+    let rotation_in = next_rotation.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO));
+    match ctx.converged_for(&run.key, current) {
+        Some(left) if !keys_blocked && rotation_in.is_none_or(|d| !d.is_zero()) => {
+            for type_ in [ACCOUNT_READY, ROLES_SYNCED, KEY_READY] {
+                if let Some(c) = run.status.common.conditions.iter().find(|c| c.type_ == type_) {
+                    let kept = ConditionUpdate::truthy(type_, c.reason.clone(), c.message.clone());
+                    run.condition(kept);
+                }
             }
+            run.status.next_rotation_at = next_rotation.map(Time);
+            let wait = rotation_in.map_or(left, |d| left.min(d + Duration::from_secs(1)));
+            run.memo = Memo::Skipped;
+            tracing::debug!(?wait, "unchanged since it converged; the target app is next checked then");
+            return Ok(Requeue::requeue(wait));
         }
-        run.memo = Memo::Skipped;
-        tracing::debug!(?left, "unchanged since it converged; the target app is next checked then");
-        return Ok(Requeue::requeue(left));
+        _ => {}
     }
 
     // Observe the target app.
@@ -660,24 +672,38 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
                 .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
         )
         .min();
-    let delay = wake
-        .map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
-        .unwrap_or(ctx.drift_check_interval)
-        .min(ctx.drift_check_interval);
-    run.memo = Memo::Observed { inputs, delay };
+    let until = |wake: Option<Timestamp>| {
+        wake.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
+            .unwrap_or(ctx.drift_check_interval)
+            .min(ctx.drift_check_interval)
+    };
+    let delay = until(wake);
+    // The memo stands until the next revocation or drift check; the next
+    // rotation is recomputed on every skip (the policy may change).
+    let revoke_wake = [plan.wake_at]
+        .into_iter()
+        .flatten()
+        .chain(
+            run.status
+                .keys
+                .iter()
+                .filter(|k| k.state == KeyState::Retiring)
+                .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
+        )
+        .min();
+    run.memo = Memo::Observed { inputs, delay: until(revoke_wake) };
     Ok(Requeue::requeue(delay))
 }
 
-/// Hashes what a reconcile acts on besides its own status and the output
-/// Secret's key: the account's spec (generation) and rotate-now request,
-/// the connection's spec, the rotation policy, the declared roles and
+/// Hashes what a reconcile acts on besides its own status, the output
+/// Secret's key and the rotation policy: the account's spec (generation)
+/// and rotate-now request, the connection's spec, the declared roles and
 /// whether the output Secret is someone else's. (A connection's credential
 /// Secret is not among them: a changed credential is picked up by the next
 /// drift check, or by any change that is.)
 fn inputs_hash(
     account: &IntegrationAccount,
     connection: &ResolvedConnection,
-    policy: Option<Option<(Option<String>, Option<i64>)>>,
     desired: &BTreeSet<RoleGrant>,
     secret_foreign: bool,
 ) -> u64 {
@@ -687,16 +713,16 @@ fn inputs_hash(
         account.annotations().get(ROTATE_NOW_ANNOTATION),
         &connection.uid,
         serde_json::to_string(&connection.spec).unwrap_or_default(),
-        policy,
         desired,
         secret_foreign,
     ))
 }
 
-/// [`inputs_hash`] with the account's status and the key id the output
-/// Secret holds.
+/// [`inputs_hash`] with the account's status (but its next rotation, which
+/// follows from the policy) and the key id the output Secret holds.
 fn fingerprint(inputs: u64, status: &IntegrationAccountStatus, secret_key_id: Option<&str>) -> u64 {
-    hash_of((inputs, serde_json::to_string(status).unwrap_or_default(), secret_key_id))
+    let status = IntegrationAccountStatus { next_rotation_at: None, ..status.clone() };
+    hash_of((inputs, serde_json::to_string(&status).unwrap_or_default(), secret_key_id))
 }
 
 /// Whether `status` says Ready.
