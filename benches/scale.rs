@@ -33,7 +33,7 @@ use keysmith::{
     controlplane::{AuditRecord, ControlPlane, OPERATOR_USER},
 };
 use kube::{
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams, PostParams},
     Api, Client, ResourceExt,
 };
 use serde_json::json;
@@ -274,6 +274,9 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
     }))?;
     Api::<KeyRotationPolicy>::namespaced(client.clone(), NAMESPACE).create(&PostParams::default(), &policy).await?;
 
+    // The harness follows the accounts through a watch: listing thousands
+    // of them every second would make the harness the apiserver's main load.
+    let watched = Watched::start(&client).await?;
     let operator = Operator::start(cp, noop)?;
     operator.wait_ready(Duration::from_secs(120)).await?;
     wait_connection_ready(&client, Duration::from_secs(60)).await?;
@@ -284,10 +287,8 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
     let started = Instant::now();
     eprintln!("   creating {n} IntegrationAccounts");
     create_accounts(&client, n, args.client_concurrency).await?;
-    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), NAMESPACE);
     poll(&operator, "every account Ready", timeout, || async {
-        let list = accounts.list(&ListParams::default()).await?;
-        Ok(list.items.iter().filter(|a| is_ready(a)).count() >= n)
+        Ok(watched.store.state().iter().filter(|a| is_ready(a)).count() >= n)
     })
     .await?;
     let ready = started.elapsed();
@@ -326,10 +327,11 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
         None
     } else {
         eprintln!("   rotation storm");
-        Some(storm(args, cp, &client, &operator, n, timeout).await?)
+        Some(storm(args, cp, &client, &watched, &operator, n, timeout).await?)
     };
     let hwm_storm_kib = operator.hwm_kib()?;
     operator.stop().await;
+    watched.task.abort();
 
     Ok(RunResult {
         provider: provider.into(),
@@ -354,6 +356,7 @@ async fn storm(
     args: &Args,
     cp: &ControlPlane,
     client: &Client,
+    watched: &Watched,
     operator: &Operator,
     n: usize,
     timeout: Duration,
@@ -391,9 +394,9 @@ async fn storm(
             .try_collect::<Vec<_>>()
             .await?;
         poll(operator, "every account rotated", timeout, || async {
-            let list = accounts.list(&ListParams::default()).await?;
-            Ok(list
-                .items
+            Ok(watched
+                .store
+                .state()
                 .iter()
                 .filter(|a| {
                     is_ready(a) && a.status.as_ref().and_then(|s| s.last_rotation_request.as_deref()) == Some(&stamp)
@@ -404,7 +407,7 @@ async fn storm(
         .await?;
         ("manual (rotate-now)".to_owned(), started.elapsed(), None, 0)
     } else {
-        scheduled_storm(args, client, operator, n, timeout).await?
+        scheduled_storm(args, client, watched, operator, n, timeout).await?
     };
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await?;
@@ -448,15 +451,15 @@ async fn storm(
 async fn scheduled_storm(
     args: &Args,
     client: &Client,
+    watched: &Watched,
     operator: &Operator,
     n: usize,
     timeout: Duration,
 ) -> Result<(String, Duration, Option<[f64; 3]>, usize)> {
-    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), NAMESPACE);
     let current_key =
         |a: &IntegrationAccount| a.status.as_ref().and_then(|s| s.current_key.as_ref()).map(|k| k.id.clone());
     let before: BTreeMap<String, Option<String>> =
-        accounts.list(&ListParams::default()).await?.items.iter().map(|a| (a.name_any(), current_key(a))).collect();
+        watched.store.state().iter().map(|a| (a.name_any(), current_key(a))).collect();
     let jitter = match args.storm_jitter {
         0 => ((n as f64 * 6.0 / args.rate).ceil() as u64).max(10),
         j => j,
@@ -478,9 +481,9 @@ async fn scheduled_storm(
     tokio::time::sleep(wait).await;
     let started = Instant::now();
     poll(operator, "every account rotated", timeout, || async {
-        let list = accounts.list(&ListParams::default()).await?;
-        Ok(list
-            .items
+        Ok(watched
+            .store
+            .state()
             .iter()
             .filter(|a| is_ready(a) && current_key(a).is_some() && before.get(&a.name_any()) != Some(&current_key(a)))
             .count()
@@ -488,10 +491,9 @@ async fn scheduled_storm(
     })
     .await?;
     let duration = started.elapsed();
-    let mut offsets: Vec<f64> = accounts
-        .list(&ListParams::default())
-        .await?
-        .items
+    let mut offsets: Vec<f64> = watched
+        .store
+        .state()
         .iter()
         .filter_map(|a| {
             let status = a.status.as_ref()?;
@@ -623,6 +625,24 @@ where
             bail!("timed out after {timeout:?} waiting for {what}; operator log: {}", operator.log_tail());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The bench namespace's IntegrationAccounts, as a watch keeps them.
+struct Watched {
+    store: kube::runtime::reflector::Store<IntegrationAccount>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watched {
+    async fn start(client: &Client) -> Result<Self> {
+        use kube::runtime::{reflector, watcher, WatchStreamExt};
+        let (store, writer) = reflector::store();
+        let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), NAMESPACE);
+        let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+        let task = tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+        store.wait_until_ready().await.map_err(|e| anyhow!("watching IntegrationAccounts: {e}"))?;
+        Ok(Self { store, task })
     }
 }
 
