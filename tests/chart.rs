@@ -170,6 +170,7 @@ fn the_deployment_runs_keysmith_hardened() {
             "--log-level=info",
             "--log-format=json",
             "--metrics-addr=0.0.0.0:8080",
+            "--drift-check-interval=10m",
             "--leader-elect",
             "--leader-election-namespace=ops"
         ])
@@ -190,12 +191,22 @@ fn the_deployment_runs_keysmith_hardened() {
     // The values that shape the arguments.
     let objects = render(
         "keysmith",
-        &["--set", "watchNamespace=team,logLevel=debug,logFormat=text,leaderElection.enabled=false,replicas=1"],
+        &[
+            "--set",
+            "watchNamespace=team,logLevel=debug,logFormat=text,leaderElection.enabled=false,replicas=1,driftCheckInterval=1h",
+        ],
     );
     let args = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
     assert_eq!(
         *args,
-        json!(["run", "--log-level=debug", "--log-format=text", "--metrics-addr=0.0.0.0:8080", "--namespace=team"])
+        json!([
+            "run",
+            "--log-level=debug",
+            "--log-format=text",
+            "--metrics-addr=0.0.0.0:8080",
+            "--drift-check-interval=1h",
+            "--namespace=team"
+        ])
     );
     assert!(of_kind(&objects, "Role").is_empty(), "no Lease rights without leader election");
 }

@@ -917,6 +917,11 @@ async fn bindings_for_a_same_named_service_account_elsewhere_are_not_the_account
     drop_namespace(&client, &elsewhere).await;
 }
 
+/// The ids of the account's keys, as the provider lists them.
+async fn key_ids(provider: &KubernetesProvider, acct: &AccountRequest) -> Vec<String> {
+    provider.list_keys(acct).await.expect("list_keys").into_iter().map(|k| k.id).collect()
+}
+
 /// Polls `list_roles` until it says `expected`: bindings someone else makes
 /// reach the provider through its watch, within milliseconds.
 async fn roles_eventually(provider: &KubernetesProvider, acct: &AccountRequest, expected: Vec<RoleGrant>) {
@@ -932,7 +937,7 @@ async fn roles_eventually(provider: &KubernetesProvider, acct: &AccountRequest, 
 }
 
 #[tokio::test]
-async fn reading_roles_costs_no_request_per_account() {
+async fn reading_roles_and_keys_costs_no_request_per_account() {
     // Its own user, so that the audit log tells its requests apart from the
     // other tests'.
     let (cp, admin_client) = admin().await;
@@ -958,33 +963,48 @@ async fn reading_roles_costs_no_request_per_account() {
     let ns = namespace(&admin_client, "kp-index").await;
     let provider = provider(cp, &client, false);
     let accounts: Vec<AccountRequest> = (0..20).map(|i| account(&ns, &format!("robot-{i}"))).collect();
+    // One account's key is issued before the watches start (as by an
+    // earlier process), the others' after.
+    provider.create_account(&accounts[0]).await.unwrap();
+    provider.issue_key(&accounts[0], &key_request("early")).await.unwrap();
+    assert_eq!(key_ids(&provider, &accounts[0]).await, vec!["early"]);
     for acct in &accounts {
         provider.create_account(acct).await.unwrap();
         provider.grant_role(acct, &grant("view", None)).await.unwrap();
     }
+    for acct in &accounts[1..] {
+        // Its own key reads back at once, without waiting for the watch.
+        provider.issue_key(acct, &key_request("k1")).await.unwrap();
+        assert_eq!(key_ids(&provider, acct).await, vec!["k1"]);
+    }
 
+    // The first read of roles starts the binding watches (one paged list each).
+    provider.list_roles(&accounts[0]).await.unwrap();
     let mark = cp.audit_mark().unwrap();
     for _ in 0..3 {
         for acct in &accounts {
             // Its own grant reads back at once, without waiting for the watch.
             assert_eq!(provider.list_roles(acct).await.unwrap(), vec![grant("view", Some(&ns))]);
+            assert_eq!(provider.list_keys(acct).await.unwrap().len(), 1);
         }
     }
     let reads: Vec<String> = cp
         .audit_records_since(mark)
         .unwrap()
         .into_iter()
-        .filter(|r| r.user == user && matches!(r.resource.as_str(), "rolebindings" | "clusterrolebindings"))
+        .filter(|r| r.user == user && matches!(r.resource.as_str(), "rolebindings" | "clusterrolebindings" | "secrets"))
         .filter(|r| r.verb != "watch")
         .map(|r| format!("{} {}", r.verb, r.request_uri))
         .collect();
-    // One (paged) list per kind to start the watches, then nothing: 60 reads
-    // of 20 accounts' roles used to be 120 cluster-wide lists.
-    assert!(reads.len() <= 2, "{reads:#?}");
+    // The watches started before the mark; 60 reads of 20 accounts' roles
+    // and keys used to be 120 cluster-wide binding lists and 60 Secret lists.
+    assert!(reads.is_empty(), "{reads:#?}");
 
     // Revoking updates what the provider reads at once, too.
     provider.revoke_role(&accounts[0], &grant("view", None)).await.unwrap();
     assert_eq!(provider.list_roles(&accounts[0]).await.unwrap(), vec![]);
+    provider.revoke_key(&accounts[1], "k1").await.unwrap();
+    assert_eq!(key_ids(&provider, &accounts[1]).await, Vec::<String>::new());
 
     drop_cluster_binding(&admin_client, &rights).await;
     drop_namespace(&admin_client, &ns).await;

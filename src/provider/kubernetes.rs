@@ -39,7 +39,7 @@ use kube::{
 use serde_json::json;
 
 use super::{
-    rbac_index::{index_entry, IndexedKind, RbacIndex},
+    watch_index::{AnchorIndex, Indexed, IndexedBinding, RbacIndex, WatchIndex},
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
@@ -99,6 +99,9 @@ pub struct KubernetesProvider {
     /// Every RBAC binding that can give a ServiceAccount a role, fed by a
     /// watch: reading an account's roles costs no request.
     index: Arc<RbacIndex>,
+    /// Every key anchor Secret (metadata), fed by a watch: reading an
+    /// account's keys costs no request.
+    anchors: Arc<AnchorIndex>,
 }
 
 impl fmt::Debug for KubernetesProvider {
@@ -124,7 +127,8 @@ impl KubernetesProvider {
             allow_cluster_scope,
             tls_server_name: None,
             insecure_skip_tls_verify: false,
-            index: Arc::new(RbacIndex::new()),
+            index: Arc::new(WatchIndex::new("RoleBindings and ClusterRoleBindings")),
+            anchors: Arc::new(WatchIndex::new("key anchor Secrets")),
         }
     }
 
@@ -216,22 +220,17 @@ impl KubernetesProvider {
     }
 
     /// The key anchors of the account (in the ServiceAccount's namespace).
-    async fn list_anchors(&self, account: &AccountRequest) -> Result<Vec<Secret>, ProviderError> {
-        let selector = format!("{},{KEY_ID_LABEL}", owned_selector(account));
-        let anchors = self
-            .secrets(sa_namespace(account))
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(classify)?;
-        Ok(anchors.items.into_iter().filter(|s| s.type_.as_deref() == Some(KEY_ANCHOR_TYPE)).collect())
-    }
-
     /// Deletes every key anchor of the account, revoking all its tokens.
     async fn revoke_all_keys(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        let secrets = self.secrets(sa_namespace(account));
-        for anchor in self.list_anchors(account).await? {
-            if let Some(name) = anchor.metadata.name.as_deref() {
-                delete_ignoring_not_found(&secrets, name, anchor.metadata.uid.clone()).await?;
+        let namespace = sa_namespace(account);
+        let secrets = self.secrets(namespace);
+        for name in self.anchors.anchors_of(&self.client, &account.owner_uid, namespace).await? {
+            match secrets.get_opt(&name).await.map_err(classify)? {
+                Some(anchor) if is_owned(&anchor.metadata, account) => {
+                    delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid.clone()).await?;
+                    self.anchors.deleted(&anchor);
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -327,7 +326,10 @@ impl KubernetesProvider {
         };
         let secrets = self.secrets(sa_namespace(account));
         match secrets.create(&post_params(), &anchor).await {
-            Ok(created) => Ok((created, true)),
+            Ok(created) => {
+                self.anchors.applied(&created);
+                Ok((created, true))
+            }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 let existing = secrets.get(&name).await.map_err(classify)?;
                 let same_key = existing
@@ -340,6 +342,7 @@ impl KubernetesProvider {
                     && same_key
                     && existing.type_.as_deref() == Some(KEY_ANCHOR_TYPE)
                 {
+                    self.anchors.applied(&existing);
                     Ok((existing, false))
                 } else {
                     Err(ProviderError::Conflict(format!(
@@ -359,7 +362,7 @@ impl KubernetesProvider {
     /// else's lose the ServiceAccount (see [`release_binding`]). Bindings
     /// that neither keysmith made for the account nor name its
     /// ServiceAccount are never touched.
-    async fn revoke_from<B: Binding + IndexedKind>(
+    async fn revoke_from<B: Binding + Indexed<IndexedBinding>>(
         &self,
         api: &Api<B>,
         account: &AccountRequest,
@@ -374,7 +377,7 @@ impl KubernetesProvider {
         for binding in &owned {
             if let Some(name) = binding.meta().name.as_deref() {
                 delete_ignoring_not_found(api, name, binding.meta().uid.clone()).await?;
-                self.index.deleted(&index_entry(binding).0);
+                self.index.deleted(binding);
             }
         }
         if foreign.is_empty() {
@@ -391,7 +394,7 @@ impl KubernetesProvider {
         for binding in &foreign {
             match release_binding(api, binding, account).await? {
                 Some(patched) => self.index.applied(&patched),
-                None => self.index.deleted(&index_entry(binding).0),
+                None => self.index.deleted(binding),
             }
         }
         Ok(())
@@ -527,7 +530,7 @@ impl Provider for KubernetesProvider {
             if let (Some(name), Some(ns)) = (&binding.metadata.name, &binding.metadata.namespace) {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
                 delete_ignoring_not_found(&api, name, binding.metadata.uid.clone()).await?;
-                self.index.deleted(&index_entry(&binding).0);
+                self.index.deleted(&binding);
             }
         }
         let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone());
@@ -535,7 +538,7 @@ impl Provider for KubernetesProvider {
         for binding in listed.items {
             if let Some(name) = &binding.metadata.name {
                 delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone()).await?;
-                self.index.deleted(&index_entry(&binding).0);
+                self.index.deleted(&binding);
             }
         }
 
@@ -708,23 +711,9 @@ impl Provider for KubernetesProvider {
     }
 
     async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
-        let mut keys: Vec<ObservedKey> = self
-            .list_anchors(account)
-            .await?
-            .into_iter()
-            .filter_map(|anchor| {
-                let meta = anchor.metadata;
-                let id = meta
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(KEY_ID_LABEL))
-                    .or_else(|| meta.labels.as_ref().and_then(|l| l.get(KEY_ID_LABEL)))?
-                    .clone();
-                Some(ObservedKey { id, created_at: meta.creation_timestamp.map(|t| t.0) })
-            })
-            .collect();
-        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
-        Ok(keys)
+        // From the watch-fed index: a label-selected list makes the
+        // apiserver read every Secret of the namespace.
+        self.anchors.keys_for(&self.client, &account.owner_uid, sa_namespace(account)).await
     }
 
     async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
@@ -732,7 +721,9 @@ impl Provider for KubernetesProvider {
         let name = anchor_name(&account.name, key_id);
         match secrets.get_opt(&name).await.map_err(classify)? {
             Some(anchor) if is_owned(&anchor.metadata, account) => {
-                delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid).await
+                delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid.clone()).await?;
+                self.anchors.deleted(&anchor);
+                Ok(())
             }
             // Gone, or someone else's Secret: our key cannot be behind it.
             _ => Ok(()),
@@ -985,7 +976,7 @@ fn holds<B: Binding>(binding: &B, account: &AccountRequest) -> bool {
 /// The grant a binding stands for, with its effective scope (see
 /// [`Binding::scope`]). A namespaced Role reads as `Role/<name>`.
 fn grant_of<B: Binding>(binding: &B) -> Option<RoleGrant> {
-    super::rbac_index::grant(binding.scope(), binding.role_ref())
+    super::watch_index::grant(binding.scope(), binding.role_ref())
 }
 
 /// Takes the account's ServiceAccount out of a binding someone else made:

@@ -14,9 +14,9 @@ pub mod oauth2;
 pub mod oauth2_store;
 pub mod postgres;
 pub mod ratelimit;
-pub mod rbac_index;
 mod registry;
 pub mod scim;
+pub mod watch_index;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
