@@ -154,6 +154,20 @@ spec:
   rotationPolicyRef: {name: policy}
 "#;
 
+/// Binds `edit` to the `robot` ServiceAccount with an RBAC RoleBinding
+/// `by-hand`, as someone would by hand; returns the RBAC API to check on it.
+async fn bind_edit_by_hand(client: &Client, ns: &str) -> Api<RbacRoleBinding> {
+    let by_hand: RbacRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "by-hand"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": ns}]
+    }))
+    .unwrap();
+    let rbac: Api<RbacRoleBinding> = Api::namespaced(client.clone(), ns);
+    rbac.create(&PostParams::default(), &by_hand).await.unwrap();
+    rbac
+}
+
 fn binding_yaml(ns: &str, roles: &[&str]) -> String {
     format!(
         "apiVersion: keysmith.dev/v1alpha1\nkind: RoleBinding\nmetadata: {{name: robot-roles}}\nspec:\n  accountRef: {{name: robot}}\n  roles: {roles:?}\n  scope: \"{ns}\"\n"
@@ -184,14 +198,7 @@ async fn roles_converge_to_exactly_the_declared_set() {
     assert_eq!(list_configmaps(&robot, &ns.name).await, 200, "view stays");
 
     // A binding made by hand for the ServiceAccount is removed on the next reconcile.
-    let by_hand: RbacRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "by-hand"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": ns.name}]
-    }))
-    .unwrap();
-    let rbac: Api<RbacRoleBinding> = Api::namespaced(client.clone(), &ns.name);
-    rbac.create(&PostParams::default(), &by_hand).await.unwrap();
+    let rbac = bind_edit_by_hand(&client, &ns.name).await;
     eventually("the hand-made grant to work", WAIT, || async {
         (create_configmap(&robot, &ns.name, "three").await == 201).then_some(())
     })
@@ -599,14 +606,7 @@ async fn the_drift_check_undoes_a_hand_made_grant_without_any_change_to_the_acco
 
     // Someone binds `edit` to the ServiceAccount by hand; nothing in the
     // cluster tells keysmith's account controller, only its drift check.
-    let by_hand: RbacRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "by-hand"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-        "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": ns.name}]
-    }))
-    .unwrap();
-    let rbac: Api<RbacRoleBinding> = Api::namespaced(client.clone(), &ns.name);
-    rbac.create(&PostParams::default(), &by_hand).await.unwrap();
+    let rbac = bind_edit_by_hand(&client, &ns.name).await;
     eventually("the drift check to remove the hand-made binding", WAIT, || async {
         rbac.get_opt("by-hand").await.unwrap().is_none().then_some(())
     })

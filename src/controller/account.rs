@@ -660,26 +660,9 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     }
     result?;
 
-    // Come back when something is due, or for a drift check.
-    let wake = [plan.wake_at, run.status.next_rotation_at.as_ref().map(|t| t.0)]
-        .into_iter()
-        .flatten()
-        .chain(
-            run.status
-                .keys
-                .iter()
-                .filter(|k| k.state == KeyState::Retiring)
-                .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
-        )
-        .min();
-    let until = |wake: Option<Timestamp>| {
-        wake.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
-            .unwrap_or(ctx.drift_check_interval)
-            .min(ctx.drift_check_interval)
-    };
-    let delay = until(wake);
-    // The memo stands until the next revocation or drift check; the next
-    // rotation is recomputed on every skip (the policy may change).
+    // Come back when something is due, or for a drift check. The memo
+    // stands until the next revocation or drift check; the next rotation is
+    // recomputed on every skip (the policy may change).
     let revoke_wake = [plan.wake_at]
         .into_iter()
         .flatten()
@@ -691,8 +674,14 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
                 .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
         )
         .min();
+    let wake = [revoke_wake, run.status.next_rotation_at.as_ref().map(|t| t.0)].into_iter().flatten().min();
+    let until = |wake: Option<Timestamp>| {
+        wake.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
+            .unwrap_or(ctx.drift_check_interval)
+            .min(ctx.drift_check_interval)
+    };
     run.memo = Memo::Observed { inputs, delay: until(revoke_wake) };
-    Ok(Requeue::requeue(delay))
+    Ok(Requeue::requeue(until(wake)))
 }
 
 /// Hashes what a reconcile acts on besides its own status, the output
