@@ -244,6 +244,25 @@ pub fn assert_subset(written: &serde_json::Value, stored: &serde_json::Value, at
     }
 }
 
+/// Every field each keysmith object in the manifests `text` writes is
+/// stored, and reads back through keysmith's own types with the value
+/// written (the apiserver may add defaults).
+pub async fn assert_manifests_stored(client: &Client, ns: &str, text: &str) {
+    use keysmith::api::{AppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding};
+    for object in keysmith::manifest::parse(text).expect("the manifests parse") {
+        let (Some(types), Some(name)) = (&object.types, &object.metadata.name) else { continue };
+        let written = serde_json::to_value(&object).expect("JSON");
+        let stored = match types.kind.as_str() {
+            "AppConnection" => stored_spec::<AppConnection>(client, ns, name).await,
+            "KeyRotationPolicy" => stored_spec::<KeyRotationPolicy>(client, ns, name).await,
+            "IntegrationAccount" => stored_spec::<IntegrationAccount>(client, ns, name).await,
+            "RoleBinding" => stored_spec::<RoleBinding>(client, ns, name).await,
+            _ => continue,
+        };
+        assert_subset(&written["spec"], &stored, &format!("{}/{name}.spec", types.kind));
+    }
+}
+
 /// Waits (up to two minutes) until the IntegrationAccount has acted on its
 /// current generation and is Ready; returns it.
 pub async fn ready_account(client: &Client, ns: &str, name: &str) -> keysmith::api::IntegrationAccount {
