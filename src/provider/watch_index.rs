@@ -417,6 +417,31 @@ impl Indexed<IndexedAnchor> for Secret {
 pub type AnchorIndex = WatchIndex<IndexedAnchor>;
 
 impl AnchorIndex {
+    /// Starts the anchor watch, once: keysmith's label, a key id, and the
+    /// anchor type; metadata only.
+    fn start(&self, client: &Client) {
+        self.start_once(|entries, sync| {
+            let config = watcher::Config::default()
+                .page_size(PAGE_SIZE)
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KEY_ID_LABEL}"))
+                .fields(&format!("type={KEY_ANCHOR_TYPE}"));
+            let anchors = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), config).default_backoff();
+            vec![spawn_watch(anchors, entries, sync)]
+        });
+    }
+
+    /// The anchors of the account `owner_uid` in `namespace`, sorted by name.
+    async fn anchors(
+        &self,
+        client: &Client,
+        owner_uid: &str,
+        namespace: &str,
+    ) -> Result<Vec<(IndexKey, IndexedAnchor)>, ProviderError> {
+        self.start(client);
+        let found = self.entries_where(|a| a.owner_uid == owner_uid).await?;
+        Ok(found.into_iter().filter(|(k, _)| k.namespace.as_deref() == Some(namespace)).collect())
+    }
+
     /// The keys of the account `owner_uid` whose anchors live in `namespace`,
     /// oldest first.
     pub async fn keys_for(
@@ -425,34 +450,23 @@ impl AnchorIndex {
         owner_uid: &str,
         namespace: &str,
     ) -> Result<Vec<ObservedKey>, ProviderError> {
-        self.start_once(|entries, sync| {
-            // Only anchors: keysmith's label, a key id, and the anchor type.
-            let config = watcher::Config::default()
-                .page_size(PAGE_SIZE)
-                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KEY_ID_LABEL}"))
-                .fields(&format!("type={KEY_ANCHOR_TYPE}"));
-            let anchors = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), config).default_backoff();
-            vec![spawn_watch(anchors, entries, sync)]
-        });
-        let found = self.entries_where(|a| a.owner_uid == owner_uid).await?;
-        let mut keys: Vec<ObservedKey> = found
+        let mut keys: Vec<ObservedKey> = self
+            .anchors(client, owner_uid, namespace)
+            .await?
             .into_iter()
-            .filter(|(k, _)| k.namespace.as_deref() == Some(namespace))
             .map(|(_, a)| ObservedKey { id: a.key_id, created_at: a.created_at })
             .collect();
         keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)
     }
 
-    /// The anchors of `owner_uid` in `namespace`, by name.
+    /// The names of the anchors of `owner_uid` in `namespace`.
     pub async fn anchors_of(
         &self,
         client: &Client,
         owner_uid: &str,
         namespace: &str,
     ) -> Result<Vec<String>, ProviderError> {
-        self.keys_for(client, owner_uid, namespace).await?;
-        let found = self.entries_where(|a| a.owner_uid == owner_uid).await?;
-        Ok(found.into_iter().filter(|(k, _)| k.namespace.as_deref() == Some(namespace)).map(|(k, _)| k.name).collect())
+        Ok(self.anchors(client, owner_uid, namespace).await?.into_iter().map(|(k, _)| k.name).collect())
     }
 }
