@@ -260,7 +260,7 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         }
         let mut result =
             AccountPlan { account: format!("{ns}/{name}"), changes: vec![], denied: vec![], problem: None };
-        let connection = match resolve(&client, &account, &file_connections, &file_cluster_connections).await? {
+        let connection = match resolve(&client, &account, &file_connections, &file_cluster_connections, registry.tenancy()).await? {
             Ok(connection) => connection,
             Err(problem) => {
                 result.problem = Some(problem);
@@ -287,16 +287,16 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         for b in file_bindings.iter().filter(|b| b.namespace().as_deref() == Some(ns.as_str())) {
             bindings.insert(b.name_any(), b.clone());
         }
-        let policy = RolePolicy::new(connection.spec.policy.as_ref());
+        let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
         for b in bindings.values().filter(|b| b.spec.account_ref.name == name) {
             for role in &b.spec.roles {
-                if let Verdict::Denied { .. } | Verdict::NotAllowed = policy.check(role) {
+                if !matches!(policy.check(role), Verdict::Allowed) {
                     result.denied.push(role.clone());
                 }
             }
         }
-        let request = account_request(&account);
-        let desired = desired_roles(&account, bindings.values(), &connection.spec, provider.default_scope(&request));
+        let request = account_request(&account, &connection);
+        let desired = desired_roles(&account, bindings.values(), &connection, provider.default_scope(&request));
         let schedule = match &account.spec.rotation_policy_ref {
             None => None,
             Some(r) => {
@@ -383,6 +383,7 @@ async fn resolve(
     account: &IntegrationAccount,
     file_connections: &[AppConnection],
     file_cluster_connections: &[ClusterAppConnection],
+    tenancy: &crate::tenancy::Tenancy,
 ) -> anyhow::Result<Result<ResolvedConnection, String>> {
     let reference = &account.spec.connection_ref;
     let ns = account.namespace().unwrap_or_default();
@@ -396,13 +397,7 @@ async fn resolve(
                 None => Api::<AppConnection>::namespaced(client.clone(), &ns).get_opt(&reference.name).await?,
             };
             match found {
-                Some(c) => Ok(ResolvedConnection {
-                    kind: ConnectionKind::AppConnection,
-                    name: reference.name.clone(),
-                    namespace: Some(ns),
-                    uid: c.uid().unwrap_or_default(),
-                    spec: c.spec,
-                }),
+                Some(c) => ResolvedConnection::namespaced(&c, tenancy).map_err(|p| p.message),
                 None => Err(format!("AppConnection {ns}/{} does not exist", reference.name)),
             }
         }
@@ -427,13 +422,7 @@ async fn resolve(
                     reference.name
                 )));
             }
-            Ok(ResolvedConnection {
-                kind: ConnectionKind::ClusterAppConnection,
-                name: reference.name.clone(),
-                namespace: None,
-                uid: c.uid().unwrap_or_default(),
-                spec: c.spec.connection.clone(),
-            })
+            Ok(ResolvedConnection::cluster(&c))
         }
     })
 }

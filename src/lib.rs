@@ -14,3 +14,4 @@ pub mod policy;
 pub mod provider;
 pub mod schedule;
 pub mod server;
+pub mod tenancy;

@@ -230,6 +230,34 @@ struct RunFlags {
     /// accounts behind a connection, 3·N per interval.
     #[arg(long, default_value = "10m", value_parser = parse_drift_interval)]
     drift_check_interval: Duration,
+    /// The ServiceAccount (in the connection's own namespace) that an
+    /// AppConnection naming no spec.serviceAccountName acts as. Without it,
+    /// such connections do nothing (condition ServiceAccountRequired).
+    #[arg(long, env = "KEYSMITH_DEFAULT_SERVICE_ACCOUNT", value_parser = parse_service_account_name)]
+    default_service_account: Option<String>,
+    /// A provider AppConnections may not use, so that only cluster admins
+    /// (through ClusterAppConnections) can reach that kind of target app.
+    /// Repeat, or separate with commas: `--deny-namespaced-provider kubernetes`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_provider_name)]
+    deny_namespaced_provider: Vec<String>,
+}
+
+/// A ServiceAccount name: a DNS subdomain.
+fn parse_service_account_name(text: &str) -> Result<String, String> {
+    let valid = regex::Regex::new(keysmith::api::NAME_PATTERN).map_err(|e| e.to_string())?;
+    if text.len() <= 253 && valid.is_match(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("{text:?} is not a ServiceAccount name"))
+    }
+}
+
+/// One of the providers `spec.provider` can select.
+fn parse_provider_name(text: &str) -> Result<String, String> {
+    match text {
+        "kubernetes" | "scim" | "oauth2" | "awsIam" | "postgres" => Ok(text.to_owned()),
+        _ => Err(format!("{text:?} is not a provider (kubernetes, scim, oauth2, awsIam, postgres)")),
+    }
 }
 
 /// A drift-check interval: a duration of at least one second.
@@ -245,8 +273,16 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunF
     use keysmith::leader::{self, LeaderElector, LeaseSettings};
 
     let (client, config) = connect(kubeconfig).await?;
-    let options =
-        controller::RunOptions { namespace, drift_check_interval: flags.drift_check_interval, ..Default::default() };
+    let tenancy = keysmith::tenancy::Tenancy {
+        default_service_account: flags.default_service_account,
+        denied_namespaced_providers: flags.deny_namespaced_provider.into_iter().collect(),
+    };
+    let options = controller::RunOptions {
+        namespace,
+        drift_check_interval: flags.drift_check_interval,
+        tenancy,
+        ..Default::default()
+    };
     let telemetry = controller::Telemetry::default();
     let election = flags.leader_elect.then(|| LeaseSettings {
         lease_duration: flags.leader_election_lease_duration,
@@ -443,5 +479,25 @@ mod tests {
         }
         let flags = Cli::try_parse_from(["keysmith", "run", "--drift-check-interval", "0s"]);
         assert!(flags.is_err(), "run accepts a zero drift-check interval");
+    }
+
+    #[test]
+    fn tenancy_flags_are_checked() {
+        assert_eq!(parse_service_account_name("keysmith"), Ok("keysmith".to_owned()));
+        assert!(parse_service_account_name("system:serviceaccount:kube-system:admin").is_err());
+        assert!(parse_service_account_name("").is_err());
+        assert_eq!(parse_provider_name("awsIam"), Ok("awsIam".to_owned()));
+        assert!(parse_provider_name("aws-iam").is_err());
+        let ok = Cli::try_parse_from([
+            "keysmith",
+            "run",
+            "--default-service-account",
+            "keysmith",
+            "--deny-namespaced-provider",
+            "kubernetes,awsIam",
+        ]);
+        assert!(ok.is_ok(), "the tenancy flags parse");
+        let bad = Cli::try_parse_from(["keysmith", "run", "--deny-namespaced-provider", "vault"]);
+        assert!(bad.is_err(), "an unknown provider is refused");
     }
 }

@@ -373,7 +373,7 @@ impl Collector for ClusterState {
                 connection: connection.metadata.name.clone().unwrap_or_default(),
                 provider: status
                     .and_then(|s| s.provider.clone())
-                    .or_else(|| connection.spec.provider.selected().map(str::to_owned))
+                    .or_else(|| connection.spec.connection.provider.selected().map(str::to_owned))
                     .unwrap_or_default(),
             };
             let ready = status.is_some_and(|s| is_ready(&s.common.conditions));

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::api::ConnectionPolicy;
+use crate::api::{ConnectionKind, ConnectionPolicy};
 
 /// A compiled role glob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +111,9 @@ pub enum Verdict {
     },
     /// Allowed patterns are set and the role matches none of them.
     NotAllowed,
+    /// The connection allows no role at all: a ClusterAppConnection whose
+    /// `allowedRoles` is empty.
+    NoneAllowed,
 }
 
 impl Verdict {
@@ -125,6 +128,8 @@ impl Verdict {
 pub struct RolePolicy {
     allowed: Vec<Glob>,
     denied: Vec<Glob>,
+    /// Whether an empty allowed list allows nothing (ClusterAppConnections).
+    empty_allows_none: bool,
 }
 
 impl RolePolicy {
@@ -132,9 +137,21 @@ impl RolePolicy {
     pub fn new(policy: Option<&ConnectionPolicy>) -> Self {
         let compile = |patterns: &[String]| patterns.iter().map(|p| Glob::new(p)).collect();
         match policy {
-            Some(policy) => Self { allowed: compile(&policy.allowed_roles), denied: compile(&policy.denied_roles) },
+            Some(policy) => Self {
+                allowed: compile(&policy.allowed_roles),
+                denied: compile(&policy.denied_roles),
+                empty_allows_none: false,
+            },
             None => Self::default(),
         }
+    }
+
+    /// The policy of a connection of `kind`: a ClusterAppConnection, which
+    /// acts with keysmith's own rights, allows no role until its
+    /// `allowedRoles` names some; an AppConnection, which acts as a
+    /// ServiceAccount the apiserver limits, allows every role not denied.
+    pub fn for_connection(kind: ConnectionKind, policy: Option<&ConnectionPolicy>) -> Self {
+        Self { empty_allows_none: kind == ConnectionKind::ClusterAppConnection, ..Self::new(policy) }
     }
 
     /// Allowed when `role` matches an allowed pattern (or there are none) and
@@ -143,7 +160,9 @@ impl RolePolicy {
         if let Some(glob) = self.denied.iter().find(|glob| glob.matches(role)) {
             return Verdict::Denied { pattern: glob.as_str().to_owned() };
         }
-        if self.allowed.is_empty() || self.allowed.iter().any(|glob| glob.matches(role)) {
+        if self.allowed.is_empty() && self.empty_allows_none {
+            Verdict::NoneAllowed
+        } else if self.allowed.is_empty() || self.allowed.iter().any(|glob| glob.matches(role)) {
             Verdict::Allowed
         } else {
             Verdict::NotAllowed
@@ -165,6 +184,7 @@ mod tests {
         let spec = ConnectionPolicy {
             allowed_roles: allowed.iter().map(|s| s.to_string()).collect(),
             denied_roles: denied.iter().map(|s| s.to_string()).collect(),
+            ..ConnectionPolicy::default()
         };
         RolePolicy::new(Some(&spec))
     }
@@ -271,6 +291,25 @@ mod tests {
         let p = policy(&[], &["admin-*", "*-users", "*"]);
         assert_eq!(p.check("admin-users"), Verdict::Denied { pattern: "admin-*".into() });
         assert_eq!(p.check("x"), Verdict::Denied { pattern: "*".into() });
+    }
+
+    #[test]
+    fn a_cluster_connection_allows_no_role_until_it_names_some() {
+        let cluster = |allowed: &[&str]| {
+            let spec = ConnectionPolicy {
+                allowed_roles: allowed.iter().map(|s| s.to_string()).collect(),
+                ..ConnectionPolicy::default()
+            };
+            RolePolicy::for_connection(ConnectionKind::ClusterAppConnection, Some(&spec))
+        };
+        assert_eq!(cluster(&[]).check("view"), Verdict::NoneAllowed);
+        assert_eq!(
+            RolePolicy::for_connection(ConnectionKind::ClusterAppConnection, None).check("view"),
+            Verdict::NoneAllowed
+        );
+        assert_eq!(cluster(&["*"]).check("view"), Verdict::Allowed);
+        assert_eq!(cluster(&["view"]).check("edit"), Verdict::NotAllowed);
+        assert_eq!(RolePolicy::for_connection(ConnectionKind::AppConnection, None).check("view"), Verdict::Allowed);
     }
 
     #[test]

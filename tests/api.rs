@@ -160,7 +160,7 @@ async fn defaults_are_applied() {
     assert_eq!(policy.spec.time_zone, "UTC");
     assert_eq!(policy.spec.grace_period, "1h");
     let conn = Api::<AppConnection>::namespaced(client.clone(), &ns.name).get("c").await.unwrap();
-    assert_eq!(conn.spec.max_keys_per_account, 2);
+    assert_eq!(conn.spec.connection.max_keys_per_account, 2);
     let binding = Api::<RoleBinding>::namespaced(client.clone(), &ns.name).get("b").await.unwrap();
     assert_eq!(binding.spec.roles, ["view"]);
     ns.delete().await;

@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{CommonStatus, SecretKeySelector};
+use super::common::{CommonStatus, SecretKeySelector, NAME_PATTERN};
 
 /// The target app, its admin credential, and the policy for accounts behind it.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -37,10 +37,31 @@ use super::common::{CommonStatus, SecretKeySelector};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AppConnectionSpec {
+    /// The target app, policy, rate budget and key limit.
+    #[serde(flatten)]
+    pub connection: ConnectionSpec,
+
+    /// The ServiceAccount, in this namespace, that keysmith acts as for this
+    /// connection: every call it makes to this cluster's apiserver for it
+    /// (reading the credential Secret; with the `kubernetes` provider and no
+    /// kubeconfig, every ServiceAccount, binding, anchor Secret and token)
+    /// impersonates it, so that the apiserver's RBAC, not keysmith's own
+    /// rights, decides what happens. Required unless the operator runs with
+    /// `--default-service-account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub service_account_name: Option<String>,
+}
+
+/// What every connection says, namespaced or cluster-wide: the target app,
+/// the policy for accounts behind it, its request budget and key limit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionSpec {
     /// The target app. Set exactly one provider.
     pub provider: ProviderSpec,
 
-    /// Which roles accounts behind this connection may be granted.
+    /// Which roles accounts behind this connection may be granted, and where.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<ConnectionPolicy>,
 
@@ -89,15 +110,27 @@ fn default_max_keys() -> i32 {
 #[serde(rename_all = "camelCase")]
 pub struct ClusterAppConnectionSpec {
     /// The target app, policy, rate budget and key limit, as for an
-    /// AppConnection. Secret references must name their namespace.
+    /// AppConnection. Secret references must name their namespace. Its
+    /// policy grants no role until `allowedRoles` names some.
     #[serde(flatten)]
-    pub connection: AppConnectionSpec,
+    pub connection: ConnectionSpec,
 
     /// The namespaces whose IntegrationAccounts may use this connection.
     /// An empty selector (`{}`) admits every namespace; without a selector no
     /// namespace is admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+
+    /// How the account an IntegrationAccount stands for is named in the
+    /// target app: `{namespace}` is the IntegrationAccount's namespace,
+    /// `{name}` its `providerOptions.name` or else its own name. The default,
+    /// `{namespace}.{name}`, keeps accounts of different namespaces apart in a
+    /// shared target app (a namespace name has no dot), so no tenant can take
+    /// or squat another's account name. The `kubernetes` provider's default
+    /// is `{name}`: its ServiceAccounts live in the account's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^([^{}]|\{namespace\}|\{name\})*\{name\}([^{}]|\{namespace\}|\{name\})*$"))]
+    pub account_name_template: Option<String>,
 }
 
 /// The target app. Exactly one field is set; it selects the provider.
@@ -271,14 +304,19 @@ pub enum PostgresSslMode {
     VerifyFull,
 }
 
-/// Which roles accounts behind a connection may be granted. Patterns are globs
-/// (`*` matches any run of characters, `?` one character). A role is allowed
-/// when it matches an allowed pattern (or no allowed patterns are set) and
-/// matches no denied pattern; denied wins.
+/// Which roles accounts behind a connection may be granted, and where.
+/// Patterns are globs (`*` matches any run of characters, `?` one
+/// character). A role is allowed when it matches an allowed pattern and no
+/// denied pattern; denied wins. On an AppConnection an empty `allowedRoles`
+/// allows every role not denied (the ServiceAccount it acts as is limited by
+/// the apiserver's RBAC anyway); on a ClusterAppConnection, which acts with
+/// keysmith's own rights, an empty `allowedRoles` allows none: `["*"]` allows
+/// every role, and must be said.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPolicy {
-    /// Roles that may be granted. Empty allows every role not denied.
+    /// Roles that may be granted. Empty: every role not denied on an
+    /// AppConnection, none on a ClusterAppConnection.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 512)))]
     pub allowed_roles: Vec<String>,
@@ -287,6 +325,15 @@ pub struct ConnectionPolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(min = 1, max = 512)))]
     pub denied_roles: Vec<String>,
+    /// Where roles may take effect (for the `kubernetes` provider: the
+    /// namespaces RoleBindings may be made in, and where the account's
+    /// ServiceAccount may live), as globs over namespace names, beside the
+    /// account's own namespace, which is always allowed. `*` alone also
+    /// allows cluster-wide grants (scope `*`). Empty: the account's own
+    /// namespace only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 253)))]
+    pub allowed_scopes: Vec<String>,
 }
 
 /// A token-bucket request budget.

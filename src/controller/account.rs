@@ -32,11 +32,12 @@ use super::{
 };
 use crate::{
     api::{
-        condition_types::*, AppConnectionSpec, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount,
+        condition_types::*, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount,
         IntegrationAccount, IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
     },
     install::FIELD_MANAGER,
     policy::RolePolicy,
+    tenancy::{self, ScopePolicy},
     provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
 };
@@ -291,11 +292,15 @@ impl Run {
     }
 }
 
-/// The account request the provider acts on.
-pub fn account_request(account: &IntegrationAccount) -> AccountRequest {
+/// The account request the provider acts on. The account's name in the
+/// target app is the one it was created under (recorded in status), else
+/// its `providerOptions.name` or own name, put through the connection's
+/// naming template (ClusterAppConnections: see [`ResolvedConnection::name_template`]).
+pub fn account_request(account: &IntegrationAccount, connection: &ResolvedConnection) -> AccountRequest {
+    let namespace = account.namespace().unwrap_or_default();
     AccountRequest {
-        name: account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any()),
-        namespace: account.namespace().unwrap_or_default(),
+        name: recorded_name(account).unwrap_or_else(|| wanted_name(account, connection)),
+        namespace,
         account_name: account.name_any(),
         owner_uid: account.uid().unwrap_or_default(),
         description: account.spec.description.clone(),
@@ -304,14 +309,21 @@ pub fn account_request(account: &IntegrationAccount) -> AccountRequest {
     }
 }
 
-/// Why an account cannot use its connection.
-#[derive(Debug)]
-pub struct ConnectionProblem {
-    /// CamelCase.
-    pub reason: &'static str,
-    /// For users.
-    pub message: String,
+/// The name the account was created under in the target app, if recorded.
+fn recorded_name(account: &IntegrationAccount) -> Option<String> {
+    account.status.as_ref()?.account.as_ref()?.account_name.clone()
 }
+
+/// The name the spec and the connection give the account in the target app.
+fn wanted_name(account: &IntegrationAccount, connection: &ResolvedConnection) -> String {
+    let requested = account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any());
+    match connection.name_template() {
+        Some(template) => tenancy::account_name(&template, &account.namespace().unwrap_or_default(), &requested),
+        None => requested,
+    }
+}
+
+pub use crate::tenancy::ConnectionProblem;
 
 /// Finds the account's connection and checks the account may use it.
 pub async fn resolve_connection(
@@ -324,13 +336,7 @@ pub async fn resolve_connection(
         ConnectionKind::AppConnection => {
             let found = ctx.stores.connections.get(&ObjectRef::new(&reference.name).within(&namespace));
             Ok(match found {
-                Some(conn) => Ok(ResolvedConnection {
-                    kind: ConnectionKind::AppConnection,
-                    name: reference.name.clone(),
-                    namespace: Some(namespace),
-                    uid: conn.uid().unwrap_or_default(),
-                    spec: conn.spec.clone(),
-                }),
+                Some(conn) => ResolvedConnection::namespaced(&conn, ctx.providers.tenancy()),
                 None => Err(ConnectionProblem {
                     reason: "ConnectionNotFound",
                     message: format!("AppConnection {namespace}/{} does not exist", reference.name),
@@ -360,13 +366,7 @@ pub async fn resolve_connection(
                     ),
                 }));
             }
-            Ok(Ok(ResolvedConnection {
-                kind: ConnectionKind::ClusterAppConnection,
-                name: reference.name.clone(),
-                namespace: None,
-                uid: conn.uid().unwrap_or_default(),
-                spec: conn.spec.connection.clone(),
-            }))
+            Ok(Ok(ResolvedConnection::cluster(&conn)))
         }
     }
 }
@@ -389,15 +389,17 @@ pub async fn provider_for(ctx: &Context, connection: &ResolvedConnection) -> Res
 }
 
 /// The roles the account's RoleBindings grant, after the connection's
-/// policy, with each grant's scope made explicit.
+/// policy (allowed and denied roles, allowed scopes), with each grant's
+/// scope made explicit.
 pub fn desired_roles<'a>(
     account: &IntegrationAccount,
     bindings: impl IntoIterator<Item = &'a crate::api::RoleBinding>,
-    spec: &AppConnectionSpec,
+    connection: &ResolvedConnection,
     default_scope: Option<String>,
 ) -> BTreeSet<RoleGrant> {
-    let policy = RolePolicy::new(spec.policy.as_ref());
+    let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
     let namespace = account.namespace();
+    let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), namespace.as_deref().unwrap_or_default());
     bindings
         .into_iter()
         .filter(|b| b.namespace() == namespace && b.spec.account_ref.name == account.name_any())
@@ -411,7 +413,39 @@ pub fn desired_roles<'a>(
                 .collect::<Vec<_>>()
         })
         .filter(|grant| policy.check(&grant.role).is_allowed())
+        .filter(|grant| grant.scope.as_deref().is_none_or(|s| scopes.allows(s)))
         .collect()
+}
+
+/// Why the account may not be (or stay) where its spec and connection put
+/// it: a name other than the one it was created under, or (kubernetes) a
+/// ServiceAccount namespace the connection's allowedScopes does not allow.
+fn naming_problem(
+    account: &IntegrationAccount,
+    connection: &ResolvedConnection,
+    provider: &dyn Provider,
+    request: &AccountRequest,
+) -> Option<ConnectionProblem> {
+    let wanted = wanted_name(account, connection);
+    if recorded_name(account).is_some_and(|recorded| recorded != wanted) {
+        return Some(ConnectionProblem {
+            reason: "AccountNameChanged",
+            message: format!(
+                "the account was created in the target app as {:?}; providerOptions.name or the connection's accountNameTemplate now give {wanted:?}. The name of an account does not change: restore it, or create a new IntegrationAccount",
+                request.name
+            ),
+        });
+    }
+    let home = provider.default_scope(request)?;
+    let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), &request.namespace);
+    (!scopes.allows(&home)).then(|| ConnectionProblem {
+        reason: "NamespaceNotAllowed",
+        message: format!(
+            "the account would live in namespace {home:?} (providerOptions.namespace), which {}'s policy.allowedScopes does not allow; only the IntegrationAccount's own namespace {} and the namespaces listed there may be used",
+            connection.display(),
+            request.namespace
+        ),
+    })
 }
 
 /// Everything between "the object exists" and "status is written".
@@ -443,7 +477,11 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         Ok(provider) => provider,
         Err(error) => return provider_failed(run, ACCOUNT_READY, error),
     };
-    let request = account_request(account);
+    let request = account_request(account, &connection);
+    if let Some(problem) = naming_problem(account, &connection, provider.as_ref(), &request) {
+        run.condition(ConditionUpdate::falsy(ACCOUNT_READY, problem.reason, problem.message));
+        return Ok(Requeue::await_change());
+    }
 
     // The rotation policy, if any.
     let schedule = match &account.spec.rotation_policy_ref {
@@ -500,7 +538,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     let desired = desired_roles(
         account,
         ctx.stores.bindings.state().iter().map(|b| b.as_ref()),
-        &connection.spec,
+        &connection,
         provider.default_scope(&request),
     );
 
@@ -606,6 +644,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
             provider: provider.name().to_owned(),
             id: current.id,
             name: Some(current.name),
+            account_name: Some(request.name.clone()),
             disabled: current.disabled,
             connection: Some(connection.display()),
         });
@@ -816,9 +855,14 @@ impl Apply<'_> {
                         self.roles.insert(grant.clone());
                         self.changed("RoleGranted", "GrantRole", format!("granted {grant}"), None).await;
                     }
+                    // A refusal (the apiserver's RBAC refusing the
+                    // ServiceAccount a namespaced connection acts as, say)
+                    // is this role's problem: the rest of the account, its
+                    // key included, goes on.
                     Err(ProviderError::Invalid(message))
                     | Err(ProviderError::Conflict(message))
-                    | Err(ProviderError::NotFound(message)) => {
+                    | Err(ProviderError::NotFound(message))
+                    | Err(ProviderError::Unauthorized(message)) => {
                         self.role_problem = Some(format!("{grant}: {message}"));
                         self.ctx
                             .event(
@@ -845,6 +889,22 @@ impl Apply<'_> {
                             None,
                         )
                         .await;
+                    }
+                    // Someone else's binding that the connection's identity
+                    // may not change (another tenant naming this account's
+                    // ServiceAccount in its own namespace): reported, and it
+                    // does not hold up the rest of the account.
+                    Err(ProviderError::Unauthorized(message)) => {
+                        self.role_problem = Some(format!("{grant} is held but may not be revoked: {message}"));
+                        self.ctx
+                            .event(
+                                self.account,
+                                EventType::Warning,
+                                "RoleNotRevoked",
+                                "RevokeRole",
+                                format!("could not revoke {grant}: {message}"),
+                            )
+                            .await;
                     }
                     Err(error) => {
                         provider_failed(run, ROLES_SYNCED, error)?;
@@ -1221,7 +1281,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
         }
         Err(error) => return Err(error.into()),
     };
-    let request = account_request(account);
+    let request = account_request(account, &connection);
     match provider.observe_account(&request).await? {
         Some(observed) if observed.owned => {}
         _ => return Ok(()),

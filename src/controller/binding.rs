@@ -26,6 +26,7 @@ use crate::{
     },
     install::FIELD_MANAGER,
     policy::{RolePolicy, Verdict},
+    tenancy::ScopePolicy,
 };
 
 /// What in an account matters to its bindings: existence, roles held, connection.
@@ -121,11 +122,25 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
         Some(account) => match resolve_connection(&account, &ctx).await? {
             Err(problem) => updates.push(ConditionUpdate::falsy(READY, problem.reason, problem.message)),
             Ok(connection) => {
-                let policy = RolePolicy::new(connection.spec.policy.as_ref());
+                let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
+                let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), &namespace);
+                let scope_refused =
+                    binding.spec.scope.as_deref().filter(|s| !s.is_empty() && !scopes.allows(s)).map(|s| scopes.refusal(s));
                 let mut violations = Vec::new();
                 for role in &binding.spec.roles {
+                    if let Some(refusal) = &scope_refused {
+                        denied.push(role.clone());
+                        violations.push(format!("{role} ({refusal})"));
+                        continue;
+                    }
                     match policy.check(role) {
                         Verdict::Allowed => {}
+                        Verdict::NoneAllowed => {
+                            denied.push(role.clone());
+                            violations.push(format!(
+                                "{role} (a ClusterAppConnection grants no role until its policy.allowedRoles names some)"
+                            ));
+                        }
                         Verdict::Denied { pattern } => {
                             denied.push(role.clone());
                             violations.push(format!("{role} (denied by {pattern:?})"));

@@ -20,12 +20,10 @@ use super::{
     succeeded, Context, Error, Stores,
 };
 use crate::{
-    api::{
-        condition_types::READY, AppConnection, AppConnectionSpec, AppConnectionStatus, ClusterAppConnection,
-        ConnectionKind,
-    },
+    api::{condition_types::READY, AppConnection, AppConnectionStatus, ClusterAppConnection},
     install::FIELD_MANAGER,
     provider::{ProviderError, ResolvedConnection},
+    tenancy::ConnectionProblem,
 };
 
 /// How often a working credential is checked again.
@@ -49,34 +47,25 @@ pub fn cluster_controller(
 
 /// Reconciles one AppConnection.
 pub async fn reconcile_namespaced(connection: Arc<AppConnection>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let resolved = ResolvedConnection {
-        kind: ConnectionKind::AppConnection,
-        name: connection.name_any(),
-        namespace: connection.namespace(),
-        uid: connection.uid().unwrap_or_default(),
-        spec: connection.spec.clone(),
-    };
+    let resolved = ResolvedConnection::namespaced(connection.as_ref(), ctx.providers.tenancy());
     let api: Api<AppConnection> = Api::namespaced(ctx.client.clone(), &connection.namespace().unwrap_or_default());
-    check(connection.as_ref(), connection.status.clone(), &resolved, &api, &ctx).await
+    let provider = connection.spec.connection.provider.selected();
+    check(connection.as_ref(), connection.status.clone(), resolved, provider, &api, &ctx).await
 }
 
 /// Reconciles one ClusterAppConnection.
 pub async fn reconcile_cluster(connection: Arc<ClusterAppConnection>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let resolved = ResolvedConnection {
-        kind: ConnectionKind::ClusterAppConnection,
-        name: connection.name_any(),
-        namespace: None,
-        uid: connection.uid().unwrap_or_default(),
-        spec: connection.spec.connection.clone(),
-    };
+    let resolved = ResolvedConnection::cluster(connection.as_ref());
     let api: Api<ClusterAppConnection> = Api::all(ctx.client.clone());
-    check(connection.as_ref(), connection.status.clone(), &resolved, &api, &ctx).await
+    let provider = connection.spec.connection.provider.selected();
+    check(connection.as_ref(), connection.status.clone(), Ok(resolved), provider, &api, &ctx).await
 }
 
 async fn check<K>(
     obj: &K,
     previous: Option<AppConnectionStatus>,
-    resolved: &ResolvedConnection,
+    resolved: Result<ResolvedConnection, ConnectionProblem>,
+    provider: Option<&str>,
     api: &Api<K>,
     ctx: &Context,
 ) -> Result<Requeue, Error>
@@ -86,25 +75,36 @@ where
     if obj.meta().deletion_timestamp.is_some() {
         return Ok(Requeue::await_change());
     }
-    let spec: &AppConnectionSpec = &resolved.spec;
-    let outcome = match ctx.providers.provider_for_annotated(resolved, obj.annotations()).await {
-        Ok(provider) => provider.verify_connection().await,
-        Err(error) => Err(error),
-    };
-    let (update, retry) = match &outcome {
-        Ok(()) => (ConditionUpdate::truthy(READY, "Verified", "the admin credential works"), None),
-        Err(error) => {
-            let retry = match error {
-                ProviderError::Transient { retry_after, .. } => Some(retry_after.unwrap_or(Duration::from_secs(30))),
-                _ => Some(Duration::from_secs(60)),
+    let (update, next) = match &resolved {
+        // A connection keysmith may not act for waits for a change of it.
+        Err(problem) => (ConditionUpdate::falsy(READY, problem.reason, problem.message.clone()), Requeue::await_change()),
+        Ok(resolved) => {
+            let outcome = match ctx.providers.check_identity(&resolved.identity).await {
+                Ok(()) => match ctx.providers.provider_for_annotated(resolved, obj.annotations()).await {
+                    Ok(provider) => provider.verify_connection().await,
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
             };
-            (ConditionUpdate::falsy(READY, error.category(), error.to_string()), retry)
+            match outcome {
+                Ok(()) => (
+                    ConditionUpdate::truthy(READY, "Verified", "the admin credential works"),
+                    Requeue::requeue(RECHECK_INTERVAL),
+                ),
+                Err(error) => {
+                    let retry = match &error {
+                        ProviderError::Transient { retry_after, .. } => retry_after.unwrap_or(Duration::from_secs(30)),
+                        _ => Duration::from_secs(60),
+                    };
+                    (ConditionUpdate::falsy(READY, error.category(), error.to_string()), Requeue::requeue(retry))
+                }
+            }
         }
     };
     let previous = previous.unwrap_or_default();
     let was_ready = previous.common.conditions.iter().any(|c| c.type_ == READY && c.status == "True");
     let now = Time(now());
-    let mut status = AppConnectionStatus { provider: spec.provider.selected().map(str::to_owned), ..previous.clone() };
+    let mut status = AppConnectionStatus { provider: provider.map(str::to_owned), ..previous.clone() };
     status.common.conditions =
         merge_conditions(&previous.common.conditions, std::slice::from_ref(&update), obj.meta().generation, &now);
     status.common.observed_generation = obj.meta().generation;
@@ -119,5 +119,5 @@ where
         api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     succeeded(obj, ctx);
-    Ok(Requeue::requeue(retry.unwrap_or(RECHECK_INTERVAL)))
+    Ok(next)
 }

@@ -279,6 +279,8 @@ pub struct RunOptions {
     /// How often an unchanged account is checked for drift in its target app
     /// (three read calls per account against the connection's rate budget).
     pub drift_check_interval: Duration,
+    /// Who keysmith acts as for namespaced connections (see [`crate::tenancy`]).
+    pub tenancy: crate::tenancy::Tenancy,
 }
 
 impl Default for RunOptions {
@@ -288,6 +290,7 @@ impl Default for RunOptions {
             crd_timeout: Duration::from_secs(120),
             namespace: None,
             drift_check_interval: account::DRIFT_CHECK_INTERVAL,
+            tenancy: crate::tenancy::Tenancy::default(),
         }
     }
 }
@@ -366,7 +369,9 @@ pub async fn run_with(
     let reporter = Reporter { controller: options.controller_name.clone(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        providers: ProviderRegistry::new(client.clone(), config).with_metrics(metrics.clone()),
+        providers: ProviderRegistry::new(client.clone(), config)
+            .with_metrics(metrics.clone())
+            .with_tenancy(options.tenancy.clone()),
         recorder: Recorder::new(client.clone(), reporter),
         stores: stores.clone(),
         failpoints: Failpoints::from_env(),

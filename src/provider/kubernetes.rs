@@ -40,6 +40,7 @@ use serde_json::json;
 
 use super::{
     watch_index::{AnchorIndex, Indexed, IndexedBinding, RbacIndex, WatchIndex},
+    Identity,
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
@@ -90,7 +91,13 @@ const KUBECONFIG_CLUSTER: &str = "keysmith-target";
 /// A Kubernetes cluster as the target app, reached with an admin client.
 #[derive(Clone)]
 pub struct KubernetesProvider {
+    /// Every call is made with this client: the connection's identity.
     client: Client,
+    /// Feeds the watch-fed indexes: the same client, or keysmith's own when
+    /// the indexes are shared by every connection to this cluster.
+    observer: Client,
+    /// Who `client` is: keysmith, or a ServiceAccount it impersonates.
+    identity: Identity,
     server_url: String,
     ca_pem: Option<String>,
     allow_cluster_scope: bool,
@@ -121,7 +128,9 @@ impl KubernetesProvider {
     /// the integration reaches the same cluster.
     pub fn new(client: Client, server_url: String, ca_pem: Option<String>, allow_cluster_scope: bool) -> Self {
         Self {
+            observer: client.clone(),
             client,
+            identity: Identity::Operator,
             server_url: server_url.trim_end_matches('/').to_owned(),
             ca_pem,
             allow_cluster_scope,
@@ -152,6 +161,30 @@ impl KubernetesProvider {
         provider.tls_server_name = tls_server_name;
         provider.insecure_skip_tls_verify = insecure_skip_tls_verify;
         Ok(provider)
+    }
+
+    /// Says who the provider's client is (it must already be configured so):
+    /// with a ServiceAccount, the connection check asks what that account
+    /// may do in its own namespace, and refusals name it.
+    pub fn acting_as(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Reads roles and keys from indexes shared with other connections to
+    /// the same cluster, fed by `observer` (keysmith's own client): one
+    /// watch per kind for the whole cluster instead of one per connection,
+    /// and a ServiceAccount that may not list bindings cluster-wide can
+    /// still have its roles read. The index is only ever asked about the
+    /// bindings that name the account's own ServiceAccount and the anchors
+    /// of its own keys: what the account's own token could learn with a
+    /// SelfSubjectRulesReview. Every change is still made as the
+    /// connection's identity.
+    pub fn with_indexes(mut self, index: Arc<RbacIndex>, anchors: Arc<AnchorIndex>, observer: Client) -> Self {
+        self.index = index;
+        self.anchors = anchors;
+        self.observer = observer;
+        self
     }
 
     /// The apiserver URL written into issued kubeconfigs.
@@ -224,7 +257,7 @@ impl KubernetesProvider {
     async fn revoke_all_keys(&self, account: &AccountRequest) -> Result<(), ProviderError> {
         let namespace = sa_namespace(account);
         let secrets = self.secrets(namespace);
-        for name in self.anchors.anchors_of(&self.client, &account.owner_uid, namespace).await? {
+        for name in self.anchors.anchors_of(&self.observer, &account.owner_uid, namespace).await? {
             match secrets.get_opt(&name).await.map_err(classify)? {
                 Some(anchor) if is_owned(&anchor.metadata, account) => {
                     delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid.clone()).await?;
@@ -356,7 +389,65 @@ impl KubernetesProvider {
     }
 }
 
+/// The rights a ServiceAccount that a namespaced connection acts as needs in
+/// its namespace: (verb, API group, resource).
+const SERVICE_ACCOUNT_RIGHTS: [(&str, &str, &str); 8] = [
+    ("create", "", "serviceaccounts"),
+    ("patch", "", "serviceaccounts"),
+    ("delete", "", "serviceaccounts"),
+    ("create", "", "serviceaccounts/token"),
+    ("create", "", "secrets"),
+    ("delete", "", "secrets"),
+    ("create", "rbac.authorization.k8s.io", "rolebindings"),
+    ("delete", "rbac.authorization.k8s.io", "rolebindings"),
+];
+
 impl KubernetesProvider {
+    /// Whether the provider's identity may `verb` `resource` (in `namespace`,
+    /// or cluster-wide), by a SelfSubjectAccessReview.
+    async fn may(&self, namespace: Option<&str>, verb: &str, group: &str, resource: &str) -> Result<bool, ProviderError> {
+        let (resource, subresource) = match resource.split_once('/') {
+            Some((resource, sub)) => (resource, Some(sub.to_owned())),
+            None => (resource, None),
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: namespace.map(str::to_owned),
+                    verb: Some(verb.to_owned()),
+                    group: Some(group.to_owned()),
+                    resource: Some(resource.to_owned()),
+                    subresource,
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let review = Api::<SelfSubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(classify)?;
+        Ok(review.status.is_some_and(|s| s.allowed))
+    }
+
+    /// Deletes a binding labelled for the account, if it still is (by uid).
+    async fn delete_leftover<B: Binding + Indexed<IndexedBinding>>(
+        &self,
+        api: &Api<B>,
+        name: &str,
+        account: &AccountRequest,
+    ) -> Result<(), ProviderError> {
+        match api.get_opt(name).await.map_err(classify)? {
+            Some(binding) if is_owned(binding.meta(), account) => {
+                delete_ignoring_not_found(api, name, binding.meta().uid.clone()).await?;
+                self.index.deleted(&binding);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Takes `wanted` (with its effective scope) away from the account in
     /// the bindings `api` lists: keysmith's own bindings are deleted, anyone
     /// else's lose the ServiceAccount (see [`release_binding`]). Bindings
@@ -416,26 +507,35 @@ impl Provider for KubernetesProvider {
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    verb: Some("create".to_owned()),
-                    resource: Some("serviceaccounts".to_owned()),
-                    ..ResourceAttributes::default()
-                }),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        let review = Api::<SelfSubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(classify)?;
-        match review.status {
-            Some(status) if status.allowed => Ok(()),
-            _ => Err(ProviderError::Unauthorized(
-                "the connection's credential may not create ServiceAccounts".to_owned(),
-            )),
+        match &self.identity {
+            Identity::Operator => {
+                if self.may(None, "create", "", "serviceaccounts").await? {
+                    Ok(())
+                } else {
+                    Err(ProviderError::Unauthorized(
+                        "the connection's credential may not create ServiceAccounts".to_owned(),
+                    ))
+                }
+            }
+            // What a ServiceAccount needs in its own namespace to manage
+            // accounts there; granting roles needs more (holding them, or
+            // `bind`), which the apiserver checks on each grant.
+            Identity::ServiceAccount { namespace, name } => {
+                let mut missing = Vec::new();
+                for (verb, group, resource) in SERVICE_ACCOUNT_RIGHTS {
+                    if !self.may(Some(namespace), verb, group, resource).await? {
+                        missing.push(format!("{verb} {resource}"));
+                    }
+                }
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ProviderError::Unauthorized(format!(
+                        "ServiceAccount {namespace}/{name}, which this connection acts as, may not {} in namespace {namespace}",
+                        missing.join(", ")
+                    )))
+                }
+            }
         }
     }
 
@@ -520,25 +620,28 @@ impl Provider for KubernetesProvider {
         }
 
         // Whatever keysmith made for the account and is still there (a
-        // binding whose subjects someone edited, say).
-        let selector = owned_selector(account);
-        let bindings = Api::<RoleBinding>::all(self.client.clone())
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(classify)?;
-        for binding in bindings.items {
-            if let (Some(name), Some(ns)) = (&binding.metadata.name, &binding.metadata.namespace) {
-                let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
-                delete_ignoring_not_found(&api, name, binding.metadata.uid.clone()).await?;
-                self.index.deleted(&binding);
-            }
-        }
-        let cluster_bindings = Api::<ClusterRoleBinding>::all(self.client.clone());
-        let listed = cluster_bindings.list(&ListParams::default().labels(&selector)).await.map_err(classify)?;
-        for binding in listed.items {
-            if let Some(name) = &binding.metadata.name {
-                delete_ignoring_not_found(&cluster_bindings, name, binding.metadata.uid.clone()).await?;
-                self.index.deleted(&binding);
+        // binding whose subjects someone edited, say). Labels can be forged:
+        // one the connection's identity may not delete is left, with a
+        // warning, rather than blocking the deletion.
+        for key in self.index.labelled_for(&self.observer, &account.owner_uid).await? {
+            let deleted = match key.namespace.as_deref() {
+                Some(ns) => {
+                    let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
+                    self.delete_leftover(&api, &key.name, account).await
+                }
+                None => {
+                    let api = Api::<ClusterRoleBinding>::all(self.client.clone());
+                    self.delete_leftover(&api, &key.name, account).await
+                }
+            };
+            match deleted {
+                Err(ProviderError::Unauthorized(message)) => tracing::warn!(
+                    binding = %key.name,
+                    namespace = key.namespace.as_deref().unwrap_or(""),
+                    %message,
+                    "leaving a binding labelled for this account that the connection's identity may not delete"
+                ),
+                other => other?,
             }
         }
 
@@ -559,7 +662,7 @@ impl Provider for KubernetesProvider {
         // From the watch-fed index: hand-made bindings can be anywhere and
         // carry no label to select them by, and listing every binding in the
         // cluster per account would cost O(accounts x bindings).
-        self.index.grants_for(&self.client, &account.owner_uid, sa_namespace(account), &account.name).await
+        self.index.grants_for(&self.observer, sa_namespace(account), &account.name).await
     }
 
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
@@ -608,42 +711,37 @@ impl Provider for KubernetesProvider {
             namespace: Some(sa_namespace(account).to_owned()),
             ..Subject::default()
         }]);
-        let (created, existing) = match &target {
+        match &target {
             Some(ns) => {
                 let api = Api::<RoleBinding>::namespaced(self.client.clone(), ns);
                 let binding = RoleBinding { metadata, role_ref, subjects };
-                let (created, existing) = match api.create(&post_params(), &binding).await {
-                    Ok(made) => (true, made),
-                    Err(kube::Error::Api(s)) if s.code == 409 => (false, api.get(&name).await.map_err(classify)?),
+                let made = match api.create(&post_params(), &binding).await {
+                    Ok(made) => made,
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        let existing = api.get(&name).await.map_err(classify)?;
+                        settle_existing(&api, existing, &binding.role_ref, account, &format!("RoleBinding {ns}/{name}"))
+                            .await?
+                    }
                     Err(e) => return Err(classify(e)),
                 };
-                self.index.applied(&existing);
-                (created, Some(existing.metadata))
+                self.index.applied(&made);
             }
             None => {
                 let api = Api::<ClusterRoleBinding>::all(self.client.clone());
                 let binding = ClusterRoleBinding { metadata, role_ref, subjects };
-                let (created, existing) = match api.create(&post_params(), &binding).await {
-                    Ok(made) => (true, made),
-                    Err(kube::Error::Api(s)) if s.code == 409 => (false, api.get(&name).await.map_err(classify)?),
+                let made = match api.create(&post_params(), &binding).await {
+                    Ok(made) => made,
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        let existing = api.get(&name).await.map_err(classify)?;
+                        settle_existing(&api, existing, &binding.role_ref, account, &format!("ClusterRoleBinding {name}"))
+                            .await?
+                    }
                     Err(e) => return Err(classify(e)),
                 };
-                self.index.applied(&existing);
-                (created, Some(existing.metadata))
+                self.index.applied(&made);
             }
-        };
-        match existing {
-            Some(meta) if !created && !is_owned(&meta, account) => {
-                let what = match &target {
-                    Some(ns) => format!("RoleBinding {ns}/{name}"),
-                    None => format!("ClusterRoleBinding {name}"),
-                };
-                Err(ProviderError::Conflict(format!(
-                    "{what} exists and was not created by keysmith for this IntegrationAccount"
-                )))
-            }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
@@ -713,7 +811,7 @@ impl Provider for KubernetesProvider {
     async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
         // From the watch-fed index: a label-selected list makes the
         // apiserver read every Secret of the namespace.
-        self.anchors.keys_for(&self.client, &account.owner_uid, sa_namespace(account)).await
+        self.anchors.keys_for(&self.observer, &account.owner_uid, sa_namespace(account)).await
     }
 
     async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
@@ -836,11 +934,6 @@ fn desired_labels(account: &AccountRequest) -> BTreeMap<String, String> {
         (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
         (ACCOUNT_UID_LABEL.to_owned(), account.owner_uid.clone()),
     ])
-}
-
-/// The label selector for everything keysmith created for the account.
-fn owned_selector(account: &AccountRequest) -> String {
-    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{ACCOUNT_UID_LABEL}={}", account.owner_uid)
 }
 
 /// The annotations keysmith keeps on the ServiceAccount (disabled aside).
@@ -967,16 +1060,50 @@ fn is_account_subject(subject: &Subject, binding_namespace: Option<&str>, accoun
 }
 
 /// Whether the binding gives the account its role: it names the
-/// ServiceAccount, or keysmith made it for the account.
+/// ServiceAccount (keysmith's label alone gives nothing, and can be forged).
 fn holds<B: Binding>(binding: &B, account: &AccountRequest) -> bool {
-    is_owned(binding.meta(), account)
-        || binding.subjects().iter().any(|s| is_account_subject(s, binding.binding_namespace(), account))
+    binding.subjects().iter().any(|s| is_account_subject(s, binding.binding_namespace(), account))
 }
 
 /// The grant a binding stands for, with its effective scope (see
 /// [`Binding::scope`]). A namespaced Role reads as `Role/<name>`.
 fn grant_of<B: Binding>(binding: &B) -> Option<RoleGrant> {
     super::watch_index::grant(binding.scope(), binding.role_ref())
+}
+
+/// A binding of the name keysmith gives a grant already exists: it is ours
+/// only if it carries the account's label and binds the wanted role (else a
+/// conflict: never taken over); ours but without the ServiceAccount among
+/// its subjects (someone edited it), the ServiceAccount is put back,
+/// conditional on the binding being as read.
+async fn settle_existing<B: Binding>(
+    api: &Api<B>,
+    existing: B,
+    role_ref: &RoleRef,
+    account: &AccountRequest,
+    what: &str,
+) -> Result<B, ProviderError> {
+    if !is_owned(existing.meta(), account) || existing.role_ref() != role_ref {
+        return Err(ProviderError::Conflict(format!(
+            "{what} exists and was not created by keysmith for this IntegrationAccount"
+        )));
+    }
+    if holds(&existing, account) {
+        return Ok(existing);
+    }
+    let mut subjects: Vec<Subject> = existing.subjects().to_vec();
+    subjects.push(Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: account.name.clone(),
+        namespace: Some(sa_namespace(account).to_owned()),
+        ..Subject::default()
+    });
+    let patch = json!({
+        "metadata": { "resourceVersion": existing.meta().resource_version },
+        "subjects": subjects,
+    });
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
+    api.patch(&existing.meta().name.clone().unwrap_or_default(), &params, &Patch::Merge(&patch)).await.map_err(classify)
 }
 
 /// Takes the account's ServiceAccount out of a binding someone else made:

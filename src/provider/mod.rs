@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use registry::{ProviderRegistry, ResolvedConnection};
+pub use crate::tenancy::Identity;
 
 /// A failure talking to a target app, classified by what the caller should do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{config::KubeConfigOptions, Api, Client};
 use tokio::sync::Mutex;
 
@@ -16,11 +16,13 @@ use super::{
     postgres::PostgresProvider,
     ratelimit::{RateLimited, TokenBucket, DEFAULT_RATE},
     scim::ScimProvider,
+    watch_index::{AnchorIndex, RbacIndex, WatchIndex},
     Provider, ProviderError,
 };
 use crate::{
-    api::{AppConnectionSpec, ConnectionKind, SecretKeySelector},
+    api::{ConnectionKind, ConnectionSpec, SecretKeySelector},
     metrics::{InstrumentedProvider, Metrics},
+    tenancy::{self, Identity},
 };
 
 /// A connection resolved for one account: where it is and what it says.
@@ -34,14 +36,77 @@ pub struct ResolvedConnection {
     pub namespace: Option<String>,
     /// Its uid, to key caches.
     pub uid: String,
-    /// Its spec.
-    pub spec: AppConnectionSpec,
+    /// What it says of the target app, policy and budget.
+    pub spec: ConnectionSpec,
+    /// Who keysmith acts as towards this cluster's apiserver for it: a
+    /// ServiceAccount of its namespace for an AppConnection, keysmith itself
+    /// for a ClusterAppConnection (see [`crate::tenancy`]).
+    pub identity: Identity,
+    /// How accounts behind it are named in the target app (ClusterAppConnection).
+    pub account_name_template: Option<String>,
 }
 
 impl ResolvedConnection {
+    /// An AppConnection, acting as the ServiceAccount `tenancy` picks for it;
+    /// a problem when it may not act at all.
+    pub fn namespaced(
+        connection: &crate::api::AppConnection,
+        tenancy: &tenancy::Tenancy,
+    ) -> Result<Self, tenancy::ConnectionProblem> {
+        use kube::ResourceExt;
+        let spec = &connection.spec;
+        let name = connection.name_any();
+        let namespace = connection.namespace();
+        let identity = tenancy.identity(
+            ConnectionKind::AppConnection,
+            &name,
+            namespace.as_deref(),
+            spec.connection.provider.selected(),
+            spec.service_account_name.as_deref(),
+        )?;
+        Ok(Self {
+            kind: ConnectionKind::AppConnection,
+            name,
+            namespace,
+            uid: connection.uid().unwrap_or_default(),
+            spec: spec.connection.clone(),
+            identity,
+            account_name_template: None,
+        })
+    }
+
+    /// A ClusterAppConnection, acting as keysmith.
+    pub fn cluster(connection: &crate::api::ClusterAppConnection) -> Self {
+        use kube::ResourceExt;
+        Self {
+            kind: ConnectionKind::ClusterAppConnection,
+            name: connection.name_any(),
+            namespace: None,
+            uid: connection.uid().unwrap_or_default(),
+            spec: connection.spec.connection.clone(),
+            identity: Identity::Operator,
+            account_name_template: connection.spec.account_name_template.clone(),
+        }
+    }
+
     /// `Kind/name`, as recorded on accounts.
     pub fn display(&self) -> String {
         format!("{:?}/{}", self.kind, self.name)
+    }
+
+    /// The template accounts behind this connection are named by, if any:
+    /// a ClusterAppConnection's own, else its provider's default.
+    pub fn name_template(&self) -> Option<String> {
+        match self.kind {
+            ConnectionKind::AppConnection => None,
+            ConnectionKind::ClusterAppConnection => Some(self.account_name_template.clone().unwrap_or_else(|| {
+                if self.spec.provider.kubernetes.is_some() {
+                    "{name}".to_owned()
+                } else {
+                    tenancy::DEFAULT_NAME_TEMPLATE.to_owned()
+                }
+            })),
+        }
     }
 
     /// The namespace a credential Secret reference points into: an
@@ -66,9 +131,17 @@ impl ResolvedConnection {
 pub struct ProviderRegistry {
     client: Client,
     config: kube::Config,
+    /// Clients that impersonate a connection's ServiceAccount, by username.
+    impersonating: Mutex<HashMap<String, Client>>,
+    /// The watch-fed indexes of this cluster's RBAC bindings and key
+    /// anchors, shared by every `kubernetes` connection to it and fed with
+    /// keysmith's own client (see [`KubernetesProvider::with_indexes`]).
+    local_indexes: (Arc<RbacIndex>, Arc<AnchorIndex>),
     cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
     buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
     metrics: Option<Arc<Metrics>>,
+    /// Who keysmith acts as for namespaced connections.
+    tenancy: tenancy::Tenancy,
     /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1`: connections annotated
     /// `keysmith.dev/noop-provider: "true"` get the no-op provider.
     noop_enabled: bool,
@@ -89,11 +162,28 @@ impl ProviderRegistry {
         Self {
             client,
             config,
+            impersonating: Mutex::new(HashMap::new()),
+            local_indexes: (
+                Arc::new(WatchIndex::new("RoleBindings and ClusterRoleBindings")),
+                Arc::new(WatchIndex::new("key anchor Secrets")),
+            ),
             cache: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             metrics: None,
+            tenancy: tenancy::Tenancy::default(),
             noop_enabled,
         }
+    }
+
+    /// Acts for namespaced connections as `tenancy` says (flags).
+    pub fn with_tenancy(mut self, tenancy: tenancy::Tenancy) -> Self {
+        self.tenancy = tenancy;
+        self
+    }
+
+    /// The tenancy settings.
+    pub fn tenancy(&self) -> &tenancy::Tenancy {
+        &self.tenancy
     }
 
     /// Counts and times every call of every provider it hands out in `metrics`.
@@ -151,8 +241,15 @@ impl ProviderRegistry {
     async fn build(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = &connection.spec.provider;
         if let Some(kubernetes) = &provider.kubernetes {
-            let (cache_key, config) = match &kubernetes.kubeconfig_secret_ref {
-                None => (format!("local/{}", kubernetes.allow_cluster_scope), self.config.clone()),
+            let allow = kubernetes.allow_cluster_scope;
+            let identity = &connection.identity;
+            let (cache_key, config, local) = match &kubernetes.kubeconfig_secret_ref {
+                // This cluster, as the connection's identity.
+                None => {
+                    let mut config = self.config.clone();
+                    config.auth_info.impersonate = identity.impersonate();
+                    (format!("local/{allow}/{identity:?}"), config, true)
+                }
                 Some(selector) => {
                     let (text, version) = self.read_secret(connection, selector, "kubeconfig").await?;
                     let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).map_err(|e| {
@@ -169,15 +266,22 @@ impl ProviderRegistry {
                                 selector.name
                             ))
                         })?;
-                    (format!("{}/{}/{}", connection.uid, version, kubernetes.allow_cluster_scope), config)
+                    (format!("{}/{}/{allow}", connection.uid, version), config, false)
                 }
             };
             let mut cache = self.cache.lock().await;
             if let Some(found) = cache.get(&cache_key) {
                 return Ok(found.clone());
             }
-            let built: Arc<dyn Provider> =
-                Arc::new(KubernetesProvider::from_config(config, kubernetes.allow_cluster_scope)?);
+            if local {
+                self.check_identity(identity).await?;
+            }
+            let mut built = KubernetesProvider::from_config(config, allow)?.acting_as(identity.clone());
+            if local {
+                let (bindings, anchors) = &self.local_indexes;
+                built = built.with_indexes(bindings.clone(), anchors.clone(), self.client.clone());
+            }
+            let built: Arc<dyn Provider> = Arc::new(built);
             cache.insert(cache_key, built.clone());
             return Ok(built);
         }
@@ -300,7 +404,7 @@ impl ProviderRegistry {
         selector: &SecretKeySelector,
     ) -> Result<(std::collections::BTreeMap<String, String>, String), ProviderError> {
         let namespace = connection.secret_namespace(selector)?;
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        let api: Api<Secret> = Api::namespaced(self.client_for(&connection.identity).await?, &namespace);
         let secret = match api.get_opt(&selector.name).await {
             Ok(Some(secret)) => secret,
             Ok(None) => {
@@ -318,6 +422,41 @@ impl ProviderRegistry {
             .filter_map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v.trim_end_matches('\n').to_owned())))
             .collect();
         Ok((data, secret.metadata.resource_version.unwrap_or_default()))
+    }
+}
+
+impl ProviderRegistry {
+    /// A client for this cluster's apiserver acting as `identity`:
+    /// keysmith's own, or one impersonating the ServiceAccount.
+    pub async fn client_for(&self, identity: &Identity) -> Result<Client, ProviderError> {
+        let Some(user) = identity.impersonate() else {
+            return Ok(self.client.clone());
+        };
+        let mut clients = self.impersonating.lock().await;
+        if let Some(client) = clients.get(&user) {
+            return Ok(client.clone());
+        }
+        let mut config = self.config.clone();
+        config.auth_info.impersonate = Some(user.clone());
+        let client = Client::try_from(config).map_err(super::kubernetes::classify)?;
+        clients.insert(user, client.clone());
+        Ok(client)
+    }
+
+    /// An impersonated ServiceAccount must exist: RBAC bindings can name a
+    /// ServiceAccount nobody created yet, and keysmith must not borrow them.
+    pub async fn check_identity(&self, identity: &Identity) -> Result<(), ProviderError> {
+        let Identity::ServiceAccount { namespace, name } = identity else {
+            return Ok(());
+        };
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_metadata_opt(name).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ProviderError::NotFound(format!(
+                "ServiceAccount {namespace}/{name}, which the AppConnection acts as, does not exist"
+            ))),
+            Err(e) => Err(super::kubernetes::classify(e)),
+        }
     }
 }
 

@@ -347,31 +347,35 @@ impl Indexed<IndexedBinding> for ClusterRoleBinding {
 pub type RbacIndex = WatchIndex<IndexedBinding>;
 
 impl RbacIndex {
-    /// The grants held through bindings keysmith made for `owner_uid` or
-    /// that name the ServiceAccount `namespace/name`.
-    pub async fn grants_for(
-        &self,
-        client: &Client,
-        owner_uid: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Result<Vec<RoleGrant>, ProviderError> {
+    /// Starts the binding watches, once.
+    fn start(&self, client: &Client) {
         self.start_once(|entries, sync| {
             let config = watcher::Config::default().page_size(PAGE_SIZE);
             let role_bindings = watcher(Api::<RoleBinding>::all(client.clone()), config.clone()).default_backoff();
             let cluster_bindings = watcher(Api::<ClusterRoleBinding>::all(client.clone()), config).default_backoff();
             vec![spawn_watch(role_bindings, entries, sync), spawn_watch(cluster_bindings, entries, sync)]
         });
-        let held = self
-            .entries_where(|b| {
-                b.owner_uid.as_deref() == Some(owner_uid)
-                    || b.service_accounts.iter().any(|(ns, n)| ns == namespace && n == name)
-            })
-            .await?;
+    }
+
+    /// The grants held through bindings that name the ServiceAccount
+    /// `namespace/name`, whoever made them. A binding carrying keysmith's
+    /// label for the account but not naming its ServiceAccount grants it
+    /// nothing, and labels can be forged by whoever may write a binding:
+    /// only subjects count.
+    pub async fn grants_for(&self, client: &Client, namespace: &str, name: &str) -> Result<Vec<RoleGrant>, ProviderError> {
+        self.start(client);
+        let held = self.entries_where(|b| b.service_accounts.iter().any(|(ns, n)| ns == namespace && n == name)).await?;
         let mut grants: Vec<RoleGrant> = held.into_iter().filter_map(|(_, b)| b.grant).collect();
         grants.sort();
         grants.dedup();
         Ok(grants)
+    }
+
+    /// The bindings carrying keysmith's label for `owner_uid`, whatever
+    /// they name: what is left to clean up when the account goes.
+    pub async fn labelled_for(&self, client: &Client, owner_uid: &str) -> Result<Vec<IndexKey>, ProviderError> {
+        self.start(client);
+        Ok(self.entries_where(|b| b.owner_uid.as_deref() == Some(owner_uid)).await?.into_iter().map(|(k, _)| k).collect())
     }
 }
 
