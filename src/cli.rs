@@ -260,14 +260,15 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         }
         let mut result =
             AccountPlan { account: format!("{ns}/{name}"), changes: vec![], denied: vec![], problem: None };
-        let connection = match resolve(&client, &account, &file_connections, &file_cluster_connections, registry.tenancy()).await? {
-            Ok(connection) => connection,
-            Err(problem) => {
-                result.problem = Some(problem);
-                plans.push(result);
-                continue;
-            }
-        };
+        let connection =
+            match resolve(&client, &account, &file_connections, &file_cluster_connections, registry.tenancy()).await? {
+                Ok(connection) => connection,
+                Err(problem) => {
+                    result.problem = Some(problem);
+                    plans.push(result);
+                    continue;
+                }
+            };
         let provider = match registry.provider_for(&connection).await {
             Ok(p) => p,
             Err(e) => {

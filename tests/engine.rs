@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{apply_yaml, control_plane, eventually, ready_account, Operator, TestNamespace};
+use common::{
+    apply_yaml, control_plane, credential_reader_identity, eventually, kubernetes_connection_identity, ready_account,
+    Operator, TestNamespace,
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Event, Secret, ServiceAccount},
     rbac::v1::{ClusterRoleBinding, RoleBinding as RbacRoleBinding},
@@ -132,12 +135,15 @@ async fn quickstart_becomes_ready_and_its_kubeconfig_works() {
     ns.delete().await;
 }
 
+/// The connection, rotation policy and account the tests share; the
+/// connection acts as ServiceAccount `keysmith` (see [`account_yaml`]).
 const ACCOUNT: &str = r#"
 apiVersion: keysmith.dev/v1alpha1
 kind: AppConnection
 metadata: {name: cluster}
 spec:
   provider: {kubernetes: {}}
+  serviceAccountName: keysmith
   policy: {deniedRoles: ["cluster-admin"]}
 ---
 apiVersion: keysmith.dev/v1alpha1
@@ -153,6 +159,12 @@ spec:
   secret: {name: robot-key}
   rotationPolicyRef: {name: policy}
 "#;
+
+/// [`ACCOUNT`] after the ServiceAccount its connection acts as, which may
+/// bind `view` and `edit` in the namespace.
+fn account_yaml() -> String {
+    kubernetes_connection_identity(&["view", "edit"]) + ACCOUNT
+}
 
 /// Binds `edit` to the `robot` ServiceAccount with an RBAC RoleBinding
 /// `by-hand`, as someone would by hand; returns the RBAC API to check on it.
@@ -180,7 +192,7 @@ async fn roles_converge_to_exactly_the_declared_set() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "roles").await;
     let _operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view", "edit"])).await;
     ready_account(&client, &ns.name, "robot").await;
     let robot = client_from_secret(&client, &ns.name, "robot-key").await;
@@ -225,8 +237,8 @@ async fn policy_denied_role_is_never_granted() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "denied").await;
     let _operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
-    apply_yaml(&client, &ns.name, &binding_yaml("*", &["cluster-admin", "view"])).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["cluster-admin", "view"])).await;
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns.name);
     let binding = eventually("PolicyViolation", WAIT, || async {
         let b = bindings.get("robot-roles").await.ok()?;
@@ -269,7 +281,7 @@ async fn manual_rotation_keeps_the_old_key_through_the_grace_period_only() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "rotate").await;
     let operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     let before = ready_account(&client, &ns.name, "robot").await.status.unwrap().current_key.unwrap();
     let old_token = secret_value(&client, &ns.name, "robot-key", "token").await.unwrap();
@@ -352,7 +364,7 @@ async fn scheduled_rotation_publishes_a_new_working_token() {
     apply_yaml(
         &client,
         &ns.name,
-        &ACCOUNT.replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"* * * * *\", gracePeriod: 10s}"),
+        &account_yaml().replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"* * * * *\", gracePeriod: 10s}"),
     )
     .await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
@@ -383,7 +395,7 @@ async fn deletion_policy_delete_removes_everything_and_orphan_leaves_it() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "delete").await;
     let _operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     apply_yaml(
         &client,
@@ -449,7 +461,7 @@ async fn a_crash_between_issuing_and_publishing_leaves_exactly_one_live_key() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "crash").await;
     let mut crashing = Operator::start(cp, &ns.name, &[("KEYSMITH_FAILPOINT", "after-issue")]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     assert_eq!(crashing.wait_exit(WAIT).await, Some(86), "the failpoint stops the operator");
     // The key was issued but never published.
@@ -486,7 +498,7 @@ async fn a_full_resync_with_nothing_changed_makes_no_writes() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "resync").await;
     let first = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     ready_account(&client, &ns.name, "robot").await;
     // Let the other controllers settle their status too.
@@ -538,7 +550,7 @@ async fn a_change_that_leaves_the_account_as_it_is_does_not_ask_the_target_app()
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "unchanged").await;
     let operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     ready_account(&client, &ns.name, "robot").await;
     binding_ready(&client, &ns.name, "robot-roles").await;
@@ -600,7 +612,7 @@ async fn the_drift_check_undoes_a_hand_made_grant_without_any_change_to_the_acco
     let ns = TestNamespace::create(&client, "drift").await;
     let options = common::OperatorOptions { args: &["--drift-check-interval", "3s"], ..Default::default() };
     let _operator = Operator::start_with(cp, &ns.name, &options);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     ready_account(&client, &ns.name, "robot").await;
 
@@ -666,7 +678,7 @@ async fn a_secret_keysmith_did_not_create_is_never_overwritten() {
         serde_json::from_value(json!({"metadata": {"name": "robot-key"}, "stringData": {"token": "theirs"}})).unwrap();
     secrets.create(&PostParams::default(), &theirs).await.unwrap();
     let _operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     let api: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
     let condition = eventually("SecretNotOwned", WAIT, || async {
         let status = api.get("robot").await.ok()?.status?;
@@ -698,7 +710,7 @@ async fn restart_targets_are_rolled_after_a_rotation() {
     apply_yaml(
         &client,
         &ns.name,
-        &ACCOUNT.replace(
+        &account_yaml().replace(
             "{rotateEvery: 24h, gracePeriod: 15s}",
             "{rotateEvery: 24h, gracePeriod: 15s, restartTargets: [{kind: Deployment, name: app}]}",
         ),
@@ -739,12 +751,8 @@ async fn a_connection_whose_credential_is_refused_is_not_ready() {
             .unwrap();
     Api::<Secret>::namespaced(client.clone(), &ns.name).create(&PostParams::default(), &secret).await.unwrap();
     let _operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(
-        &client,
-        &ns.name,
-        "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: remote}\nspec:\n  provider: {kubernetes: {kubeconfigSecretRef: {name: remote}}}\n",
-    )
-    .await;
+    let connection = "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: remote}\nspec:\n  provider: {kubernetes: {kubeconfigSecretRef: {name: remote}}}\n  serviceAccountName: keysmith\n";
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("remote") + connection)).await;
     let api: Api<keysmith::api::AppConnection> = Api::namespaced(client.clone(), &ns.name);
     let ready = eventually("the connection to report its credential", WAIT, || async {
         let status = api.get("remote").await.ok()?.status?;
@@ -767,7 +775,7 @@ async fn an_invalid_rotation_policy_is_reported_not_acted_on() {
     apply_yaml(
         &client,
         &ns.name,
-        &ACCOUNT.replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"61 * * * *\"}"),
+        &account_yaml().replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"61 * * * *\"}"),
     )
     .await;
     let policies: Api<keysmith::api::KeyRotationPolicy> = Api::namespaced(client.clone(), &ns.name);
@@ -789,7 +797,7 @@ async fn an_invalid_rotation_policy_is_reported_not_acted_on() {
     apply_yaml(
         &client,
         &ns.name,
-        &ACCOUNT.replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"0 * * * *\"}"),
+        &account_yaml().replace("{rotateEvery: 24h, gracePeriod: 15s}", "{schedule: \"0 * * * *\"}"),
     )
     .await;
     ready_account(&client, &ns.name, "robot").await;
@@ -802,7 +810,7 @@ async fn a_crash_between_publishing_and_recording_adopts_the_published_key() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "adopt").await;
     let mut crashing = Operator::start(cp, &ns.name, &[("KEYSMITH_FAILPOINT", "after-publish")]);
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &account_yaml()).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&ns.name, &["view"])).await;
     assert_eq!(crashing.wait_exit(WAIT).await, Some(86), "the failpoint stops the operator");
     // The key is in the Secret, but status still calls it pending.

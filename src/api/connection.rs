@@ -129,7 +129,10 @@ pub struct ClusterAppConnectionSpec {
     /// or squat another's account name. The `kubernetes` provider's default
     /// is `{name}`: its ServiceAccounts live in the account's own namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^([^{}]|\{namespace\}|\{name\})*\{name\}([^{}]|\{namespace\}|\{name\})*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^([^{}]|\{namespace\}|\{name\})*\{name\}([^{}]|\{namespace\}|\{name\})*$")
+    )]
     pub account_name_template: Option<String>,
 }
 

@@ -32,14 +32,14 @@ use super::{
 };
 use crate::{
     api::{
-        condition_types::*, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount,
-        IntegrationAccount, IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
+        condition_types::*, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount, IntegrationAccount,
+        IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
     },
     install::FIELD_MANAGER,
     policy::RolePolicy,
-    tenancy::{self, ScopePolicy},
     provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
+    tenancy::{self, ScopePolicy},
 };
 
 /// The finalizer that lets keysmith deprovision before an account goes away.

@@ -124,8 +124,12 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
             Ok(connection) => {
                 let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
                 let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), &namespace);
-                let scope_refused =
-                    binding.spec.scope.as_deref().filter(|s| !s.is_empty() && !scopes.allows(s)).map(|s| scopes.refusal(s));
+                let scope_refused = binding
+                    .spec
+                    .scope
+                    .as_deref()
+                    .filter(|s| !s.is_empty() && !scopes.allows(s))
+                    .map(|s| scopes.refusal(s));
                 let mut violations = Vec::new();
                 for role in &binding.spec.roles {
                     if let Some(refusal) = &scope_refused {

@@ -77,7 +77,9 @@ where
     }
     let (update, next) = match &resolved {
         // A connection keysmith may not act for waits for a change of it.
-        Err(problem) => (ConditionUpdate::falsy(READY, problem.reason, problem.message.clone()), Requeue::await_change()),
+        Err(problem) => {
+            (ConditionUpdate::falsy(READY, problem.reason, problem.message.clone()), Requeue::await_change())
+        }
         Ok(resolved) => {
             let outcome = match ctx.providers.check_identity(&resolved.identity).await {
                 Ok(()) => match ctx.providers.provider_for_annotated(resolved, obj.annotations()).await {

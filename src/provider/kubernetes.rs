@@ -40,8 +40,7 @@ use serde_json::json;
 
 use super::{
     watch_index::{AnchorIndex, Indexed, IndexedBinding, RbacIndex, WatchIndex},
-    Identity,
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
+    AccountRequest, Capabilities, Identity, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
 
@@ -405,7 +404,13 @@ const SERVICE_ACCOUNT_RIGHTS: [(&str, &str, &str); 8] = [
 impl KubernetesProvider {
     /// Whether the provider's identity may `verb` `resource` (in `namespace`,
     /// or cluster-wide), by a SelfSubjectAccessReview.
-    async fn may(&self, namespace: Option<&str>, verb: &str, group: &str, resource: &str) -> Result<bool, ProviderError> {
+    async fn may(
+        &self,
+        namespace: Option<&str>,
+        verb: &str,
+        group: &str,
+        resource: &str,
+    ) -> Result<bool, ProviderError> {
         let (resource, subresource) = match resource.split_once('/') {
             Some((resource, sub)) => (resource, Some(sub.to_owned())),
             None => (resource, None),
@@ -733,8 +738,14 @@ impl Provider for KubernetesProvider {
                     Ok(made) => made,
                     Err(kube::Error::Api(s)) if s.code == 409 => {
                         let existing = api.get(&name).await.map_err(classify)?;
-                        settle_existing(&api, existing, &binding.role_ref, account, &format!("ClusterRoleBinding {name}"))
-                            .await?
+                        settle_existing(
+                            &api,
+                            existing,
+                            &binding.role_ref,
+                            account,
+                            &format!("ClusterRoleBinding {name}"),
+                        )
+                        .await?
                     }
                     Err(e) => return Err(classify(e)),
                 };

@@ -23,8 +23,8 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use async_trait::async_trait;
 use jiff::Timestamp;
 
-pub use registry::{ProviderRegistry, ResolvedConnection};
 pub use crate::tenancy::Identity;
+pub use registry::{ProviderRegistry, ResolvedConnection};
 
 /// A failure talking to a target app, classified by what the caller should do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -362,9 +362,15 @@ impl RbacIndex {
     /// label for the account but not naming its ServiceAccount grants it
     /// nothing, and labels can be forged by whoever may write a binding:
     /// only subjects count.
-    pub async fn grants_for(&self, client: &Client, namespace: &str, name: &str) -> Result<Vec<RoleGrant>, ProviderError> {
+    pub async fn grants_for(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<RoleGrant>, ProviderError> {
         self.start(client);
-        let held = self.entries_where(|b| b.service_accounts.iter().any(|(ns, n)| ns == namespace && n == name)).await?;
+        let held =
+            self.entries_where(|b| b.service_accounts.iter().any(|(ns, n)| ns == namespace && n == name)).await?;
         let mut grants: Vec<RoleGrant> = held.into_iter().filter_map(|(_, b)| b.grant).collect();
         grants.sort();
         grants.dedup();
@@ -375,7 +381,12 @@ impl RbacIndex {
     /// they name: what is left to clean up when the account goes.
     pub async fn labelled_for(&self, client: &Client, owner_uid: &str) -> Result<Vec<IndexKey>, ProviderError> {
         self.start(client);
-        Ok(self.entries_where(|b| b.owner_uid.as_deref() == Some(owner_uid)).await?.into_iter().map(|(k, _)| k).collect())
+        Ok(self
+            .entries_where(|b| b.owner_uid.as_deref() == Some(owner_uid))
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
     }
 }
 

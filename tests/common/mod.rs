@@ -283,3 +283,60 @@ pub async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<std::c
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns).get_opt(name).await.ok()??;
     secret.data?.into_iter().map(|(k, v)| String::from_utf8(v.0).ok().map(|v| (k, v))).collect()
 }
+
+/// The ServiceAccount `keysmith` that a test's namespaced `kubernetes`
+/// AppConnection acts as (`serviceAccountName: keysmith`), with what the
+/// provider needs in the namespace and `bind` on the ClusterRoles
+/// `bindable`, as examples/quickstart sets it up. Namespaces are left out:
+/// [`apply_yaml`] puts everything in the test's namespace.
+pub fn kubernetes_connection_identity(bindable: &[&str]) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: keysmith}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: keysmith-connection}}
+rules:
+  - {{apiGroups: [""], resources: ["serviceaccounts"], verbs: ["get", "create", "patch", "delete"]}}
+  - {{apiGroups: [""], resources: ["serviceaccounts/token"], verbs: ["create"]}}
+  - {{apiGroups: [""], resources: ["secrets"], verbs: ["get", "create", "delete"]}}
+  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["rolebindings"], verbs: ["get", "list", "create", "patch", "delete"]}}
+  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["clusterroles"], resourceNames: {bindable:?}, verbs: ["bind"]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: keysmith-connection}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-connection}}
+subjects: [{{kind: ServiceAccount, name: keysmith}}]
+---
+"#
+    )
+}
+
+/// The ServiceAccount `keysmith` that a test's credentialed AppConnection
+/// acts as, allowed to read exactly the credential Secret `secret`.
+pub fn credential_reader_identity(secret: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: keysmith}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: keysmith-connection}}
+rules:
+  - {{apiGroups: [""], resources: ["secrets"], resourceNames: ["{secret}"], verbs: ["get"]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: keysmith-connection}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-connection}}
+subjects: [{{kind: ServiceAccount, name: keysmith}}]
+---
+"#
+    )
+}
