@@ -22,7 +22,9 @@ use std::{
     time::Duration,
 };
 
-use common::{apply_yaml, eventually, ready_account, Operator, OperatorOptions, TestNamespace};
+use common::{
+    apply_yaml, eventually, kubernetes_connection_identity, ready_account, Operator, OperatorOptions, TestNamespace,
+};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -50,7 +52,10 @@ const REGENERATE_DEPLOY: &str = "sed -i '/^---$/,$d' deploy/keysmith.yaml && hel
 /// Every optional part of the chart switched on.
 const EVERY_OPTION: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,\
                             podDisruptionBudget.enabled=true,createNamespace=true,\
-                            rbac.bindableClusterRoles={view,edit},watchNamespace=team";
+                            rbac.bindableClusterRoles={view,edit},watchNamespace=team,\
+                            tenancy.serviceAccountNames={keysmith,connector},\
+                            tenancy.defaultServiceAccount=keysmith,\
+                            tenancy.denyNamespacedProviders={kubernetes,awsIam}";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -209,10 +214,24 @@ fn the_deployment_runs_keysmith_hardened() {
         ])
     );
     assert!(of_kind(&objects, "Role").is_empty(), "no Lease rights without leader election");
+
+    // The tenancy lockdown values.
+    let objects = render(
+        "keysmith",
+        &["--set", "tenancy.defaultServiceAccount=keysmith,tenancy.denyNamespacedProviders={kubernetes,awsIam}"],
+    );
+    let args = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    let args: Vec<&str> = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(
+        args[args.len() - 2..],
+        ["--default-service-account=keysmith", "--deny-namespaced-provider=kubernetes,awsIam"]
+    );
 }
 
-/// No wildcard anywhere in the operator's rights, and
-/// rbac.bindableClusterRoles names the only ClusterRoles it may bind.
+/// No wildcard anywhere in the operator's rights; rbac.bindableClusterRoles
+/// names the only ClusterRoles it may bind (by default the two that cannot
+/// change RBAC), and tenancy.serviceAccountNames the only ServiceAccounts it
+/// may impersonate.
 #[test]
 fn the_rbac_names_every_right() {
     let objects = render("keysmith", &[]);
@@ -226,26 +245,43 @@ fn the_rbac_names_every_right() {
             assert!(!rule[field].as_array().unwrap().contains(&json!("*")), "a wildcard in {rule}");
         }
     }
-    let bind = |objects: &[Value]| -> Value {
+    let rule = |objects: &[Value], verb: &str| -> Value {
         let role = of_kind(objects, "ClusterRole")[0];
         role["rules"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|r| r["verbs"].as_array().unwrap().contains(&json!("bind")))
+            .find(|r| r["verbs"].as_array().unwrap().contains(&json!(verb)))
             .unwrap()
             .clone()
     };
-    assert!(bind(&objects).get("resourceNames").is_none(), "any ClusterRole by default");
-    let limited = render("keysmith", &["--set", "rbac.bindableClusterRoles={view,edit}"]);
-    assert_eq!(bind(&limited)["resourceNames"], json!(["view", "edit"]));
+    assert_eq!(rule(&objects, "bind")["resourceNames"], json!(["view", "edit"]), "a short safe list by default");
+    assert_eq!(rule(&objects, "impersonate")["resources"], json!(["serviceaccounts"]), "never users or groups");
+    assert_eq!(rule(&objects, "impersonate")["resourceNames"], json!(["keysmith"]));
+    let any = render("keysmith", &["--set", "rbac.bindableClusterRoles=null,tenancy.serviceAccountNames=null"]);
+    assert!(rule(&any, "bind").get("resourceNames").is_none(), "any ClusterRole when asked for");
+    assert!(rule(&any, "impersonate").get("resourceNames").is_none());
+    let limited = render("keysmith", &["--set", "rbac.bindableClusterRoles={view}"]);
+    assert_eq!(rule(&limited, "bind")["resourceNames"], json!(["view"]));
+
+    // Namespace owners get keysmith's namespaced kinds through aggregation;
+    // status and ClusterAppConnections stay the operator's and the admins'.
+    let aggregated: Vec<&Value> = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .filter(|r| r["metadata"]["labels"].as_object().unwrap().keys().any(|k| k.contains("aggregate-to-")))
+        .collect();
+    assert_eq!(aggregated.len(), 2);
+    for role in aggregated {
+        let text = role["rules"].to_string();
+        assert!(!text.contains("status") && !text.contains("clusterappconnections"), "{text}");
+    }
 }
 
 /// The Deployment's arguments are ones `keysmith run` takes: clap refuses
 /// an unknown flag before it prints the help.
 #[test]
 fn keysmith_run_understands_the_deployment_arguments() {
-    let objects = render("keysmith", &["--set", "watchNamespace=team"]);
+    let objects = render("keysmith", &["--set", EVERY_OPTION]);
     let args = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
     let args: Vec<&str> = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_keysmith")).args(&args).arg("--help").output().unwrap();
@@ -625,6 +661,7 @@ kind: AppConnection
 metadata: {{name: cluster}}
 spec:
   provider: {{kubernetes: {{}}}}
+  serviceAccountName: keysmith
   policy: {{deniedRoles: ["cluster-admin"]}}
 ---
 apiVersion: keysmith.dev/v1alpha1
@@ -740,7 +777,12 @@ async fn helm_install_gives_the_operator_every_right_it_needs() {
     );
 
     let cluster_connection = format!("chart-{}", app_ns.name);
-    apply_yaml(&client, &app_ns.name, &flow(&app_ns.name, &cluster_connection)).await;
+    apply_yaml(
+        &client,
+        &app_ns.name,
+        &(kubernetes_connection_identity(&["view"]) + &flow(&app_ns.name, &cluster_connection)),
+    )
+    .await;
     let account = ready_account(&client, &app_ns.name, "robot").await;
     ready_account(&client, &app_ns.name, "shared-robot").await;
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{apply_yaml, control_plane, Operator, TestNamespace};
+use common::{apply_yaml, control_plane, kubernetes_connection_identity, Operator, TestNamespace};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use keysmith::api::IntegrationAccount;
 use kube::Api;
@@ -18,6 +18,7 @@ kind: AppConnection
 metadata: {name: cluster}
 spec:
   provider: {kubernetes: {}}
+  serviceAccountName: keysmith
   policy: {deniedRoles: ["cluster-admin"]}
 ---
 apiVersion: keysmith.dev/v1alpha1
@@ -82,7 +83,7 @@ async fn inventory_rotate_and_the_kubectl_plugin() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "cli").await;
     let operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, SETUP).await;
+    apply_yaml(&client, &ns.name, &(kubernetes_connection_identity(&["view"]) + SETUP)).await;
     apply_yaml(&client, &ns.name, &binding(&ns.name, "robot-view", "robot", "[view]")).await;
     let before = ready(&client, &ns.name, "robot", &operator).await.status.unwrap().current_key.unwrap();
 
@@ -141,7 +142,7 @@ async fn plan_shows_changes_without_making_them() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "plan").await;
     let operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, SETUP).await;
+    apply_yaml(&client, &ns.name, &(kubernetes_connection_identity(&["view"]) + SETUP)).await;
     apply_yaml(&client, &ns.name, &binding(&ns.name, "robot-view", "robot", "[view]")).await;
     ready(&client, &ns.name, "robot", &operator).await;
 

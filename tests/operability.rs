@@ -11,7 +11,8 @@ use std::{
 };
 
 use common::{
-    apply_yaml, control_plane, eventually, free_port, ready_account, Operator, OperatorOptions, TestNamespace,
+    apply_yaml, control_plane, eventually, free_port, kubernetes_connection_identity, ready_account, Operator,
+    OperatorOptions, TestNamespace,
 };
 use k8s_openapi::api::{coordination::v1::Lease, rbac::v1::ClusterRoleBinding};
 use keysmith::{api::IntegrationAccount, controlplane::ControlPlane};
@@ -29,6 +30,7 @@ kind: AppConnection
 metadata: {name: cluster}
 spec:
   provider: {kubernetes: {}}
+  serviceAccountName: keysmith
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
@@ -110,7 +112,7 @@ async fn endpoints_report_health_readiness_and_metrics() {
     assert!(body.starts_with("ok"), "{body}");
     assert_eq!(get(port, "/nope").await.map(|r| r.0), Some(404));
 
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &(kubernetes_connection_identity(&["view"]) + ACCOUNT)).await;
     let status = ready_account(&client, &ns.name, "robot").await.status.unwrap();
     let next_rotation = status.next_rotation_at.expect("a next rotation").0.as_second() as f64;
     let robot = [("account", "robot"), ("namespace", ns.name.as_str())];
@@ -235,7 +237,7 @@ async fn a_follower_takes_over_when_the_leader_dies_and_never_acts_before() {
     let (b, port_b) = replica(cp, &ns.name, "replica-b", Some(&kubeconfig_b));
 
     // The leader acts.
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &(kubernetes_connection_identity(&["view"]) + ACCOUNT)).await;
     ready_account(&client, &ns.name, "robot").await;
     // The follower is synced, ready and not leading.
     let (status, body) = eventually("the follower to be ready", WAIT, || async {
@@ -308,7 +310,7 @@ async fn a_leader_stopped_gracefully_hands_over_at_once() {
     assert_eq!(a.wait_exit(Duration::from_secs(10)).await, Some(0), "a graceful stop exits 0");
     assert!(a.logs().contains("released the leader lease"), "{}", a.logs());
 
-    apply_yaml(&client, &ns.name, ACCOUNT).await;
+    apply_yaml(&client, &ns.name, &(kubernetes_connection_identity(&["view"]) + ACCOUNT)).await;
     ready_account(&client, &ns.name, "robot").await;
     drop(b);
     ns.delete().await;
