@@ -9,7 +9,7 @@ mod common;
 
 use std::{fmt::Write as _, io::Write as _, path::PathBuf, process::Stdio, time::Duration};
 
-use common::{apply_yaml, control_plane, eventually, Operator, TestNamespace};
+use common::{apply_yaml, control_plane, eventually, kubernetes_connection_identity, Operator, TestNamespace};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use keysmith::api::{AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding};
 use kube::{
@@ -460,6 +460,7 @@ kind: AppConnection
 metadata: {{name: cluster}}
 spec:
   provider: {{kubernetes: {{}}}}
+  serviceAccountName: keysmith
   policy: {{deniedRoles: ["cluster-admin"]}}
 ---
 apiVersion: keysmith.dev/v1alpha1
@@ -467,12 +468,20 @@ kind: AppConnection
 metadata: {{name: refused}}
 spec:
   provider: {{kubernetes: {{kubeconfigSecretRef: {{name: refused}}}}}}
+  serviceAccountName: keysmith
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: AppConnection
 metadata: {{name: unreachable}}
 spec:
   provider: {{kubernetes: {{kubeconfigSecretRef: {{name: unreachable}}}}}}
+  serviceAccountName: keysmith
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: AppConnection
+metadata: {{name: anonymous}}
+spec:
+  provider: {{kubernetes: {{}}}}
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
@@ -622,7 +631,7 @@ async fn health_checks_judge_what_the_operator_writes() {
     create_secret(&client, n, "unreachable", "kubeconfig", &serde_yaml::to_string(&nowhere).unwrap()).await;
     create_secret(&client, n, "taken", "token", "theirs").await;
 
-    apply_yaml(&client, n, &fixtures(n)).await;
+    apply_yaml(&client, n, &(kubernetes_connection_identity(&["view", "edit"]) + &fixtures(n))).await;
     for object in keysmith::manifest::parse(&cluster_fixtures(n)).unwrap() {
         keysmith::manifest::apply(&client, &object, "test").await.unwrap();
     }
@@ -633,6 +642,7 @@ async fn health_checks_judge_what_the_operator_writes() {
         case("AppConnection", "cluster", ("Ready", "True", "Verified"), "Healthy", "Ready"),
         case("AppConnection", "refused", ("Ready", "False", "Unauthorized"), "Degraded", "Ready"),
         case("AppConnection", "unreachable", ("Ready", "False", "Transient"), "Progressing", "Ready"),
+        case("AppConnection", "anonymous", ("Ready", "False", "ServiceAccountRequired"), "Degraded", "Ready"),
         case("ClusterAppConnection", &open, ("Ready", "True", "Verified"), "Healthy", "Ready"),
         case("ClusterAppConnection", &closed, ("Ready", "False", "Invalid"), "Degraded", "Ready"),
         case("KeyRotationPolicy", "daily", ("Ready", "True", "Valid"), "Healthy", "Ready"),

@@ -17,7 +17,8 @@ use std::{
 };
 
 use common::{
-    apply_yaml, assert_manifests_stored, control_plane, eventually, ready_account, secret_data, Operator, TestNamespace,
+    apply_yaml, assert_manifests_stored, control_plane, credential_reader_identity, eventually, ready_account,
+    secret_data, Operator, TestNamespace,
 };
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Condition};
 use keysmith::api::{AppConnection, IntegrationAccount, IntegrationAccountStatus, KeyState};
@@ -47,6 +48,7 @@ spec:
       endpoint: "{endpoint}"
       path: /keysmith/
       credentialsSecretRef: {name: aws-admin}
+  serviceAccountName: keysmith
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
@@ -199,7 +201,12 @@ async fn an_account_becomes_an_iam_user_whose_access_keys_rotate_within_the_two_
     let ns = TestNamespace::create(&client, "awsiam").await;
     let operator = Operator::start(cp, &ns.name, &[]);
     admin_secret(&client, &ns.name, "aws-admin", &moto.admin_key).await;
-    apply_yaml(&client, &ns.name, &ACCOUNT.replace("{endpoint}", &moto.endpoint)).await;
+    apply_yaml(
+        &client,
+        &ns.name,
+        &(credential_reader_identity("aws-admin") + &ACCOUNT.replace("{endpoint}", &moto.endpoint)),
+    )
+    .await;
     apply_yaml(&client, &ns.name, &binding_yaml(&[moto.policy_arn("ks-read")])).await;
     let sampler = KeySampler::start(&moto);
 
@@ -342,7 +349,7 @@ async fn a_wrong_admin_secret_makes_the_connection_unauthorized() {
     let wrong = format!("not-the-secret-{:016x}", rand::random::<u64>());
     admin_secret(&client, &ns.name, "aws-admin", &(moto.admin_key.0.clone(), wrong.clone())).await;
     let connection = ACCOUNT.split("---").next().expect("the AppConnection").replace("{endpoint}", &moto.endpoint);
-    apply_yaml(&client, &ns.name, &connection).await;
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("aws-admin") + &connection)).await;
 
     let ready = connection_ready(&client, &ns.name, "aws").await;
     assert_eq!(ready.status, "False", "{}", ready.message);
@@ -394,7 +401,17 @@ async fn the_aws_iam_example_is_accepted_and_works_against_moto() {
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(
         kinds,
-        ["Namespace", "Secret", "AppConnection", "KeyRotationPolicy", "IntegrationAccount", "RoleBinding"],
+        [
+            "Namespace",
+            "Secret",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "AppConnection",
+            "KeyRotationPolicy",
+            "IntegrationAccount",
+            "RoleBinding"
+        ],
         "read top to bottom"
     );
     for object in objects.iter().skip(1) {

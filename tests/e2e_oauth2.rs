@@ -21,7 +21,10 @@ use std::{
     time::Duration,
 };
 
-use common::{apply_yaml, control_plane, eventually, ready_account, secret_data, Operator, TestNamespace};
+use common::{
+    apply_yaml, control_plane, credential_reader_identity, eventually, ready_account, secret_data, Operator,
+    TestNamespace,
+};
 use futures::StreamExt;
 use k8s_openapi::{
     api::core::v1::{Event, Secret},
@@ -60,6 +63,7 @@ spec:
       tokenEndpoint: "{token}"
       introspectionEndpoint: "{introspection}"
       initialAccessTokenSecretRef: {name: oauth2-admin}
+  serviceAccountName: keysmith
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
@@ -79,10 +83,11 @@ spec:
 "#;
 
 fn account_yaml(server: &OidcServer) -> String {
-    ACCOUNT
-        .replace("{registration}", &server.info.registration_endpoint)
-        .replace("{token}", &server.info.token_endpoint)
-        .replace("{introspection}", &server.info.introspection_endpoint)
+    credential_reader_identity("oauth2-admin")
+        + &ACCOUNT
+            .replace("{registration}", &server.info.registration_endpoint)
+            .replace("{token}", &server.info.token_endpoint)
+            .replace("{introspection}", &server.info.introspection_endpoint)
 }
 
 fn binding_yaml(scopes: &[&str]) -> String {
@@ -410,7 +415,17 @@ async fn the_oauth2_example_is_accepted_and_works_against_a_real_server() {
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(
         kinds,
-        ["Namespace", "Secret", "AppConnection", "KeyRotationPolicy", "IntegrationAccount", "RoleBinding"],
+        [
+            "Namespace",
+            "Secret",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "AppConnection",
+            "KeyRotationPolicy",
+            "IntegrationAccount",
+            "RoleBinding"
+        ],
         "read top to bottom"
     );
     for object in objects.iter().skip(1) {

@@ -14,7 +14,9 @@ mod pg_server;
 
 use std::{path::Path, time::Duration};
 
-use common::{apply_yaml, control_plane, eventually, ready_account, Operator, TestNamespace};
+use common::{
+    apply_yaml, control_plane, credential_reader_identity, eventually, ready_account, Operator, TestNamespace,
+};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Secret;
 use keysmith::api::{AppConnection, IntegrationAccount, KeyRotationPolicy, KeyState, RoleBinding};
@@ -54,6 +56,7 @@ spec:
       database: postgres
       sslMode: disable
       credentialsSecretRef: {{name: pg-admin}}
+  serviceAccountName: keysmith
   policy: {{deniedRoles: ["pg_*"]}}
 ---
 apiVersion: keysmith.dev/v1alpha1
@@ -160,7 +163,8 @@ async fn an_account_is_provisioned_rotated_with_a_grace_period_and_removed() {
     let client = cp.client().await.expect("admin client");
     let ns = TestNamespace::create(&client, "pg-e2e").await;
     let operator = Operator::start(cp, &ns.name, &[]);
-    apply_yaml(&client, &ns.name, &manifests(server.port, ADMIN_PASSWORD)).await;
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("pg-admin") + &manifests(server.port, ADMIN_PASSWORD)))
+        .await;
 
     // Ready, and every object says so.
     let account = ready_account(&client, &ns.name, "billing-sync").await;
@@ -327,7 +331,7 @@ async fn a_wrong_admin_password_makes_the_connection_unauthorized() {
     let yaml = manifests(server.port, wrong);
     // The Secret and the connection only.
     let objects: Vec<&str> = yaml.split("\n---\n").take(2).collect();
-    apply_yaml(&client, &ns.name, &objects.join("\n---\n")).await;
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("pg-admin") + &objects.join("\n---\n"))).await;
     let connections: Api<AppConnection> = Api::namespaced(client.clone(), &ns.name);
     let ready = eventually("the connection to report its credential", WAIT, || async {
         let status = connections.get("ledger-db").await.ok()?.status?;
@@ -436,7 +440,16 @@ async fn the_postgres_examples_are_accepted_by_the_apiserver() {
     kinds.dedup();
     assert_eq!(
         kinds,
-        ["AppConnection", "Deployment", "IntegrationAccount", "KeyRotationPolicy", "RoleBinding", "Secret"]
+        [
+            "AppConnection",
+            "Deployment",
+            "IntegrationAccount",
+            "KeyRotationPolicy",
+            "Role",
+            "RoleBinding",
+            "Secret",
+            "ServiceAccount"
+        ]
     );
     ns.delete().await;
 }

@@ -12,7 +12,8 @@ mod scim_server;
 use std::time::Duration;
 
 use common::{
-    apply_yaml, assert_manifests_stored, control_plane, eventually, ready_account, secret_data, Operator, TestNamespace,
+    apply_yaml, assert_manifests_stored, control_plane, credential_reader_identity, eventually, ready_account,
+    secret_data, Operator, TestNamespace,
 };
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Condition};
 use keysmith::api::{AppConnection, IntegrationAccount, KeyState};
@@ -34,6 +35,7 @@ apiVersion: keysmith.dev/v1alpha1
 kind: AppConnection
 metadata: {name: crm}
 spec:
+  serviceAccountName: keysmith
   provider:
     scim:
       baseUrl: "{base_url}"
@@ -55,6 +57,11 @@ spec:
   rotationPolicyRef: {name: policy}
   deletionPolicy: Delete
 "#;
+
+/// The ServiceAccount the connection acts as, which may read its token Secret.
+fn identity() -> String {
+    credential_reader_identity("scim-admin")
+}
 
 fn binding_yaml(roles: &[&str]) -> String {
     format!(
@@ -92,7 +99,7 @@ async fn an_account_becomes_a_scim_user_in_its_groups_and_its_password_rotates()
     let ns = TestNamespace::create(&client, "scim").await;
     let operator = Operator::start(cp, &ns.name, &[]);
     token_secret(&client, &ns.name, "scim-admin", &server.token).await;
-    apply_yaml(&client, &ns.name, &ACCOUNT.replace("{base_url}", &server.base_url)).await;
+    apply_yaml(&client, &ns.name, &(identity() + &ACCOUNT.replace("{base_url}", &server.base_url))).await;
     apply_yaml(&client, &ns.name, &binding_yaml(&[READERS, WRITERS])).await;
 
     // Ready: the User exists, tagged as ours, in both Groups.
@@ -191,7 +198,7 @@ async fn a_refused_bearer_token_makes_the_connection_unauthorized() {
     let wrong = format!("not-the-token-{:016x}", rand::random::<u64>());
     token_secret(&client, &ns.name, "scim-admin", &wrong).await;
     let connection = ACCOUNT.split("---").next().expect("the AppConnection").replace("{base_url}", &server.base_url);
-    apply_yaml(&client, &ns.name, &connection).await;
+    apply_yaml(&client, &ns.name, &(identity() + &connection)).await;
 
     let ready = connection_ready(&client, &ns.name, "crm").await;
     assert_eq!(ready.status, "False", "{}", ready.message);
@@ -224,7 +231,17 @@ async fn the_scim_example_is_accepted_and_works_against_a_real_server() {
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(
         kinds,
-        ["Namespace", "Secret", "AppConnection", "KeyRotationPolicy", "IntegrationAccount", "RoleBinding"],
+        [
+            "Namespace",
+            "Secret",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "AppConnection",
+            "KeyRotationPolicy",
+            "IntegrationAccount",
+            "RoleBinding"
+        ],
         "read top to bottom"
     );
     for object in objects.iter().skip(1) {
