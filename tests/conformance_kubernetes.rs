@@ -118,6 +118,7 @@ macro_rules! conformance {
 
 conformance!(
     create_is_idempotent_and_adopts_nothing,
+    another_integration_accounts_account_is_never_taken_over,
     delete_tolerates_not_found,
     role_sync_adds_and_removes,
     keys_issue_verify_and_revoke,

@@ -137,9 +137,23 @@ async fn a_user_keysmith_did_not_tag_is_never_adopted() {
     // A user tagged for another IntegrationAccount is not ours either.
     let other = account("billing-sync");
     p.create_account(&other).await.unwrap();
+    p.grant_role(&other, &moto.grant("ks-read")).await.unwrap();
+    let key = p.issue_key(&other, &key_request("theirs")).await.unwrap();
     let impostor = AccountRequest { owner_uid: "uid-of-someone-else".to_owned(), ..other.clone() };
     assert!(!p.observe_account(&impostor).await.unwrap().unwrap().owned);
     assert!(matches!(p.create_account(&impostor).await, Err(ProviderError::Conflict(_))));
+    // Nothing done for the impostor touches the account, its roles or its key.
+    assert!(p.update_account(&impostor).await.is_err());
+    assert!(p.grant_role(&impostor, &moto.grant("ks-write")).await.is_err());
+    assert!(p.issue_key(&impostor, &key_request("mine")).await.is_err());
+    let _ = p.revoke_key(&impostor, &key.id).await;
+    let _ = p.revoke_role(&impostor, &moto.grant("ks-read")).await;
+    let _ = p.disable_account(&impostor).await;
+    let _ = p.delete_account(&impostor).await;
+    let seen = p.observe_account(&other).await.unwrap().expect("still there");
+    assert!(seen.owned && !seen.disabled, "{seen:?}");
+    assert_eq!(p.list_roles(&other).await.unwrap(), vec![moto.grant("ks-read")]);
+    assert_eq!(moto.key_status("billing-sync").await, BTreeMap::from([(key.id.clone(), "Active".to_owned())]));
 }
 
 #[tokio::test]
@@ -434,6 +448,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    another_integration_accounts_account_is_never_taken_over,
     create_is_idempotent_and_adopts_nothing,
     delete_tolerates_not_found,
     role_sync_adds_and_removes,

@@ -491,6 +491,16 @@ impl AwsIamProvider {
         }
     }
 
+    /// Whether the user is this IntegrationAccount's (`true`) or gone
+    /// (`false`); someone else's is a conflict.
+    async fn ours_or_gone(&self, account: &AccountRequest) -> Result<bool, ProviderError> {
+        match self.owned_user(account).await {
+            Ok(_) => Ok(true),
+            Err(ProviderError::NotFound(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     async fn user_tags(&self, name: &str) -> Result<BTreeMap<String, String>, Failure> {
         let pairs = self
             .list_all("ListUserTags", &[("UserName", name)], "Tags", |member| {
@@ -745,11 +755,17 @@ impl Provider for AwsIamProvider {
 
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
         validate_grant(grant)?;
+        // IAM names the user, not its owner: attach only to a user that
+        // carries this very IntegrationAccount's tag.
+        self.owned_user(account).await?;
         let params = [("UserName", account.name.as_str()), ("PolicyArn", grant.role.as_str())];
         self.iam.call("AttachUserPolicy", &params).await.map(|_| ())
     }
 
     async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
+        if !self.ours_or_gone(account).await? {
+            return Ok(());
+        }
         let params = [("UserName", account.name.as_str()), ("PolicyArn", grant.role.as_str())];
         // Not attached, or no such user or policy: not granted.
         let result = self.iam.call_raw("DetachUserPolicy", &params).await;
@@ -789,7 +805,11 @@ impl Provider for AwsIamProvider {
 
     async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
         // Access key ids are unique across AWS: deleting by the user's name
-        // cannot hit another user's key.
+        // cannot hit another user's key. The user must be ours, though: a
+        // user of this name made for another IntegrationAccount keeps its keys.
+        if !self.ours_or_gone(account).await? {
+            return Ok(());
+        }
         let result =
             self.iam.call_raw("DeleteAccessKey", &[("UserName", &account.name), ("AccessKeyId", key_id)]).await;
         self.unless_gone(&account.name, result).await.map(|_| ())

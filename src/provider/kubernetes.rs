@@ -680,6 +680,9 @@ impl Provider for KubernetesProvider {
         if grant.role.is_empty() {
             return Err(ProviderError::Invalid("the role name is empty".to_owned()));
         }
+        // A binding names the ServiceAccount by name: grant only to one
+        // keysmith made for this very IntegrationAccount.
+        self.owned_service_account(account).await?;
         // `Role/<name>` stands for a namespaced Role someone else bound; no
         // ClusterRole name contains a slash.
         if grant.role.contains('/') {

@@ -65,6 +65,66 @@ pub async fn create_is_idempotent_and_adopts_nothing(target: &dyn Target) {
     p.delete_account(&account).await.unwrap();
 }
 
+/// An account keysmith made for one IntegrationAccount is never taken over
+/// through another of the same name (another tenant's, or the same object
+/// deleted and re-created): the target app's account carries the first one's
+/// uid, and every call made for the second leaves it, its roles and its key
+/// exactly as they were.
+pub async fn another_integration_accounts_account_is_never_taken_over(target: &dyn Target) {
+    let p = target.provider();
+    let owner = target.account("taken");
+    p.create_account(&owner).await.unwrap();
+    let [a, b] = target.roles();
+    p.grant_role(&owner, &a).await.unwrap();
+    let held = p.list_roles(&owner).await.unwrap();
+    let request = |id: &str| KeyRequest { key_id: id.into(), lifetime: Some(Duration::from_secs(3600)) };
+    let key = p.issue_key(&owner, &request("owner-key")).await.unwrap();
+    eventually_key(target, &key, true).await;
+
+    let intruder = AccountRequest {
+        owner_uid: format!("{}-intruder", owner.owner_uid),
+        account_name: format!("{}-intruder", owner.account_name),
+        ..owner.clone()
+    };
+    match p.observe_account(&intruder).await.unwrap() {
+        Some(seen) => {
+            assert!(!seen.owned, "another IntegrationAccount's account is not owned");
+            match p.create_account(&intruder).await {
+                Err(ProviderError::Conflict(_)) => {}
+                other => panic!("creating over another IntegrationAccount's account must be a Conflict, got {other:?}"),
+            }
+            assert!(p.update_account(&intruder).await.is_err(), "update through another IntegrationAccount");
+            assert!(p.grant_role(&intruder, &b).await.is_err(), "a grant through another IntegrationAccount");
+            assert!(p.issue_key(&intruder, &request("intruder-key")).await.is_err(), "a key through another one");
+        }
+        // A target whose accounts keysmith finds only through what it
+        // registered itself (OAuth 2.0 dynamic registration) cannot even see
+        // the other's: the intruder gets an account of its own.
+        None => {
+            let own = p.create_account(&intruder).await.unwrap();
+            assert_ne!(own.id, seen_owner_id(p.as_ref(), &owner).await, "a new account, not the owner's");
+        }
+    }
+    // Revoking, disabling and deleting what is not ours may succeed (there
+    // is nothing of ours to act on) or fail, but must change nothing.
+    let _ = p.revoke_key(&intruder, &key.id).await;
+    let _ = p.revoke_role(&intruder, &a).await;
+    let _ = p.disable_account(&intruder).await;
+    let _ = p.delete_account(&intruder).await;
+
+    let seen = p.observe_account(&owner).await.unwrap().expect("still there");
+    assert!(seen.owned && !seen.disabled, "{seen:?}");
+    assert_eq!(p.list_roles(&owner).await.unwrap(), held, "its roles are as they were");
+    let ids: Vec<String> = p.list_keys(&owner).await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(ids, vec![key.id.clone()], "its key is as it was");
+    eventually_key(target, &key, true).await;
+    p.delete_account(&owner).await.unwrap();
+}
+
+async fn seen_owner_id(p: &dyn Provider, owner: &AccountRequest) -> String {
+    p.observe_account(owner).await.unwrap().expect("the owner's account").id
+}
+
 /// Delete removes the account, and deleting what is gone succeeds.
 pub async fn delete_tolerates_not_found(target: &dyn Target) {
     let p = target.provider();
