@@ -22,9 +22,10 @@ use common::{
 };
 use k8s_openapi::{
     api::{
+        apps::v1::Deployment,
         authentication::v1::TokenRequest,
         authorization::v1::SelfSubjectAccessReview,
-        core::v1::{ConfigMap, Secret, ServiceAccount},
+        core::v1::{ConfigMap, Namespace, Secret, ServiceAccount},
         events::v1::Event,
         rbac::v1::{ClusterRoleBinding, Role, RoleBinding as RbacRoleBinding},
     },
@@ -400,6 +401,356 @@ spec:
     report(&outcomes);
     let leaked: Vec<String> = events_about(&admin, n, "robot").await.into_iter().map(|e| e.1).collect();
     assert!(leaked.iter().all(|note| !note.contains(&token)), "no event carries the key");
+    victim.delete().await;
+    ns.delete().await;
+}
+
+/// A ClusterAppConnection acts with keysmith's own rights, so its policy is
+/// all that stands between a tenant and those rights: the scopes, roles,
+/// namespaces and names it allows, and nothing a tenant can edit.
+#[tokio::test]
+async fn a_cluster_connection_reaches_only_what_its_policy_allows() {
+    let cp = control_plane().await;
+    let admin = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&admin, "tenant-shared").await;
+    let victim = TestNamespace::create(&admin, "tenant-victim").await;
+    let n = ns.name.as_str();
+    let _operator = operator(cp, &admin, n).await;
+    let tenant = admin_tenant(cp, &admin, 2, n).await;
+    let mut outcomes = Vec::new();
+
+    // The cluster admin's connections: one admitting the tenant and allowing
+    // view, one admitting it and allowing nothing, one not admitting it.
+    let label = format!("keysmith-tenancy-{n}");
+    let patch = json!({"metadata": {"labels": {label.clone(): "yes"}}});
+    Api::<Namespace>::all(admin.clone()).patch(n, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let connections = format!(
+        r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: ClusterAppConnection
+metadata: {{name: shared-{n}}}
+spec:
+  provider: {{kubernetes: {{allowClusterScope: true}}}}
+  namespaceSelector: {{matchLabels: {{{label}: "yes"}}}}
+  policy: {{allowedRoles: ["view"]}}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: ClusterAppConnection
+metadata: {{name: silent-{n}}}
+spec:
+  provider: {{kubernetes: {{}}}}
+  namespaceSelector: {{matchLabels: {{{label}: "yes"}}}}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: ClusterAppConnection
+metadata: {{name: closed-{n}}}
+spec:
+  provider: {{kubernetes: {{}}}}
+  namespaceSelector: {{matchLabels: {{{label}: "no"}}}}
+  policy: {{allowedRoles: ["*"]}}
+"#
+    );
+    for object in keysmith::manifest::parse(&connections).unwrap() {
+        keysmith::manifest::apply(&admin, &object, "test").await.unwrap();
+    }
+    let shared = format!("{{kind: ClusterAppConnection, name: shared-{n}}}");
+
+    // What the connection allows works: view, in the account's own namespace.
+    apply_yaml(&tenant, n, &account("robot", &shared, "")).await;
+    apply_yaml(&tenant, n, &binding("robot-view", "robot", "[view]", "")).await;
+    let robot = ready_account(&tenant, n, "robot").await;
+    assert_eq!(bindings_naming(&admin, n, "robot").await.len(), 1, "view in its namespace, nothing else");
+    let token = secret_data(&tenant, n, "robot-key").await.unwrap()["token"].clone();
+    let as_robot = cp.client_for_token(&token).await.unwrap();
+    eventually("view to take effect", WAIT, || async {
+        Api::<ConfigMap>::namespaced(as_robot.clone(), n).list(&ListParams::default()).await.ok().map(|_| ())
+    })
+    .await;
+
+    // 12-14: scopes and roles the policy does not allow.
+    let attempts: [(&'static str, &str, &str, &str); 3] = [
+        ("12 view in kube-system through a cluster connection", "[view]", "kube-system", "kube-system"),
+        ("13 view cluster-wide (scope *) through a cluster connection", "[view]", "*", "cluster-wide"),
+        ("14 edit, which allowedRoles does not name", "[edit]", "", "not in allowedRoles"),
+    ];
+    for (i, (attempt, roles, scope, says)) in attempts.iter().enumerate() {
+        let name = format!("try-{}", i + 12);
+        apply_yaml(&tenant, n, &binding(&name, "robot", roles, scope)).await;
+        let violation = settles(&tenant, n, "RoleBinding", &name, "PolicyViolation", "True", &["RoleDenied"]).await;
+        assert!(violation.message.contains(says), "{attempt}: {}", violation.message);
+        outcomes.push(Outcome { attempt, refused_by: format!("connection policy: {}", violation.message) });
+    }
+    let events = events_about(&admin, n, "try-12").await;
+    assert!(events.iter().any(|(reason, _)| reason == "PolicyViolation"), "{events:?}");
+    assert_eq!(bindings_naming(&admin, n, "robot").await.len(), 1, "still view in its namespace only");
+    assert_eq!(bindings_naming(&admin, "kube-system", "robot").await, Vec::<String>::new());
+
+    // 15: a cluster connection that names no allowedRoles grants nothing.
+    let silent = format!("{{kind: ClusterAppConnection, name: silent-{n}}}");
+    apply_yaml(&tenant, n, &account("quiet", &silent, "")).await;
+    apply_yaml(&tenant, n, &binding("quiet-view", "quiet", "[view]", "")).await;
+    let violation = settles(&tenant, n, "RoleBinding", "quiet-view", "PolicyViolation", "True", &["RoleDenied"]).await;
+    assert!(violation.message.contains("grants no role until"), "{}", violation.message);
+    ready_account(&tenant, n, "quiet").await;
+    assert_eq!(bindings_naming(&admin, n, "quiet").await, Vec::<String>::new());
+    outcomes.push(Outcome {
+        attempt: "15 any role through a connection with no allowedRoles",
+        refused_by: violation.message,
+    });
+
+    // 16: the account's ServiceAccount in another tenant's namespace.
+    apply_yaml(
+        &tenant,
+        n,
+        &account("visitor", &shared, &format!("  providerOptions: {{namespace: {}}}\n", victim.name)),
+    )
+    .await;
+    let refused =
+        settles(&tenant, n, "IntegrationAccount", "visitor", "AccountReady", "False", &["NamespaceNotAllowed"]).await;
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), &victim.name).get_opt("visitor").await.unwrap().is_none());
+    outcomes
+        .push(Outcome { attempt: "16 the account's ServiceAccount in another namespace", refused_by: refused.message });
+
+    // 17: a connection whose namespaceSelector does not admit the namespace.
+    let closed = format!("{{kind: ClusterAppConnection, name: closed-{n}}}");
+    apply_yaml(&tenant, n, &account("outsider", &closed, "")).await;
+    let refused =
+        settles(&tenant, n, "IntegrationAccount", "outsider", "AccountReady", "False", &["ConnectionNotAdmitted"])
+            .await;
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), n).get_opt("outsider").await.unwrap().is_none());
+    outcomes.push(Outcome {
+        attempt: "17 a cluster connection that does not admit the namespace",
+        refused_by: refused.message,
+    });
+
+    // 18-21: what the tenant would have to change itself; the apiserver refuses.
+    let forbidden = |result: Result<(), kube::Error>| match result {
+        Err(kube::Error::Api(status)) if status.code == 403 => status.message,
+        other => panic!("expected 403 Forbidden, got {other:?}"),
+    };
+    let relabel = json!({"metadata": {"labels": {label.clone(): "no"}}});
+    let message = forbidden(
+        Api::<Namespace>::all(tenant.clone())
+            .patch(n, &PatchParams::default(), &Patch::Merge(&relabel))
+            .await
+            .map(|_| ()),
+    );
+    outcomes.push(Outcome { attempt: "18 relabel its namespace to be admitted elsewhere", refused_by: message });
+    let own: keysmith::api::ClusterAppConnection = serde_json::from_value(json!({
+        "metadata": {"name": format!("mine-{n}")},
+        "spec": {"provider": {"kubernetes": {"allowClusterScope": true}}, "namespaceSelector": {},
+                 "policy": {"allowedRoles": ["*"], "allowedScopes": ["*"]}},
+    }))
+    .unwrap();
+    let message = forbidden(
+        Api::<keysmith::api::ClusterAppConnection>::all(tenant.clone())
+            .create(&PostParams::default(), &own)
+            .await
+            .map(|_| ()),
+    );
+    outcomes.push(Outcome { attempt: "19 create its own ClusterAppConnection", refused_by: message });
+    let widen = json!({"spec": {"policy": {"allowedRoles": ["*"], "allowedScopes": ["*"]}}});
+    let message = forbidden(
+        Api::<keysmith::api::ClusterAppConnection>::all(tenant.clone())
+            .patch(&format!("shared-{n}"), &PatchParams::default(), &Patch::Merge(&widen))
+            .await
+            .map(|_| ()),
+    );
+    outcomes.push(Outcome { attempt: "20 widen the cluster connection's policy", refused_by: message });
+    let redirect = json!({"status": {"account": {"provider": "kubernetes", "id": "x", "accountName": "ci-robot"}}});
+    let message = forbidden(
+        Api::<IntegrationAccount>::namespaced(tenant.clone(), n)
+            .patch_status("robot", &PatchParams::default(), &Patch::Merge(&redirect))
+            .await
+            .map(|_| ()),
+    );
+    outcomes.push(Outcome {
+        attempt: "21 rewrite its account's status (where keysmith keeps the name)",
+        refused_by: message,
+    });
+
+    assert_eq!(
+        robot.status.and_then(|s| s.account).and_then(|a| a.account_name).as_deref(),
+        Some("robot"),
+        "the name the account was created under is recorded"
+    );
+    report(&outcomes);
+    for name in ["shared", "silent", "closed"] {
+        let _ = Api::<keysmith::api::ClusterAppConnection>::all(admin.clone())
+            .delete(&format!("{name}-{n}"), &Default::default())
+            .await;
+    }
+    victim.delete().await;
+    ns.delete().await;
+}
+
+/// A tenant who may only manage keysmith's kinds in its namespace (no
+/// Secrets, no RBAC) cannot borrow a more powerful ServiceAccount, another
+/// namespace's objects, or a Secret it may not read.
+#[tokio::test]
+async fn a_tenant_cannot_borrow_identities_or_secrets_through_keysmith() {
+    let cp = control_plane().await;
+    let admin = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&admin, "tenant-narrow").await;
+    let victim = TestNamespace::create(&admin, "tenant-victim").await;
+    let n = ns.name.as_str();
+    let _operator = operator(cp, &admin, n).await;
+    bind(&admin, n, "tenant-keysmith", "ClusterRole", "keysmith-edit", json!({"kind": "User", "name": "user-3"})).await;
+    let tenant = cp.client_for_token(cp.user_token(3).unwrap()).await.unwrap();
+    eventually("the tenant's rights to take effect", WAIT, || async {
+        Api::<IntegrationAccount>::namespaced(tenant.clone(), n).list(&ListParams::default()).await.ok().map(|_| ())
+    })
+    .await;
+    let mut outcomes = Vec::new();
+
+    // What the cluster admin set up in the namespace: the ServiceAccount
+    // connections act as, allowed to read one credential; a CI robot bound
+    // to cluster-admin; a Secret the tenant may not read.
+    let setup = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: keysmith}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: keysmith-connection}
+rules: [{apiGroups: [""], resources: ["secrets"], resourceNames: ["crm-token"], verbs: ["get"]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: keysmith-connection}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-connection}
+subjects: [{kind: ServiceAccount, name: keysmith}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: ci-robot}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: db-password}
+stringData: {token: crown-jewels}
+"#;
+    apply_yaml(&admin, n, setup).await;
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{n}-ci-robot")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ci-robot", "namespace": n}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &crb).await.unwrap();
+    assert!(
+        Api::<Secret>::namespaced(tenant.clone(), n).get("db-password").await.is_err(),
+        "the tenant may not read it"
+    );
+
+    // 22: a kubernetes connection naming no ServiceAccount does nothing.
+    let connection = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: {name}}}\nspec:\n  provider: {{kubernetes: {{allowClusterScope: true}}}}\n  policy: {{allowedScopes: [\"*\"]}}\n{extra}"
+        )
+    };
+    apply_yaml(&tenant, n, &connection("anonymous", "")).await;
+    apply_yaml(&tenant, n, &account("nobody", "{name: anonymous}", "")).await;
+    let refused =
+        settles(&tenant, n, "AppConnection", "anonymous", "Ready", "False", &["ServiceAccountRequired"]).await;
+    settles(&tenant, n, "IntegrationAccount", "nobody", "AccountReady", "False", &["ServiceAccountRequired"]).await;
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), n).get_opt("nobody").await.unwrap().is_none());
+    outcomes.push(Outcome {
+        attempt: "22 a connection that names no ServiceAccount (keysmith's own rights)",
+        refused_by: refused.message,
+    });
+
+    // 23: borrowing the cluster-admin robot of its namespace.
+    apply_yaml(&tenant, n, &connection("borrowed", "  serviceAccountName: ci-robot\n")).await;
+    apply_yaml(&tenant, n, &account("thief", "{name: borrowed}", "")).await;
+    apply_yaml(&tenant, n, &binding("thief-admin", "thief", "[cluster-admin]", "*")).await;
+    let refused = settles(&tenant, n, "AppConnection", "borrowed", "Ready", "False", &["Unauthorized"]).await;
+    assert!(refused.message.contains("impersonate"), "{}", refused.message);
+    settles(&tenant, n, "IntegrationAccount", "thief", "AccountReady", "False", &["Unauthorized"]).await;
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), n).get_opt("thief").await.unwrap().is_none());
+    assert_eq!(bindings_naming(&admin, n, "thief").await, Vec::<String>::new());
+    outcomes.push(Outcome {
+        attempt: "23 act as a cluster-admin ServiceAccount of its namespace",
+        refused_by: refused.message,
+    });
+
+    // 24: a ServiceAccount of another namespace, written into the name.
+    let sneaky = connection("sneaky", "  serviceAccountName: \"system:serviceaccount:kube-system:default\"\n");
+    let object = keysmith::manifest::parse(&sneaky).unwrap().remove(0);
+    let mut object = object;
+    object.metadata.namespace = Some(n.to_owned());
+    let refused = keysmith::manifest::apply(&tenant, &object, "test").await.expect_err("the apiserver refuses it");
+    assert!(refused.to_string().contains("serviceAccountName"), "{refused}");
+    outcomes
+        .push(Outcome { attempt: "24 a ServiceAccount of another namespace by name", refused_by: refused.to_string() });
+
+    // 25: exfiltrating a Secret it may not read, as a SCIM token sent to a
+    // server of its own.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let exfil = format!(
+        "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: exfil}}\nspec:\n  provider: {{scim: {{baseUrl: \"http://127.0.0.1:{port}/scim/v2\", tokenSecretRef: {{name: db-password}}}}}}\n  serviceAccountName: keysmith\n"
+    );
+    apply_yaml(&tenant, n, &exfil).await;
+    apply_yaml(&tenant, n, &account("leak", "{name: exfil}", "")).await;
+    let refused = settles(&tenant, n, "AppConnection", "exfil", "Ready", "False", &["Unauthorized"]).await;
+    assert!(refused.message.contains("db-password") && refused.message.contains("forbidden"), "{}", refused.message);
+    settles(&tenant, n, "IntegrationAccount", "leak", "AccountReady", "False", &["Unauthorized"]).await;
+    assert!(listener.accept().is_err(), "nothing ever connected to the tenant's server");
+    outcomes.push(Outcome {
+        attempt: "25 send a Secret it may not read to a server of its own",
+        refused_by: refused.message,
+    });
+
+    // 26: a credential Secret in another namespace.
+    let remote = "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: remote}\nspec:\n  provider: {kubernetes: {kubeconfigSecretRef: {name: admin-kubeconfig, namespace: kube-system}}}\n  serviceAccountName: keysmith\n";
+    apply_yaml(&tenant, n, remote).await;
+    let refused = settles(&tenant, n, "AppConnection", "remote", "Ready", "False", &["Invalid"]).await;
+    assert!(refused.message.contains("own namespace"), "{}", refused.message);
+    outcomes.push(Outcome { attempt: "26 a credential Secret in another namespace", refused_by: refused.message });
+
+    // 27-29: references that would reach another namespace's objects: the
+    // schema has no namespace for them.
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "payments"},
+        "spec": {"selector": {"matchLabels": {"app": "p"}},
+                 "template": {"metadata": {"labels": {"app": "p"}},
+                              "spec": {"containers": [{"name": "p", "image": "example.invalid/p"}]}}}
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(admin.clone(), &victim.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let cross = [
+        ("27 a RoleBinding for another namespace's account", format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: RoleBinding\nmetadata: {{name: cross}}\nspec:\n  accountRef: {{name: robot, namespace: {v}}}\n  roles: [view]\n", v = victim.name)),
+        ("28 restart another namespace's Deployment", format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: KeyRotationPolicy\nmetadata: {{name: cross}}\nspec:\n  rotateEvery: 1h\n  restartTargets: [{{kind: Deployment, name: payments, namespace: {v}}}]\n", v = victim.name)),
+        ("29 another namespace's rotation policy", format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: cross}}\nspec:\n  connectionRef: {{name: anonymous}}\n  secret: {{name: cross-key}}\n  rotationPolicyRef: {{name: daily, namespace: {v}}}\n", v = victim.name)),
+    ];
+    for (attempt, yaml) in cross {
+        let mut object = keysmith::manifest::parse(&yaml).unwrap().remove(0);
+        object.metadata.namespace = Some(n.to_owned());
+        let refused_by = match keysmith::manifest::apply(&tenant, &object, "test").await {
+            Err(error) => format!("apiserver schema: {error}"),
+            Ok(()) => {
+                let kind = object.types.as_ref().unwrap().kind.clone();
+                let stored = dynamic(&tenant, n, &kind).get(object.metadata.name.as_deref().unwrap()).await.unwrap();
+                assert!(!serde_json::to_string(&stored.data).unwrap().contains(&victim.name), "{attempt}: stored");
+                "apiserver schema: the namespace was pruned (no such field)".to_owned()
+            }
+        };
+        outcomes.push(Outcome { attempt, refused_by });
+    }
+    let payments = Api::<Deployment>::namespaced(admin.clone(), &victim.name).get("payments").await.unwrap();
+    assert!(payments.spec.unwrap().template.metadata.unwrap().annotations.is_none(), "never restarted");
+
+    report(&outcomes);
+    let _ = Api::<ClusterRoleBinding>::all(admin.clone()).delete(&format!("{n}-ci-robot"), &Default::default()).await;
     victim.delete().await;
     ns.delete().await;
 }
