@@ -14,6 +14,8 @@
 //! are SECURITY.md's.
 
 mod common;
+#[path = "common/pg_server.rs"]
+mod pg_server;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -36,6 +38,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     Api, Client, ResourceExt,
 };
+use pg_server::{PgServer, ADMIN, ADMIN_PASSWORD};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -753,4 +756,105 @@ stringData: {token: crown-jewels}
     let _ = Api::<ClusterRoleBinding>::all(admin.clone()).delete(&format!("{n}-ci-robot"), &Default::default()).await;
     victim.delete().await;
     ns.delete().await;
+}
+
+/// In a target app every admitted namespace shares (a PostgreSQL server
+/// behind a ClusterAppConnection), accounts are named after their
+/// namespace, so no tenant can take, squat or reach another's account.
+#[tokio::test]
+async fn tenants_of_a_shared_target_can_neither_collide_nor_squat() {
+    let server = PgServer::start().await;
+    let cp = control_plane().await;
+    let admin = cp.client().await.unwrap();
+    let platform = TestNamespace::create(&admin, "pgp").await;
+    let a = TestNamespace::create(&admin, "pga").await;
+    let b = TestNamespace::create(&admin, "pgb").await;
+    let _operator_a = operator(cp, &admin, &a.name).await;
+    let _operator_b = operator(cp, &admin, &b.name).await;
+    let tenant_a = admin_tenant(cp, &admin, 4, &a.name).await;
+    let tenant_b = admin_tenant(cp, &admin, 5, &b.name).await;
+    let mut outcomes = Vec::new();
+
+    // The platform team's connection: the admin credential lives in its own
+    // namespace, which no tenant can read.
+    let label = format!("keysmith-pg-{}", platform.name);
+    for ns in [&a.name, &b.name] {
+        let patch = json!({"metadata": {"labels": {label.clone(): "yes"}}});
+        Api::<Namespace>::all(admin.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    }
+    let credential: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "pg-admin"}, "stringData": {"username": ADMIN, "password": ADMIN_PASSWORD}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &platform.name).create(&PostParams::default(), &credential).await.unwrap();
+    let connection = format!(
+        r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: ClusterAppConnection
+metadata: {{name: {p}}}
+spec:
+  provider:
+    postgres: {{host: 127.0.0.1, port: {port}, sslMode: disable, credentialsSecretRef: {{name: pg-admin, namespace: {p}}}}}
+  namespaceSelector: {{matchLabels: {{{label}: "yes"}}}}
+  policy: {{allowedRoles: ["*"], deniedRoles: ["pg_*"]}}
+"#,
+        p = platform.name,
+        port = server.port
+    );
+    for object in keysmith::manifest::parse(&connection).unwrap() {
+        keysmith::manifest::apply(&admin, &object, "test").await.unwrap();
+    }
+    let shared = format!("{{kind: ClusterAppConnection, name: {}}}", platform.name);
+
+    apply_yaml(&tenant_a, &a.name, &account("billing", &shared, "")).await;
+    let first = ready_account(&tenant_a, &a.name, "billing").await;
+    let a_role = format!("{}.billing", a.name);
+    assert_eq!(first.status.unwrap().account.unwrap().account_name.as_deref(), Some(a_role.as_str()));
+    let a_password = secret_data(&tenant_a, &a.name, "billing-key").await.unwrap()["password"].clone();
+    let a_user = secret_data(&tenant_a, &a.name, "billing-key").await.unwrap()["username"].clone();
+
+    // 30: the same name in another namespace is another account.
+    apply_yaml(&tenant_b, &b.name, &account("billing", &shared, "")).await;
+    let second = ready_account(&tenant_b, &b.name, "billing").await;
+    let b_role = second.status.unwrap().account.unwrap().account_name.unwrap();
+    assert_eq!(b_role, format!("{}.billing", b.name));
+    outcomes.push(Outcome {
+        attempt: "30 the same account name from another namespace",
+        refused_by: format!("naming template: {a_role} and {b_role} are different roles"),
+    });
+
+    // 31: naming another tenant's account outright.
+    apply_yaml(&tenant_b, &b.name, &account("impostor", &shared, &format!("  providerOptions: {{name: {a_role}}}\n")))
+        .await;
+    let third = ready_account(&tenant_b, &b.name, "impostor").await;
+    let c_role = third.status.unwrap().account.unwrap().account_name.unwrap();
+    assert_eq!(c_role, format!("{}.{a_role}", b.name), "the template keeps its namespace prefix");
+    outcomes.push(Outcome {
+        attempt: "31 providerOptions.name set to another tenant's account",
+        refused_by: format!("naming template: it became {c_role}"),
+    });
+
+    // 32: a role of the tenant's own prefix that the DBA made by hand.
+    let dba = server.superuser().await;
+    dba.batch_execute(&format!("CREATE ROLE \"{}.legacy\" NOLOGIN", b.name)).await.unwrap();
+    apply_yaml(&tenant_b, &b.name, &account("legacy", &shared, "")).await;
+    let refused =
+        settles(&tenant_b, &b.name, "IntegrationAccount", "legacy", "AccountReady", "False", &["AccountConflict"])
+            .await;
+    assert!(secret_data(&admin, &b.name, "legacy-key").await.is_none());
+    outcomes
+        .push(Outcome { attempt: "32 adopt a role the DBA made under its own prefix", refused_by: refused.message });
+
+    // Tenant A's account is untouched by all of it: its key still logs in.
+    assert!(server.login(&a_user, &a_password).await.is_ok(), "tenant A's key still works");
+    let (comment, _, _) = server.role(&a_role).await.unwrap();
+    assert!(comment.unwrap().contains(&format!("{}/billing", a.name)), "still tenant A's");
+
+    report(&outcomes);
+    let _ = Api::<keysmith::api::ClusterAppConnection>::all(admin.clone())
+        .delete(&platform.name, &Default::default())
+        .await;
+    for ns in [a, b, platform] {
+        ns.delete().await;
+    }
 }
