@@ -858,3 +858,56 @@ spec:
         ns.delete().await;
     }
 }
+
+/// The upgrade path: an AppConnection that names no ServiceAccount (as every
+/// one did before keysmith acted as one) stops changing anything and says
+/// why, and loses no key: the published token keeps working, and naming a
+/// ServiceAccount picks up where it left off, with the same key.
+/// `--default-service-account` names one for every such connection.
+#[tokio::test]
+async fn a_connection_without_a_service_account_waits_and_keeps_its_keys() {
+    let cp = control_plane().await;
+    let admin = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&admin, "upgrade").await;
+    let n = ns.name.as_str();
+    let operator_ = operator(cp, &admin, n).await;
+    let connection = "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: cluster}\nspec:\n  provider: {kubernetes: {}}\n  serviceAccountName: keysmith\n";
+    apply_yaml(&admin, n, &(common::kubernetes_connection_identity(&["view"]) + connection)).await;
+    apply_yaml(&admin, n, &account("robot", "{name: cluster}", "")).await;
+    apply_yaml(&admin, n, &binding("robot-view", "robot", "[view]", "")).await;
+    let before = ready_account(&admin, n, "robot").await.status.unwrap().current_key.unwrap().id;
+    let token = secret_data(&admin, n, "robot-key").await.unwrap()["token"].clone();
+
+    // As an AppConnection written before serviceAccountName existed.
+    let connections: Api<keysmith::api::AppConnection> = Api::namespaced(admin.clone(), n);
+    let unset = json!({"spec": {"serviceAccountName": null}});
+    connections.patch("cluster", &PatchParams::default(), &Patch::Merge(&unset)).await.unwrap();
+    let waiting =
+        settles(&admin, n, "IntegrationAccount", "robot", "AccountReady", "False", &["ServiceAccountRequired"]).await;
+    assert!(waiting.message.contains("no issued key is revoked"), "{}", waiting.message);
+    settles(&admin, n, "AppConnection", "cluster", "Ready", "False", &["ServiceAccountRequired"]).await;
+    let robot = cp.client_for_token(&token).await.unwrap();
+    eventually("the published key to keep working", WAIT, || async {
+        Api::<ConfigMap>::namespaced(robot.clone(), n).list(&ListParams::default()).await.ok().map(|_| ())
+    })
+    .await;
+    assert_eq!(bindings_naming(&admin, n, "robot").await.len(), 1, "its role is kept too");
+
+    // The operator run with --default-service-account picks it up as is.
+    drop(operator_);
+    let kubeconfig = chart_identity(cp, &admin).await;
+    let _defaulted = Operator::start_with(
+        cp,
+        n,
+        &OperatorOptions {
+            kubeconfig: Some(kubeconfig),
+            args: &["--default-service-account", "keysmith"],
+            ..OperatorOptions::default()
+        },
+    );
+    settles(&admin, n, "IntegrationAccount", "robot", "Ready", "True", &["Ready"]).await;
+    let after = ready_account(&admin, n, "robot").await.status.unwrap().current_key.unwrap().id;
+    assert_eq!(after, before, "the same key: nothing was lost or reissued");
+    assert_eq!(secret_data(&admin, n, "robot-key").await.unwrap()["token"], token);
+    ns.delete().await;
+}
