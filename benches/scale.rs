@@ -262,10 +262,22 @@ async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrel
         "metadata": {"name": "bench", "namespace": NAMESPACE, "annotations": annotations},
         "spec": {
             "provider": {"kubernetes": {}},
+            "serviceAccountName": "keysmith",
             "rateLimit": {"requestsPerSecond": args.rate, "burst": args.burst},
             "maxKeysPerAccount": 2,
         }
     }))?;
+    // The ServiceAccount the connection acts as, with the quickstart's Role.
+    let identity = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/quickstart/01-connection-identity.yaml"
+    ))?;
+    for mut object in keysmith::manifest::parse(&identity.replace("[\"view\"]", "[\"view\", \"edit\"]"))
+        .map_err(anyhow::Error::msg)?
+    {
+        object.metadata.namespace = Some(NAMESPACE.to_owned());
+        keysmith::manifest::apply(&client, &object, "quickstart").await?;
+    }
     Api::<AppConnection>::namespaced(client.clone(), NAMESPACE).create(&PostParams::default(), &connection).await?;
     let policy: KeyRotationPolicy = serde_json::from_value(json!({
         "apiVersion": "keysmith.dev/v1alpha1", "kind": "KeyRotationPolicy",

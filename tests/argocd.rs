@@ -631,7 +631,22 @@ async fn health_checks_judge_what_the_operator_writes() {
     create_secret(&client, n, "unreachable", "kubeconfig", &serde_yaml::to_string(&nowhere).unwrap()).await;
     create_secret(&client, n, "taken", "token", "theirs").await;
 
-    apply_yaml(&client, n, &(kubernetes_connection_identity(&["view", "edit"]) + &fixtures(n))).await;
+    // The kubeconfigs of the two remote connections are read as their
+    // ServiceAccount, which may read exactly those.
+    let kubeconfigs = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: keysmith-kubeconfigs}
+rules: [{apiGroups: [""], resources: ["secrets"], resourceNames: ["refused", "unreachable"], verbs: ["get"]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: keysmith-kubeconfigs}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-kubeconfigs}
+subjects: [{kind: ServiceAccount, name: keysmith}]
+---
+"#;
+    apply_yaml(&client, n, &(kubernetes_connection_identity(&["view", "edit"]) + kubeconfigs + &fixtures(n))).await;
     for object in keysmith::manifest::parse(&cluster_fixtures(n)).unwrap() {
         keysmith::manifest::apply(&client, &object, "test").await.unwrap();
     }

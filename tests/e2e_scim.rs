@@ -229,21 +229,7 @@ async fn the_scim_example_is_accepted_and_works_against_a_real_server() {
     let text = scim_example();
     let objects = keysmith::manifest::parse(&text).expect("the example parses");
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
-    assert_eq!(
-        kinds,
-        [
-            "Namespace",
-            "Secret",
-            "ServiceAccount",
-            "Role",
-            "RoleBinding",
-            "AppConnection",
-            "KeyRotationPolicy",
-            "IntegrationAccount",
-            "RoleBinding"
-        ],
-        "read top to bottom"
-    );
+    assert_eq!(kinds, common::CREDENTIALED_EXAMPLE_KINDS, "read top to bottom");
     for object in objects.iter().skip(1) {
         assert_eq!(object.metadata.namespace.as_deref(), Some("crm-sync"), "{:?}", object.metadata.name);
     }

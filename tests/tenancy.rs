@@ -401,6 +401,30 @@ spec:
     assert_eq!(secret_data(&admin, n, "robot-key").await.unwrap()["token"], token);
     outcomes.push(Outcome { attempt: "11 output Secret onto another account's Secret", refused_by: refused.message });
 
+    // 33: forged ownership: a binding the tenant labels as the account's own
+    // (its uid) gives the account nothing and is not counted as its role.
+    let uid = dynamic(&tenant, n, "IntegrationAccount").get("robot").await.unwrap().uid().unwrap();
+    let forged: RbacRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "forged", "labels": {"app.kubernetes.io/managed-by": "keysmith", "keysmith.dev/account-uid": uid}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "User", "name": "user-1"}],
+    }))
+    .unwrap();
+    Api::<RbacRoleBinding>::namespaced(tenant.clone(), n).create(&PostParams::default(), &forged).await.unwrap();
+    let patch = json!({"spec": {"providerOptions": null, "description": "after the forgery"}});
+    dynamic(&tenant, n, "IntegrationAccount")
+        .patch("robot", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let robot = ready_account(&tenant, n, "robot").await;
+    let roles = robot.status.unwrap().roles;
+    assert!(roles.is_empty(), "a forged label makes no role the account's: {roles:?}");
+    assert_eq!(bindings_naming(&admin, n, "robot").await, Vec::<String>::new());
+    outcomes.push(Outcome {
+        attempt: "33 forge keysmith's ownership label on a binding",
+        refused_by: "roles are read from subjects only: the account holds none".to_owned(),
+    });
+
     report(&outcomes);
     let leaked: Vec<String> = events_about(&admin, n, "robot").await.into_iter().map(|e| e.1).collect();
     assert!(leaked.iter().all(|note| !note.contains(&token)), "no event carries the key");
@@ -607,8 +631,9 @@ async fn a_tenant_cannot_borrow_identities_or_secrets_through_keysmith() {
     let mut outcomes = Vec::new();
 
     // What the cluster admin set up in the namespace: the ServiceAccount
-    // connections act as, allowed to read one credential; a CI robot bound
-    // to cluster-admin; a Secret the tenant may not read.
+    // connections act as, with what a kubernetes connection needs and one
+    // credential to read; a CI robot bound to cluster-admin; a Secret the
+    // tenant may not read.
     let setup = r#"
 apiVersion: v1
 kind: ServiceAccount
@@ -617,7 +642,15 @@ metadata: {name: keysmith}
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata: {name: keysmith-connection}
-rules: [{apiGroups: [""], resources: ["secrets"], resourceNames: ["crm-token"], verbs: ["get"]}]
+rules:
+  # What a kubernetes connection needs (examples/quickstart): never reading Secrets...
+  - {apiGroups: [""], resources: ["serviceaccounts"], verbs: ["get", "create", "patch", "delete"]}
+  - {apiGroups: [""], resources: ["serviceaccounts/token"], verbs: ["create"]}
+  - {apiGroups: [""], resources: ["secrets"], verbs: ["create", "delete"]}
+  - {apiGroups: ["rbac.authorization.k8s.io"], resources: ["rolebindings"], verbs: ["get", "list", "create", "patch", "delete"]}
+  - {apiGroups: ["rbac.authorization.k8s.io"], resources: ["clusterroles"], resourceNames: ["view"], verbs: ["bind"]}
+  # ...and what a SCIM connection needs: exactly its credential.
+  - {apiGroups: [""], resources: ["secrets"], resourceNames: ["crm-token"], verbs: ["get"]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

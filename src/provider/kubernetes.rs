@@ -256,14 +256,11 @@ impl KubernetesProvider {
     async fn revoke_all_keys(&self, account: &AccountRequest) -> Result<(), ProviderError> {
         let namespace = sa_namespace(account);
         let secrets = self.secrets(namespace);
-        for name in self.anchors.anchors_of(&self.observer, &account.owner_uid, namespace).await? {
-            match secrets.get_opt(&name).await.map_err(classify)? {
-                Some(anchor) if is_owned(&anchor.metadata, account) => {
-                    delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid.clone()).await?;
-                    self.anchors.deleted(&anchor);
-                }
-                _ => {}
-            }
+        // From the index, which knows each anchor's owner and uid: the
+        // connection's identity needs no right to read Secrets.
+        for (name, anchor) in self.anchors.anchors_with_entries(&self.observer, &account.owner_uid, namespace).await? {
+            delete_ignoring_not_found(&secrets, &name, anchor.uid.clone()).await?;
+            self.anchors.forget(namespace, &name);
         }
         Ok(())
     }
@@ -362,20 +359,23 @@ impl KubernetesProvider {
                 self.anchors.applied(&created);
                 Ok((created, true))
             }
+            // Ours from an earlier attempt, if the index (anchor type,
+            // keysmith's labels, this account, this key) says so: no right
+            // to read Secrets is needed to tell.
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                let existing = secrets.get(&name).await.map_err(classify)?;
-                let same_key = existing
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(KEY_ID_LABEL))
-                    .is_some_and(|id| id == key_id);
-                if is_owned(&existing.metadata, account)
-                    && same_key
-                    && existing.type_.as_deref() == Some(KEY_ANCHOR_TYPE)
-                {
-                    self.anchors.applied(&existing);
-                    Ok((existing, false))
+                let namespace = sa_namespace(account);
+                let existing = self.anchors.anchor(&self.observer, namespace, &name).await?;
+                if let Some(found) = existing.filter(|a| a.owner_uid == account.owner_uid && a.key_id == key_id) {
+                    let secret = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(name.clone()),
+                            namespace: Some(namespace.to_owned()),
+                            uid: found.uid,
+                            ..ObjectMeta::default()
+                        },
+                        ..Secret::default()
+                    };
+                    Ok((secret, false))
                 } else {
                     Err(ProviderError::Conflict(format!(
                         "Secret {}/{name} exists and is not keysmith's anchor for key {key_id}",
@@ -829,12 +829,12 @@ impl Provider for KubernetesProvider {
     }
 
     async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
-        let secrets = self.secrets(sa_namespace(account));
+        let namespace = sa_namespace(account);
         let name = anchor_name(&account.name, key_id);
-        match secrets.get_opt(&name).await.map_err(classify)? {
-            Some(anchor) if is_owned(&anchor.metadata, account) => {
-                delete_ignoring_not_found(&secrets, &name, anchor.metadata.uid.clone()).await?;
-                self.anchors.deleted(&anchor);
+        match self.anchors.anchor(&self.observer, namespace, &name).await? {
+            Some(anchor) if anchor.owner_uid == account.owner_uid => {
+                delete_ignoring_not_found(&self.secrets(namespace), &name, anchor.uid.clone()).await?;
+                self.anchors.forget(namespace, &name);
                 Ok(())
             }
             // Gone, or someone else's Secret: our key cannot be behind it.

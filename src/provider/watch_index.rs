@@ -401,6 +401,9 @@ pub struct IndexedAnchor {
     pub key_id: String,
     /// When the anchor, hence the key, was created.
     pub created_at: Option<jiff::Timestamp>,
+    /// The anchor's uid: what its token is bound to, and the precondition
+    /// that deletes exactly this anchor.
+    pub uid: Option<String>,
 }
 
 fn anchor_entry(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<IndexedAnchor> {
@@ -411,7 +414,12 @@ fn anchor_entry(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
         .and_then(|a| a.get(KEY_ID_LABEL))
         .or_else(|| meta.labels.as_ref().and_then(|l| l.get(KEY_ID_LABEL)))?
         .clone();
-    Some(IndexedAnchor { owner_uid, key_id, created_at: meta.creation_timestamp.as_ref().map(|t| t.0) })
+    Some(IndexedAnchor {
+        owner_uid,
+        key_id,
+        created_at: meta.creation_timestamp.as_ref().map(|t| t.0),
+        uid: meta.uid.clone(),
+    })
 }
 
 impl Indexed<IndexedAnchor> for PartialObjectMeta<Secret> {
@@ -473,6 +481,36 @@ impl AnchorIndex {
             .collect();
         keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)
+    }
+
+    /// The anchor Secret `namespace/name`, if the index holds it (it holds
+    /// only Secrets of the anchor type carrying keysmith's labels).
+    pub async fn anchor(
+        &self,
+        client: &Client,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<IndexedAnchor>, ProviderError> {
+        self.start(client);
+        self.synced().await?;
+        let key = IndexKey { kind: "Secret", namespace: Some(namespace.to_owned()), name: name.to_owned() };
+        Ok(self.entries.read().unwrap_or_else(PoisonError::into_inner).get(&key).cloned())
+    }
+
+    /// Forgets the anchor `namespace/name`, which keysmith just deleted.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key = IndexKey { kind: "Secret", namespace: Some(namespace.to_owned()), name: name.to_owned() };
+        self.entries.write().unwrap_or_else(PoisonError::into_inner).remove(&key);
+    }
+
+    /// The anchors of `owner_uid` in `namespace`: name and entry.
+    pub async fn anchors_with_entries(
+        &self,
+        client: &Client,
+        owner_uid: &str,
+        namespace: &str,
+    ) -> Result<Vec<(String, IndexedAnchor)>, ProviderError> {
+        Ok(self.anchors(client, owner_uid, namespace).await?.into_iter().map(|(k, a)| (k.name, a)).collect())
     }
 
     /// The names of the anchors of `owner_uid` in `namespace`.

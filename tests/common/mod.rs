@@ -293,6 +293,28 @@ pub async fn secret_data(client: &Client, ns: &str, name: &str) -> Option<std::c
 /// `bindable`, as examples/quickstart sets it up. Namespaces are left out:
 /// [`apply_yaml`] puts everything in the test's namespace.
 pub fn kubernetes_connection_identity(bindable: &[&str]) -> String {
+    connection_identity(&format!(
+        r#"
+  - {{apiGroups: [""], resources: ["serviceaccounts"], verbs: ["get", "create", "patch", "delete"]}}
+  - {{apiGroups: [""], resources: ["serviceaccounts/token"], verbs: ["create"]}}
+  - {{apiGroups: [""], resources: ["secrets"], verbs: ["create", "delete"]}}
+  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["rolebindings"], verbs: ["get", "list", "create", "patch", "delete"]}}
+  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["clusterroles"], resourceNames: {bindable:?}, verbs: ["bind"]}}"#
+    ))
+}
+
+/// The ServiceAccount `keysmith` that a test's credentialed AppConnection
+/// acts as, allowed to read exactly the credential Secret `secret`.
+pub fn credential_reader_identity(secret: &str) -> String {
+    connection_identity(&format!(
+        r#"
+  - {{apiGroups: [""], resources: ["secrets"], resourceNames: ["{secret}"], verbs: ["get"]}}"#
+    ))
+}
+
+/// ServiceAccount `keysmith`, a Role `keysmith-connection` with `rules` (YAML
+/// list items), and the RoleBinding between them, followed by `---`.
+fn connection_identity(rules: &str) -> String {
     format!(
         r#"
 apiVersion: v1
@@ -302,12 +324,7 @@ metadata: {{name: keysmith}}
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata: {{name: keysmith-connection}}
-rules:
-  - {{apiGroups: [""], resources: ["serviceaccounts"], verbs: ["get", "create", "patch", "delete"]}}
-  - {{apiGroups: [""], resources: ["serviceaccounts/token"], verbs: ["create"]}}
-  - {{apiGroups: [""], resources: ["secrets"], verbs: ["get", "create", "delete"]}}
-  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["rolebindings"], verbs: ["get", "list", "create", "patch", "delete"]}}
-  - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["clusterroles"], resourceNames: {bindable:?}, verbs: ["bind"]}}
+rules:{rules}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -319,27 +336,17 @@ subjects: [{{kind: ServiceAccount, name: keysmith}}]
     )
 }
 
-/// The ServiceAccount `keysmith` that a test's credentialed AppConnection
-/// acts as, allowed to read exactly the credential Secret `secret`.
-pub fn credential_reader_identity(secret: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: keysmith}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {{name: keysmith-connection}}
-rules:
-  - {{apiGroups: [""], resources: ["secrets"], resourceNames: ["{secret}"], verbs: ["get"]}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {{name: keysmith-connection}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-connection}}
-subjects: [{{kind: ServiceAccount, name: keysmith}}]
----
-"#
-    )
-}
+/// The kinds of a credentialed provider's example, top to bottom: the
+/// namespace, the admin credential and the ServiceAccount that reads it, then
+/// keysmith's objects.
+pub const CREDENTIALED_EXAMPLE_KINDS: [&str; 9] = [
+    "Namespace",
+    "Secret",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "AppConnection",
+    "KeyRotationPolicy",
+    "IntegrationAccount",
+    "RoleBinding",
+];
