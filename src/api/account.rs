@@ -220,12 +220,16 @@ pub struct ExternalAccount {
     /// The account's name in the target app, as shown in its audit log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The name keysmith created the account under (its spec's name, put
-    /// through the connection's naming template). It stays the account's
-    /// name: keysmith refuses to act if the spec or the template would now
-    /// give another.
+    /// The name keysmith created the account under in the target app (the
+    /// requested name put through the connection's naming template). It
+    /// stays the account's name, whatever the template says later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_name: Option<String>,
+    /// The name that was requested for it (`providerOptions.name`, else the
+    /// IntegrationAccount's name). keysmith refuses to act if
+    /// `providerOptions.name` changes: an account is never renamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_name: Option<String>,
     /// Whether the account is disabled in the target app.
     #[serde(default)]
     pub disabled: bool,

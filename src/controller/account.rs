@@ -309,14 +309,21 @@ pub fn account_request(account: &IntegrationAccount, connection: &ResolvedConnec
     }
 }
 
-/// The name the account was created under in the target app, if recorded.
+/// The name the account was created under in the target app, if it was
+/// created. One created before names were recorded kept its requested name.
 fn recorded_name(account: &IntegrationAccount) -> Option<String> {
-    account.status.as_ref()?.account.as_ref()?.account_name.clone()
+    let external = account.status.as_ref()?.account.as_ref()?;
+    Some(external.account_name.clone().unwrap_or_else(|| requested_name(account)))
 }
 
-/// The name the spec and the connection give the account in the target app.
+/// `providerOptions.name`, else the IntegrationAccount's own name.
+fn requested_name(account: &IntegrationAccount) -> String {
+    account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any())
+}
+
+/// The name the spec and the connection give a new account in the target app.
 fn wanted_name(account: &IntegrationAccount, connection: &ResolvedConnection) -> String {
-    let requested = account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any());
+    let requested = requested_name(account);
     match connection.name_template() {
         Some(template) => tenancy::account_name(&template, &account.namespace().unwrap_or_default(), &requested),
         None => requested,
@@ -426,12 +433,13 @@ fn naming_problem(
     provider: &dyn Provider,
     request: &AccountRequest,
 ) -> Option<ConnectionProblem> {
-    let wanted = wanted_name(account, connection);
-    if recorded_name(account).is_some_and(|recorded| recorded != wanted) {
+    let requested = requested_name(account);
+    let recorded = account.status.as_ref().and_then(|s| s.account.as_ref()).and_then(|a| a.requested_name.clone());
+    if let Some(recorded) = recorded.filter(|r| *r != requested) {
         return Some(ConnectionProblem {
             reason: "AccountNameChanged",
             message: format!(
-                "the account was created in the target app as {:?}; providerOptions.name or the connection's accountNameTemplate now give {wanted:?}. The name of an account does not change: restore it, or create a new IntegrationAccount",
+                "the account was created in the target app as {:?} for the name {recorded:?}; providerOptions.name now asks for {requested:?}. An account is never renamed: restore providerOptions.name, or create a new IntegrationAccount",
                 request.name
             ),
         });
@@ -645,6 +653,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
             id: current.id,
             name: Some(current.name),
             account_name: Some(request.name.clone()),
+            requested_name: Some(requested_name(account)),
             disabled: current.disabled,
             connection: Some(connection.display()),
         });
@@ -1350,4 +1359,72 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
 
 fn audit(account: &IntegrationAccount, provider: &str, action: &str, key_id: Option<&str>, note: &str) {
     tracing::info!(target: "keysmith::audit", account = %super::key_of(account), provider, action, key_id = key_id.unwrap_or(""), "{note}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ClusterAppConnection, IntegrationAccountSpec};
+
+    fn integration_account(
+        options: &[(&str, &str)],
+        recorded: Option<(Option<&str>, Option<&str>)>,
+    ) -> IntegrationAccount {
+        let spec: IntegrationAccountSpec = serde_json::from_value(serde_json::json!({
+            "connectionRef": {"kind": "ClusterAppConnection", "name": "crm"},
+            "secret": {"name": "billing-key"},
+            "providerOptions": options.iter().copied().collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .expect("a spec");
+        let mut account = IntegrationAccount::new("billing", spec);
+        account.metadata.namespace = Some("payments".into());
+        account.status = recorded.map(|(name, requested)| IntegrationAccountStatus {
+            account: Some(ExternalAccount {
+                provider: "scim".into(),
+                id: "1".into(),
+                name: None,
+                account_name: name.map(str::to_owned),
+                requested_name: requested.map(str::to_owned),
+                disabled: false,
+                connection: None,
+            }),
+            ..IntegrationAccountStatus::default()
+        });
+        account
+    }
+
+    fn cluster_connection(provider: serde_json::Value, template: Option<&str>) -> ResolvedConnection {
+        let mut spec = serde_json::json!({"provider": provider, "namespaceSelector": {}});
+        if let Some(template) = template {
+            spec["accountNameTemplate"] = template.into();
+        }
+        let connection: ClusterAppConnection =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "crm"}, "spec": spec})).expect("valid");
+        ResolvedConnection::cluster(&connection)
+    }
+
+    #[test]
+    fn accounts_are_named_by_the_template_once_and_keep_that_name() {
+        let scim = cluster_connection(
+            serde_json::json!({"scim": {"baseUrl": "https://crm.example.com/scim/v2", "tokenSecretRef": {"name": "t", "namespace": "ops"}}}),
+            None,
+        );
+        let kubernetes = cluster_connection(serde_json::json!({"kubernetes": {}}), None);
+        let custom = cluster_connection(serde_json::json!({"kubernetes": {}}), Some("int-{namespace}-{name}"));
+
+        // A new account: the template, with its namespace in a shared target.
+        let new = integration_account(&[], None);
+        assert_eq!(account_request(&new, &scim).name, "payments.billing");
+        assert_eq!(account_request(&new, &kubernetes).name, "billing", "ServiceAccounts are namespaced already");
+        assert_eq!(account_request(&new, &custom).name, "int-payments-billing");
+        let named = integration_account(&[("name", "payments.other")], None);
+        assert_eq!(account_request(&named, &scim).name, "payments.payments.other", "{{name}} only fills the template");
+
+        // Created under a name: that name stays, whatever the template says now.
+        let created = integration_account(&[], Some((Some("billing-v1"), Some("billing"))));
+        assert_eq!(account_request(&created, &scim).name, "billing-v1");
+        // Created before names were recorded: the name it had then.
+        let legacy = integration_account(&[], Some((None, None)));
+        assert_eq!(account_request(&legacy, &scim).name, "billing");
+    }
 }
