@@ -425,6 +425,37 @@ spec:
         refused_by: "roles are read from subjects only: the account holds none".to_owned(),
     });
 
+    // 34-35: a kubeconfig that makes keysmith read one of its own files (its
+    // ServiceAccount token, say) or run a command, sent to a server of the
+    // tenant's own.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let server = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let marker = tempfile::tempdir().unwrap();
+    let ran = marker.path().join("ran");
+    let users = [
+        ("34 a kubeconfig whose token is a file of keysmith's", "tokenfile", format!("tokenFile: {}", chart_identity(cp, &admin).await.display()), "tokenFile"),
+        ("35 a kubeconfig that runs a command", "exec", format!("exec: {{apiVersion: client.authentication.k8s.io/v1beta1, command: /bin/sh, args: [-c, \"touch {}\"]}}", ran.display()), "exec"),
+    ];
+    for (attempt, name, user, what) in users {
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\", insecure-skip-tls-verify: true}}}}]\nusers: [{{name: u, user: {{{user}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        );
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"kubeconfig": kubeconfig}}))
+                .unwrap();
+        Api::<Secret>::namespaced(tenant.clone(), n).create(&PostParams::default(), &secret).await.unwrap();
+        let connection = format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: {name}}}\nspec:\n  provider: {{kubernetes: {{kubeconfigSecretRef: {{name: {name}}}}}}}\n  serviceAccountName: keysmith\n"
+        );
+        apply_yaml(&tenant, n, &connection).await;
+        let refused = settles(&tenant, n, "AppConnection", name, "Ready", "False", &["Invalid"]).await;
+        assert!(refused.message.contains(what), "{attempt}: {}", refused.message);
+        outcomes.push(Outcome { attempt, refused_by: refused.message });
+    }
+    assert!(listener.accept().is_err(), "nothing ever connected to the tenant's server");
+    assert!(!ran.exists(), "no command ran");
+
     report(&outcomes);
     let leaked: Vec<String> = events_about(&admin, n, "robot").await.into_iter().map(|e| e.1).collect();
     assert!(leaked.iter().all(|note| !note.contains(&token)), "no event carries the key");
