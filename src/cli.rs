@@ -403,12 +403,20 @@ async fn resolve(
             }
         }
         ConnectionKind::ClusterAppConnection => {
-            let found = match file_cluster_connections.iter().find(|c| c.name_any() == reference.name) {
-                Some(c) => Some(c.clone()),
-                None => Api::<ClusterAppConnection>::all(client.clone()).get_opt(&reference.name).await?,
-            };
+            // Only as a cluster admin applied it: a file's ClusterAppConnection
+            // would have plan read any Secret it names, with the credentials
+            // of whoever runs it, and send it wherever the file says.
+            let found = Api::<ClusterAppConnection>::all(client.clone()).get_opt(&reference.name).await?;
             let Some(c) = found else {
-                return Ok(Err(format!("ClusterAppConnection {} does not exist", reference.name)));
+                let in_file = file_cluster_connections.iter().any(|c| c.name_any() == reference.name);
+                return Ok(Err(if in_file {
+                    format!(
+                        "ClusterAppConnection {} is only in the file: keysmith plan uses ClusterAppConnections as they are in the cluster",
+                        reference.name
+                    )
+                } else {
+                    format!("ClusterAppConnection {} does not exist", reference.name)
+                }));
             };
             let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).get_opt(&ns).await?;
             let admitted = match (&c.spec.namespace_selector, namespace) {

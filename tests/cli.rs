@@ -150,9 +150,15 @@ async fn plan_shows_changes_without_making_them() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("change.yaml");
     let manifests = format!(
-        "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: newbie, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: newbie-key}}\n---\n{}---\n{}---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: robot, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: robot-key}}\n  rotationPolicyRef: {{name: policy}}\n",
+        "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: newbie, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: newbie-key}}\n---\n{}---\n{}---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: robot, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: robot-key}}\n  rotationPolicyRef: {{name: policy}}\n---\n{}",
         binding(&ns.name, "newbie-roles", "newbie", "[view, cluster-admin]"),
         binding(&ns.name, "robot-view", "robot", "[view, edit]"),
+        // A ClusterAppConnection only in the file, which would send a
+        // kube-system Secret to a server of the file's choosing.
+        format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: ClusterAppConnection\nmetadata: {{name: exfil-{ns}}}\nspec:\n  provider: {{scim: {{baseUrl: \"http://127.0.0.1:9/scim\", tokenSecretRef: {{name: x, namespace: kube-system}}}}}}\n  namespaceSelector: {{}}\n---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: exfil, namespace: {ns}}}\nspec:\n  connectionRef: {{kind: ClusterAppConnection, name: exfil-{ns}}}\n  secret: {{name: exfil-key}}\n",
+            ns = ns.name
+        ),
         ns = ns.name
     );
     std::fs::write(&file, manifests).unwrap();
@@ -172,6 +178,9 @@ async fn plan_shows_changes_without_making_them() {
         "{text}"
     );
 
+    let exfil = text.split("IntegrationAccount").find(|s| s.contains("/exfil:")).unwrap();
+    assert!(exfil.contains("is only in the file"), "{text}");
+
     // Nothing changed: no ServiceAccount, no account object, no writes at all.
     assert!(Api::<ServiceAccount>::namespaced(client.clone(), &ns.name).get_opt("newbie").await.unwrap().is_none());
     assert!(Api::<IntegrationAccount>::namespaced(client.clone(), &ns.name).get_opt("newbie").await.unwrap().is_none());
@@ -186,6 +195,6 @@ async fn plan_shows_changes_without_making_them() {
     let (ok, json, _) = keysmith(cp, &["plan", "-f", file.to_str().unwrap(), "-o", "json"]);
     assert!(ok);
     let plans: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(plans.as_array().unwrap().len(), 2);
+    assert_eq!(plans.as_array().unwrap().len(), 3);
     ns.delete().await;
 }

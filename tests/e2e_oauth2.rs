@@ -492,3 +492,77 @@ async fn disable_keeps_the_client_without_a_usable_secret() {
     assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("AccountKeptWithoutKeys")));
     ns.delete().await;
 }
+
+/// Behind a ClusterAppConnection the registration record lives in the
+/// cluster admin's namespace (the initial access token's), never in the
+/// tenant's: whoever holds a client's registration access token can change
+/// its scopes past the connection's allowedRoles. It goes with the client.
+#[tokio::test]
+async fn a_cluster_connection_keeps_registrations_out_of_the_tenants_namespace() {
+    let server = OidcServer::start().await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let platform = TestNamespace::create(&client, "oauth2-platform").await;
+    let ns = TestNamespace::create(&client, "oauth2-tenant").await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    token_secret(&client, &platform.name, "oauth2-admin", &server.info.initial_access_token).await;
+    let connection = format!(
+        r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: ClusterAppConnection
+metadata: {{name: {p}}}
+spec:
+  provider:
+    oauth2:
+      registrationEndpoint: "{registration}"
+      tokenEndpoint: "{token}"
+      initialAccessTokenSecretRef: {{name: oauth2-admin, namespace: {p}}}
+  namespaceSelector: {{matchLabels: {{keysmith.dev/test: oauth2-tenant}}}}
+  policy: {{allowedRoles: ["read"]}}
+"#,
+        p = platform.name,
+        registration = server.info.registration_endpoint,
+        token = server.info.token_endpoint,
+    );
+    for object in keysmith::manifest::parse(&connection).expect("parses") {
+        keysmith::manifest::apply(&client, &object, "test").await.expect("apply");
+    }
+    let account = format!(
+        "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: {ACCOUNT_NAME}}}\nspec:\n  connectionRef: {{kind: ClusterAppConnection, name: {}}}\n  secret: {{name: {OUTPUT_SECRET}}}\n",
+        platform.name
+    );
+    apply_yaml(&client, &ns.name, &account).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&["read"])).await;
+    let ready = ready_account(&client, &ns.name, ACCOUNT_NAME).await;
+    let uid = ready.uid().expect("a uid");
+    let external = ready.status.expect("status").account.expect("the client");
+    assert_eq!(external.account_name.as_deref(), Some(format!("{}.{ACCOUNT_NAME}", ns.name).as_str()));
+
+    let tenant_secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
+    assert!(
+        tenant_secrets.get_opt(REGISTRATION_SECRET).await.expect("read").is_none(),
+        "nothing in the tenant's namespace"
+    );
+    let records = Api::<Secret>::namespaced(client.clone(), &platform.name);
+    let name = format!("keysmith-oauth2-{uid}");
+    let record = records.get(&name).await.expect("the record, in the admin's namespace");
+    assert_eq!(record.type_.as_deref(), Some(REGISTRATION_SECRET_TYPE));
+    assert_eq!(record.labels().get(ACCOUNT_UID_LABEL), Some(&uid));
+    let data = secret_data(&client, &ns.name, OUTPUT_SECRET).await.expect("the output Secret");
+    assert_exact_scopes(&server, &data, &["read"]).await;
+
+    // Deleting the account deletes the client and its record.
+    Api::<IntegrationAccount>::namespaced(client.clone(), &ns.name)
+        .delete(ACCOUNT_NAME, &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the record to go with the client", WAIT, || async {
+        records.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let _ = Api::<keysmith::api::ClusterAppConnection>::all(client.clone())
+        .delete(&platform.name, &DeleteParams::default())
+        .await;
+    ns.delete().await;
+    platform.delete().await;
+}

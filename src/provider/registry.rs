@@ -304,7 +304,22 @@ impl ProviderRegistry {
                 None => (None, String::new()),
             };
             let key = format!("oauth2/{}/{version}", connection.uid);
-            let store = Arc::new(SecretRegistrationStore::new(self.client.clone()));
+            let store = Arc::new(match connection.kind {
+                ConnectionKind::AppConnection => SecretRegistrationStore::new(self.client.clone()),
+                // Out of the tenants' reach: the registration access token
+                // can change the client's scopes.
+                ConnectionKind::ClusterAppConnection => {
+                    let namespace = match &oauth.initial_access_token_secret_ref {
+                        Some(selector) => connection.secret_namespace(selector)?,
+                        None => std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).ok_or_else(|| {
+                            ProviderError::Invalid(
+                                "a ClusterAppConnection keeps OAuth 2.0 registrations in the namespace of its initialAccessTokenSecretRef (or keysmith's own, POD_NAMESPACE); name one".to_owned(),
+                            )
+                        })?,
+                    };
+                    SecretRegistrationStore::in_namespace(self.client.clone(), namespace)
+                }
+            });
             return self
                 .cached(key, || {
                     Ok(Arc::new(OAuth2Provider::new(
@@ -407,6 +422,7 @@ impl ProviderRegistry {
         selector: &SecretKeySelector,
     ) -> Result<(std::collections::BTreeMap<String, String>, String), ProviderError> {
         let namespace = connection.secret_namespace(selector)?;
+        self.check_identity(&connection.identity).await?;
         let api: Api<Secret> = Api::namespaced(self.client_for(&connection.identity).await?, &namespace);
         let secret = match api.get_opt(&selector.name).await {
             Ok(Some(secret)) => secret,
