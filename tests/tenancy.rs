@@ -816,6 +816,29 @@ stringData: {token: crown-jewels}
     let payments = Api::<Deployment>::namespaced(admin.clone(), &victim.name).get("payments").await.unwrap();
     assert!(payments.spec.unwrap().template.metadata.unwrap().annotations.is_none(), "never restarted");
 
+    // 36: rolling a workload of its own namespace that it may not touch,
+    // through a rotation policy's restartTargets: keysmith restarts as the
+    // connection's ServiceAccount, which may not either.
+    Api::<Deployment>::namespaced(admin.clone(), n).create(&PostParams::default(), &deployment).await.unwrap();
+    let rolling = "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {name: local}\nspec:\n  provider: {kubernetes: {}}\n  serviceAccountName: keysmith\n---\napiVersion: keysmith.dev/v1alpha1\nkind: KeyRotationPolicy\nmetadata: {name: roll}\nspec:\n  rotateEvery: 24h\n  restartTargets: [{kind: Deployment, name: payments}]\n";
+    apply_yaml(&tenant, n, rolling).await;
+    apply_yaml(&tenant, n, &account("roller", "{name: local}", "  rotationPolicyRef: {name: roll}\n")).await;
+    ready_account(&tenant, n, "roller").await;
+    let rotate = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "1"}}});
+    dynamic(&tenant, n, "IntegrationAccount")
+        .patch("roller", &PatchParams::default(), &Patch::Merge(&rotate))
+        .await
+        .unwrap();
+    let failed = eventually("a WorkloadRestartFailed event", WAIT, || async {
+        events_about(&admin, n, "roller").await.into_iter().find(|(reason, _)| reason == "WorkloadRestartFailed")
+    })
+    .await;
+    assert!(failed.1.contains("forbidden"), "{}", failed.1);
+    let payments = Api::<Deployment>::namespaced(admin.clone(), n).get("payments").await.unwrap();
+    assert!(payments.spec.unwrap().template.metadata.unwrap().annotations.is_none(), "never restarted");
+    outcomes
+        .push(Outcome { attempt: "36 roll a workload of its namespace through restartTargets", refused_by: failed.1 });
+
     report(&outcomes);
     let _ = Api::<ClusterRoleBinding>::all(admin.clone()).delete(&format!("{n}-ci-robot"), &Default::default()).await;
     victim.delete().await;

@@ -1161,7 +1161,15 @@ impl Apply<'_> {
         let stamp = run.now.to_string();
         let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: stamp}}}}});
         let params = PatchParams::default();
-        let client = self.ctx.client.clone();
+        // As the connection's identity: a tenant's policy must not roll a
+        // workload its ServiceAccount may not.
+        let client = match self.ctx.providers.client_for(&self.connection.identity).await {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(%error, "cannot act as the connection's identity to restart workloads");
+                return;
+            }
+        };
         let ns = &self.request.namespace;
         for target in &policy.spec.restart_targets {
             let result = match target.kind {

@@ -299,6 +299,7 @@ pub fn kubernetes_connection_identity(bindable: &[&str]) -> String {
   - {{apiGroups: [""], resources: ["serviceaccounts/token"], verbs: ["create"]}}
   - {{apiGroups: [""], resources: ["secrets"], verbs: ["create", "delete"]}}
   - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["rolebindings"], verbs: ["get", "list", "create", "patch", "delete"]}}
+  - {{apiGroups: ["apps"], resources: ["deployments", "statefulsets", "daemonsets"], verbs: ["patch"]}}
   - {{apiGroups: ["rbac.authorization.k8s.io"], resources: ["clusterroles"], resourceNames: {bindable:?}, verbs: ["bind"]}}"#
     ))
 }
