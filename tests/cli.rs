@@ -149,16 +149,17 @@ async fn plan_shows_changes_without_making_them() {
     // A new account and a changed binding for the existing one.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("change.yaml");
+    // A ClusterAppConnection only in the file, which would send a
+    // kube-system Secret to a server of the file's choosing.
+    let exfil = format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: ClusterAppConnection\nmetadata: {{name: exfil-{ns}}}\nspec:\n  provider: {{scim: {{baseUrl: \"http://127.0.0.1:9/scim\", tokenSecretRef: {{name: x, namespace: kube-system}}}}}}\n  namespaceSelector: {{}}\n---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: exfil, namespace: {ns}}}\nspec:\n  connectionRef: {{kind: ClusterAppConnection, name: exfil-{ns}}}\n  secret: {{name: exfil-key}}\n",
+            ns = ns.name
+    );
     let manifests = format!(
         "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: newbie, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: newbie-key}}\n---\n{}---\n{}---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: robot, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: robot-key}}\n  rotationPolicyRef: {{name: policy}}\n---\n{}",
         binding(&ns.name, "newbie-roles", "newbie", "[view, cluster-admin]"),
         binding(&ns.name, "robot-view", "robot", "[view, edit]"),
-        // A ClusterAppConnection only in the file, which would send a
-        // kube-system Secret to a server of the file's choosing.
-        format!(
-            "apiVersion: keysmith.dev/v1alpha1\nkind: ClusterAppConnection\nmetadata: {{name: exfil-{ns}}}\nspec:\n  provider: {{scim: {{baseUrl: \"http://127.0.0.1:9/scim\", tokenSecretRef: {{name: x, namespace: kube-system}}}}}}\n  namespaceSelector: {{}}\n---\napiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: exfil, namespace: {ns}}}\nspec:\n  connectionRef: {{kind: ClusterAppConnection, name: exfil-{ns}}}\n  secret: {{name: exfil-key}}\n",
-            ns = ns.name
-        ),
+        exfil,
         ns = ns.name
     );
     std::fs::write(&file, manifests).unwrap();

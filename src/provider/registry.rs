@@ -444,35 +444,6 @@ impl ProviderRegistry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_kubeconfig_must_carry_its_credentials_itself() {
-        let base = |user: &str, cluster: &str| {
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:6443\"{cluster}}}}}]\nusers: [{{name: u, user: {{{user}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
-            )
-        };
-        let parse = |text: &str| kube::config::Kubeconfig::from_yaml(text).expect("parses");
-        assert!(self_contained(&parse(&base("token: abc", ""))).is_ok());
-        assert!(self_contained(&parse(&base("client-certificate-data: YQ==, client-key-data: YQ==", ""))).is_ok());
-        for (user, what) in [
-            ("tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token", "tokenFile"),
-            ("client-certificate: /etc/x.crt", "client-certificate"),
-            ("client-key: /etc/x.key", "client-key"),
-            ("exec: {apiVersion: client.authentication.k8s.io/v1, command: /bin/sh}", "exec"),
-            ("auth-provider: {name: gcp}", "auth-provider"),
-        ] {
-            let problem = self_contained(&parse(&base(user, ""))).expect_err(what);
-            assert!(problem.contains(what), "{problem}");
-        }
-        let file_ca = base("token: abc", ", certificate-authority: /etc/ca.crt");
-        assert!(self_contained(&parse(&file_ca)).expect_err("a CA file").contains("certificate-authority"));
-    }
-}
-
 impl ProviderRegistry {
     /// A client for this cluster's apiserver acting as `identity`:
     /// keysmith's own, or one impersonating the ServiceAccount.
@@ -547,4 +518,33 @@ fn http_client() -> Result<reqwest::Client, ProviderError> {
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| ProviderError::Invalid(format!("cannot build an HTTP client: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubeconfig_must_carry_its_credentials_itself() {
+        let base = |user: &str, cluster: &str| {
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:6443\"{cluster}}}}}]\nusers: [{{name: u, user: {{{user}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+            )
+        };
+        let parse = |text: &str| kube::config::Kubeconfig::from_yaml(text).expect("parses");
+        assert!(self_contained(&parse(&base("token: abc", ""))).is_ok());
+        assert!(self_contained(&parse(&base("client-certificate-data: YQ==, client-key-data: YQ==", ""))).is_ok());
+        for (user, what) in [
+            ("tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token", "tokenFile"),
+            ("client-certificate: /etc/x.crt", "client-certificate"),
+            ("client-key: /etc/x.key", "client-key"),
+            ("exec: {apiVersion: client.authentication.k8s.io/v1, command: /bin/sh}", "exec"),
+            ("auth-provider: {name: gcp}", "auth-provider"),
+        ] {
+            let problem = self_contained(&parse(&base(user, ""))).expect_err(what);
+            assert!(problem.contains(what), "{problem}");
+        }
+        let file_ca = base("token: abc", ", certificate-authority: /etc/ca.crt");
+        assert!(self_contained(&parse(&file_ca)).expect_err("a CA file").contains("certificate-authority"));
+    }
 }
