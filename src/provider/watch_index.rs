@@ -512,14 +512,4 @@ impl AnchorIndex {
     ) -> Result<Vec<(String, IndexedAnchor)>, ProviderError> {
         Ok(self.anchors(client, owner_uid, namespace).await?.into_iter().map(|(k, a)| (k.name, a)).collect())
     }
-
-    /// The names of the anchors of `owner_uid` in `namespace`.
-    pub async fn anchors_of(
-        &self,
-        client: &Client,
-        owner_uid: &str,
-        namespace: &str,
-    ) -> Result<Vec<String>, ProviderError> {
-        Ok(self.anchors(client, owner_uid, namespace).await?.into_iter().map(|(k, _)| k.name).collect())
-    }
 }
