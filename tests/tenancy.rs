@@ -697,6 +697,11 @@ apiVersion: v1
 kind: Secret
 metadata: {name: db-password}
 stringData: {token: crown-jewels}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: crm-token}
+stringData: {token: crm}
 "#;
     apply_yaml(&admin, n, setup).await;
     let crb: ClusterRoleBinding = serde_json::from_value(json!({
@@ -838,6 +843,44 @@ stringData: {token: crown-jewels}
     assert!(payments.spec.unwrap().template.metadata.unwrap().annotations.is_none(), "never restarted");
     outcomes
         .push(Outcome { attempt: "36 roll a workload of its namespace through restartTargets", refused_by: failed.1 });
+
+    // 37: the output Secret pointed at a connection's credential Secret.
+    apply_yaml(
+        &tenant,
+        n,
+        &account("grabber", "{name: local}", "").replace("{name: grabber-key}", "{name: crm-token}"),
+    )
+    .await;
+    let refused = settles(&tenant, n, "IntegrationAccount", "grabber", "KeyReady", "False", &["SecretNotOwned"]).await;
+    assert_eq!(secret_data(&admin, n, "crm-token").await.unwrap()["token"], "crm");
+    outcomes.push(Outcome {
+        attempt: "37 output Secret onto a connection's credential Secret",
+        refused_by: refused.message,
+    });
+
+    // 38: a deletion race: an account orphaned in the target, then an
+    // IntegrationAccount of the same name made again to take it over.
+    let orphan = account("phoenix", "{name: local}", "  deletionPolicy: Orphan\n");
+    apply_yaml(&tenant, n, &orphan).await;
+    let first = ready_account(&tenant, n, "phoenix").await;
+    dynamic(&tenant, n, "IntegrationAccount").delete("phoenix", &Default::default()).await.unwrap();
+    eventually("the IntegrationAccount to go", WAIT, || async {
+        dynamic(&tenant, n, "IntegrationAccount").get_opt("phoenix").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        Api::<ServiceAccount>::namespaced(admin.clone(), n).get_opt("phoenix").await.unwrap().is_some(),
+        "orphaned"
+    );
+    apply_yaml(&tenant, n, &orphan.replace("phoenix-key", "phoenix-again")).await;
+    let refused =
+        settles(&tenant, n, "IntegrationAccount", "phoenix", "AccountReady", "False", &["AccountConflict"]).await;
+    assert_ne!(dynamic(&tenant, n, "IntegrationAccount").get("phoenix").await.unwrap().uid(), first.uid());
+    assert!(secret_data(&admin, n, "phoenix-again").await.is_none(), "no token for the orphaned account");
+    outcomes.push(Outcome {
+        attempt: "38 re-create a deleted account to take over what it orphaned",
+        refused_by: refused.message,
+    });
 
     report(&outcomes);
     let _ = Api::<ClusterRoleBinding>::all(admin.clone()).delete(&format!("{n}-ci-robot"), &Default::default()).await;
