@@ -48,10 +48,19 @@ enum Command {
     },
     /// Start a throwaway local control plane, install keysmith's CRDs, run
     /// the operator in it, and apply examples/quickstart. Stops on Ctrl-C.
+    /// With --existing-cluster, use the current kubeconfig context's cluster
+    /// (kind, k3d, minikube...) instead, and remove on Ctrl-C what it made.
     Dev {
         /// Manifests applied once the operator runs.
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart"))]
         examples: PathBuf,
+        /// Use the cluster of the current kubeconfig context (or --kubeconfig)
+        /// rather than a throwaway local control plane.
+        #[arg(long)]
+        existing_cluster: bool,
+        /// With --existing-cluster: the kubeconfig (default: KUBECONFIG, ~/.kube/config).
+        #[arg(long, requires = "existing_cluster")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Rotate an IntegrationAccount's key now and follow the rotation until
     /// the new key is published.
@@ -115,7 +124,10 @@ fn main() -> ExitCode {
         Command::Run { kubeconfig, namespace, operations } => {
             runtime().and_then(|rt| rt.block_on(run(kubeconfig, namespace, operations)))
         }
-        Command::Dev { examples } => runtime().and_then(|rt| rt.block_on(dev(examples))),
+        Command::Dev { examples, existing_cluster: false, .. } => runtime().and_then(|rt| rt.block_on(dev(examples))),
+        Command::Dev { examples, existing_cluster: true, kubeconfig } => {
+            runtime().and_then(|rt| rt.block_on(dev_on_existing_cluster(examples, kubeconfig)))
+        }
         Command::Rotate { target, timeout, kubeconfig } => runtime().and_then(|rt| {
             rt.block_on(async {
                 let timeout = keysmith::api::validation::parse_duration("--timeout", &timeout)?;
@@ -371,6 +383,83 @@ async fn dev(examples: PathBuf) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     cp.stop();
+    Ok(())
+}
+
+/// `keysmith dev --existing-cluster`: keysmith's CRDs (unless there), the
+/// operator in this process and the examples in the current context's
+/// cluster; on Ctrl-C the examples' IntegrationAccounts are deleted first,
+/// while the operator still runs to deprovision them, then the rest of what
+/// was applied, then the CRDs if this run installed them.
+async fn dev_on_existing_cluster(examples: PathBuf, kubeconfig: Option<PathBuf>) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+    let (client, config) = connect(kubeconfig).await?;
+    eprintln!("using the cluster at {} (the current kubeconfig context)", config.cluster_url);
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let mut installed_here = Vec::new();
+    for crd in keysmith::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        if crds.get_opt(&name).await?.is_none() {
+            installed_here.push(name);
+        }
+    }
+    install::install_crds(&client, Duration::from_secs(60)).await?;
+    let telemetry = controller::Telemetry::default();
+    let (metrics_addr, _server) =
+        keysmith::server::serve(([127, 0, 0, 1], 0).into(), telemetry.metrics.clone(), telemetry.health.clone())
+            .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut operator = tokio::spawn(controller::run_with(
+        client.clone(),
+        config.clone(),
+        controller::RunOptions::default(),
+        telemetry,
+        std::future::ready(()),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let objects = manifest::read_dir(&examples)?;
+    for (file, object) in &objects {
+        manifest::apply(&client, object, file).await?;
+    }
+    println!("CLUSTER={}", config.cluster_url);
+    eprintln!(
+        "keysmith is running; applied {} objects from {}.\n\
+         Try: kubectl get keysmith -A\n\
+         Metrics: http://{metrics_addr}/metrics\n\
+         Press Ctrl-C to stop and remove what was applied{}.",
+        objects.len(),
+        examples.display(),
+        if installed_here.is_empty() { "" } else { " and keysmith's CRDs" }
+    );
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        result = &mut operator => {
+            result??;
+            anyhow::bail!("the operator stopped unexpectedly");
+        }
+    }
+    eprintln!("removing what was applied...");
+    let is_account = |o: &kube::api::DynamicObject| o.types.as_ref().is_some_and(|t| t.kind == "IntegrationAccount");
+    for (file, object) in objects.iter().filter(|(_, o)| is_account(o)) {
+        manifest::delete(&client, object, file).await?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (file, object) in objects.iter().filter(|(_, o)| is_account(o)) {
+        while manifest::exists(&client, object, file).await? && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = operator.await;
+    for (file, object) in objects.iter().rev().filter(|(_, o)| !is_account(o)) {
+        manifest::delete(&client, object, file).await?;
+    }
+    for name in installed_here {
+        let _ = crds.delete(&name, &kube::api::DeleteParams::background()).await;
+    }
     Ok(())
 }
 

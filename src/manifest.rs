@@ -75,8 +75,9 @@ pub fn parse(text: &str) -> Result<Vec<DynamicObject>, String> {
     Ok(out)
 }
 
-/// Server-side applies every `*.yaml` file in `dir`, in file-name order.
-pub async fn apply_dir(client: &Client, dir: &Path) -> Result<usize, ManifestError> {
+/// Every object of every `*.yaml` file in `dir`, in file-name order, with
+/// the file it came from.
+pub fn read_dir(dir: &Path) -> Result<Vec<(String, DynamicObject)>, ManifestError> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|source| ManifestError::Read { path: dir.display().to_string(), source })?
         .filter_map(Result::ok)
@@ -84,14 +85,65 @@ pub async fn apply_dir(client: &Client, dir: &Path) -> Result<usize, ManifestErr
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
-    let mut applied = 0;
+    let mut objects = Vec::new();
     for file in files {
         for object in read(&file)? {
-            apply(client, &object, &file.display().to_string()).await?;
-            applied += 1;
+            objects.push((file.display().to_string(), object));
         }
     }
-    Ok(applied)
+    Ok(objects)
+}
+
+/// Server-side applies every `*.yaml` file in `dir`, in file-name order.
+pub async fn apply_dir(client: &Client, dir: &Path) -> Result<usize, ManifestError> {
+    let objects = read_dir(dir)?;
+    for (file, object) in &objects {
+        apply(client, object, file).await?;
+    }
+    Ok(objects.len())
+}
+
+/// Deletes one object (in the background); gone already is fine.
+pub async fn delete(client: &Client, object: &DynamicObject, path: &str) -> Result<(), ManifestError> {
+    let (api, name, fail) = dynamic_api(client, object, path).await?;
+    match api.delete(&name, &kube::api::DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(fail(source)),
+    }
+}
+
+/// Whether the object still exists.
+pub async fn exists(client: &Client, object: &DynamicObject, path: &str) -> Result<bool, ManifestError> {
+    let (api, name, fail) = dynamic_api(client, object, path).await?;
+    api.get_opt(&name).await.map(|o| o.is_some()).map_err(fail)
+}
+
+/// The API of an object's kind (namespaced where it is), its name, and how
+/// to report a failure about it.
+async fn dynamic_api(
+    client: &Client,
+    object: &DynamicObject,
+    path: &str,
+) -> Result<(Api<DynamicObject>, String, impl Fn(kube::Error) -> ManifestError), ManifestError> {
+    let types = object.types.clone().unwrap_or_default();
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let gvk = GroupVersionKind::try_from(&types)
+        .map_err(|e| ManifestError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    let (kind, shown, path) = (types.kind.clone(), name.clone(), path.to_owned());
+    let fail = move |source: kube::Error| ManifestError::Apply {
+        path: path.clone(),
+        kind: kind.clone(),
+        name: shown.clone(),
+        source: Box::new(source),
+    };
+    let (resource, capabilities) = discovery::pinned_kind(client, &gvk).await.map_err(&fail)?;
+    let api: Api<DynamicObject> = match (capabilities.scope, &object.metadata.namespace) {
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
+    };
+    Ok((api, name, fail))
 }
 
 /// Server-side applies one object.
