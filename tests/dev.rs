@@ -10,6 +10,38 @@ use std::{
 use keysmith::api::IntegrationAccount;
 use kube::{Api, Client};
 
+/// Waits (up to a minute) until the quickstart's account is Ready.
+async fn quickstart_ready(accounts: &Api<IntegrationAccount>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = accounts
+            .get_opt("ci-deployer")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|a| a.status)
+            .is_some_and(|s| s.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the quickstart account never became Ready");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Sends SIGTERM and waits up to `timeout` for the process to exit.
+async fn terminate(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "keysmith dev did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn dev_runs_the_quickstart_until_interrupted() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keysmith"))
@@ -28,30 +60,8 @@ async fn dev_runs_the_quickstart_until_interrupted() {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
     let client = Client::try_from(config).unwrap();
     let accounts: Api<IntegrationAccount> = Api::namespaced(client, "quickstart");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = accounts
-            .get_opt("ci-deployer")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|a| a.status)
-            .is_some_and(|s| s.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the quickstart account never became Ready");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "keysmith dev did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    quickstart_ready(&accounts).await;
+    let status = terminate(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "keysmith dev exited with {status}");
     assert!(!path.exists(), "the control plane's files are removed");
 }
@@ -85,33 +95,11 @@ async fn dev_on_an_existing_cluster_removes_what_it_made() {
     let line = tokio::time::timeout(Duration::from_secs(120), line).await.unwrap().unwrap().expect("a CLUSTER line");
     assert_eq!(line.trim_start_matches("CLUSTER=").trim_end_matches('/'), cp.server_url().trim_end_matches('/'));
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), "quickstart");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = accounts
-            .get_opt("ci-deployer")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|a| a.status)
-            .is_some_and(|s| s.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the quickstart account never became Ready");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    quickstart_ready(&accounts).await;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "quickstart");
     assert!(sas.get_opt("ci-deployer").await.unwrap().is_some());
 
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "keysmith dev did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = terminate(&mut child, Duration::from_secs(90)).await;
     assert!(status.success(), "keysmith dev exited with {status}");
     assert!(sas.get_opt("ci-deployer").await.unwrap().is_none(), "the account was deprovisioned before it stopped");
     let namespace = Api::<Namespace>::all(client.clone()).get_opt("quickstart").await.unwrap();
