@@ -72,10 +72,15 @@ rules:
 /// (rotation would invalidate [`ControlPlane::audit_mark`] marks).
 const AUDIT_LOG_MAX_SIZE_MB: u32 = 1024 * 1024;
 
-/// Controllers run by kube-controller-manager. clusterrole-aggregation fills
-/// the built-in `view`, `edit` and `admin` ClusterRoles.
-const CONTROLLERS: &str = "garbagecollector,namespace,serviceaccount,serviceaccount-token,\
-                           clusterrole-aggregation,deployment,replicaset,statefulset,daemonset";
+/// Controllers run by kube-controller-manager: the ones a cluster's own
+/// objects depend on (garbage collection, namespaces, ServiceAccounts and
+/// their CA bundle, workloads). clusterrole-aggregation fills the built-in
+/// `view`, `edit` and `admin` ClusterRoles. As on any cluster since 1.24, no
+/// ServiceAccount gets a long-lived token Secret: tokens are requested.
+const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
+                           serviceaccount-token-controller,root-ca-certificate-publisher-controller,\
+                           legacy-serviceaccount-token-cleaner-controller,clusterrole-aggregation-controller,\
+                           deployment-controller,replicaset-controller,statefulset-controller,daemonset-controller";
 
 /// Watches `$1` (our pid); once it is gone, kills every pid listed in
 /// `$2/pids` and removes the directory `$2`.
@@ -199,6 +204,8 @@ pub struct ControlPlane {
     kubeconfig_path: PathBuf,
     operator_kubeconfig_path: PathBuf,
     audit_log_path: PathBuf,
+    /// The kubectl built with the control plane, if the assets hold one.
+    kubectl: Option<PathBuf>,
     /// What has been parsed of the audit log so far.
     audit: Mutex<AuditCache>,
     /// Components in start order; killed in reverse order.
@@ -223,7 +230,7 @@ impl ControlPlane {
     /// ok and the `default` namespace exists.
     ///
     /// When kube-controller-manager runs, this also waits until the
-    /// `default` service account of the `default` namespace has its token,
+    /// `default` namespace has its `default` ServiceAccount and CA bundle,
     /// so that pods can be admitted right away. A start that fails because
     /// a just-picked port was taken is retried (up to 3 attempts).
     pub async fn start() -> Result<ControlPlane, ControlPlaneError> {
@@ -274,6 +281,7 @@ impl ControlPlane {
             kubeconfig_path: dir.path().join("admin.kubeconfig"),
             operator_kubeconfig_path: dir.path().join("operator.kubeconfig"),
             audit_log_path: dir.path().join("audit.log"),
+            kubectl: assets.kubectl.clone(),
             audit: Mutex::new(AuditCache::default()),
             components: Vec::new(),
             reaper: None,
@@ -355,23 +363,25 @@ impl ControlPlane {
                     .arg(arg("--service-account-private-key-file", &pki.sa_key_file))
                     .arg(arg("--root-ca-file", &pki.ca_file))
                     .arg("--leader-elect=false")
-                    .arg("--port=0")
                     .arg("--secure-port=0")
                     .arg("--use-service-account-credentials=false");
                 cp.spawn("kube-controller-manager", cm)?;
-                // The serviceaccount + token controllers work once the
-                // `default` service account carries a token secret.
+                // Pods are admitted once their namespace's `default`
+                // ServiceAccount and CA bundle exist.
                 cp.wait_for(
                     &http,
                     deadline,
                     "kube-controller-manager",
                     "/api/v1/namespaces/default/serviceaccounts/default",
-                    |body| {
-                        serde_json::from_str::<serde_json::Value>(body)
-                            .ok()
-                            .and_then(|sa| sa.get("secrets").and_then(|s| s.as_array()).map(|s| !s.is_empty()))
-                            .unwrap_or(false)
-                    },
+                    |_| true,
+                )
+                .await?;
+                cp.wait_for(
+                    &http,
+                    deadline,
+                    "kube-controller-manager",
+                    "/api/v1/namespaces/default/configmaps/kube-root-ca.crt",
+                    |_| true,
                 )
                 .await?;
                 tracing::debug!(
@@ -381,7 +391,7 @@ impl ControlPlane {
             }
             None => tracing::warn!(
                 "no kube-controller-manager in KUBEBUILDER_ASSETS: no garbage collection, \
-                 namespace deletion or service-account tokens"
+                 namespace deletion or ServiceAccounts"
             ),
         }
         Ok(cp)
@@ -454,6 +464,13 @@ impl ControlPlane {
             current_context: Some(KUBECONFIG_NAME.to_owned()),
             ..Kubeconfig::default()
         }
+    }
+
+    /// A `kubectl` command of this control plane's release (built with it,
+    /// like envtest's assets), else `kubectl` from PATH. No arguments yet:
+    /// add `--kubeconfig`.
+    pub fn kubectl(&self) -> Command {
+        Command::new(self.kubectl.as_deref().unwrap_or(Path::new("kubectl")))
     }
 
     /// Path of the admin kubeconfig, a file (mode 0600) in the control
@@ -833,12 +850,38 @@ pub async fn shared() -> Result<&'static ControlPlane, ControlPlaneError> {
     started.as_ref().map_err(|e| ControlPlaneError::SharedStartFailed(e.clone()))
 }
 
+/// The Kubernetes release the local control plane runs when built by
+/// `tests/bin/kube-assets.sh`, e.g. `1.37.2`: the `k8s.io/kubernetes` pin of
+/// `tests/kube/<minor>/go.mod`, for `KEYSMITH_KUBE_VERSION` (a minor such as
+/// `1.33`) or else the script's newest. `None` when `KUBEBUILDER_ASSETS`
+/// names other binaries, or the pin cannot be read.
+pub fn pinned_kubernetes_version() -> Option<String> {
+    if std::env::var_os("KUBEBUILDER_ASSETS").is_some_and(|v| !v.is_empty()) {
+        return None;
+    }
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let minor = match std::env::var("KEYSMITH_KUBE_VERSION").ok().filter(|v| !v.is_empty()) {
+        Some(minor) => minor,
+        None => {
+            let script = fs::read_to_string(tests.join("bin/kube-assets.sh")).ok()?;
+            script.lines().find_map(|l| l.strip_prefix("NEWEST="))?.trim().to_owned()
+        }
+    };
+    let go_mod = fs::read_to_string(tests.join("kube").join(minor).join("go.mod")).ok()?;
+    go_mod.lines().find_map(|line| {
+        let line = line.trim().trim_start_matches("require").trim();
+        let version = line.strip_prefix("k8s.io/kubernetes v")?;
+        Some(version.split_whitespace().next()?.to_owned())
+    })
+}
+
 /// Where the component binaries are.
 #[derive(Debug)]
 struct Assets {
     apiserver: PathBuf,
     etcd: PathBuf,
     controller_manager: Option<PathBuf>,
+    kubectl: Option<PathBuf>,
 }
 
 /// Find the binaries: `KUBEBUILDER_ASSETS`, else the output of
@@ -882,7 +925,8 @@ async fn locate_assets() -> Result<Assets, ControlPlaneError> {
         }
     }
     let controller_manager = Some(dir.join("kube-controller-manager")).filter(|p| p.is_file());
-    Ok(Assets { apiserver, etcd, controller_manager })
+    let kubectl = Some(dir.join("kubectl")).filter(|p| p.is_file());
+    Ok(Assets { apiserver, etcd, controller_manager, kubectl })
 }
 
 /// Generate the CA, the apiserver serving certificate and the service

@@ -34,25 +34,32 @@ pub enum InstallError {
     },
 }
 
+/// The oldest Kubernetes release keysmith supports: the oldest one CI runs
+/// (the compatibility test of `.ci/run`), and the API version k8s-openapi is
+/// compiled against (feature `v1_33`).
+pub const OLDEST_SUPPORTED_KUBERNETES: (u32, u32) = (1, 33);
+
 /// Applies every keysmith CRD (server-side apply, field manager `keysmith`)
 /// and waits until each is Established.
 ///
-/// Apiservers older than 1.23 do not know `x-kubernetes-validations` and
-/// refuse to apply a schema carrying it; for them the CEL rules are left out
-/// (the controllers enforce immutability themselves).
+/// The CRDs carry CEL validation rules (`x-kubernetes-validations`), which
+/// the apiserver enforces. On a release older than
+/// [`OLDEST_SUPPORTED_KUBERNETES`] this warns and tries anyway: the
+/// apiserver's own answer says what it cannot take.
 pub async fn install_crds(client: &Client, timeout: Duration) -> Result<(), InstallError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let supports_cel = match client.apiserver_version().await {
-        Ok(info) => supports_validation_rules(&info.major, &info.minor),
+    let info = match client.apiserver_version().await {
+        Ok(info) => info,
         Err(source) => return Err(InstallError::Apply { name: "(server version)".into(), source }),
     };
-    if !supports_cel {
-        tracing::warn!("this apiserver predates CEL validation rules; installing the CRDs without them");
+    if !is_supported(&info.major, &info.minor) {
+        let (major, minor) = OLDEST_SUPPORTED_KUBERNETES;
+        tracing::warn!(
+            server = %info.git_version,
+            "keysmith supports Kubernetes {major}.{minor} and newer; installing the CRDs on this older apiserver anyway"
+        );
     }
-    for mut crd in crate::api::crds() {
-        if !supports_cel {
-            strip_validation_rules(&mut crd);
-        }
+    for crd in crate::api::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
             .await
@@ -75,42 +82,14 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Ins
     Ok(())
 }
 
-/// Whether an apiserver of this version accepts `x-kubernetes-validations`
-/// (added in 1.23). Minor versions may carry a suffix, as in `23+`.
-pub fn supports_validation_rules(major: &str, minor: &str) -> bool {
+/// Whether an apiserver reporting this `/version` major and minor is one
+/// keysmith supports. Minor versions may carry a suffix, as in `33+`; a
+/// version that does not parse counts as supported (and newer).
+pub fn is_supported(major: &str, minor: &str) -> bool {
     let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).collect::<String>().parse::<u32>().ok();
     match (digits(major), digits(minor)) {
-        (Some(major), Some(minor)) => major > 1 || minor >= 23,
+        (Some(major), Some(minor)) => (major, minor) >= OLDEST_SUPPORTED_KUBERNETES,
         _ => true,
-    }
-}
-
-/// Removes every `x-kubernetes-validations` from a CRD's schemas.
-pub fn strip_validation_rules(crd: &mut CustomResourceDefinition) {
-    fn strip(schema: &mut serde_json::Value) {
-        match schema {
-            serde_json::Value::Object(map) => {
-                map.remove("x-kubernetes-validations");
-                map.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    for version in &mut crd.spec.versions {
-        let Some(validation) = version.schema.as_mut() else {
-            continue;
-        };
-        let Some(schema) = validation.open_api_v3_schema.as_ref() else {
-            continue;
-        };
-        let Ok(mut value) = serde_json::to_value(schema) else {
-            continue;
-        };
-        strip(&mut value);
-        if let Ok(stripped) = serde_json::from_value(value) {
-            validation.open_api_v3_schema = Some(stripped);
-        }
     }
 }
 
@@ -119,25 +98,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn knows_which_apiservers_take_cel_rules() {
-        assert!(!supports_validation_rules("1", "20"));
-        assert!(!supports_validation_rules("1", "22+"));
-        assert!(supports_validation_rules("1", "23"));
-        assert!(supports_validation_rules("1", "30+"));
-        assert!(supports_validation_rules("2", "0"));
-    }
-
-    #[test]
-    fn strips_every_rule_and_nothing_else() {
-        for mut crd in crate::api::crds() {
-            let before = serde_json::to_string(&crd).unwrap();
-            strip_validation_rules(&mut crd);
-            let after = serde_json::to_string(&crd).unwrap();
-            assert!(!after.contains("x-kubernetes-validations"));
-            assert!(after.contains("\"description\""));
-            if before.contains("x-kubernetes-validations") {
-                assert!(after.len() < before.len());
-            }
-        }
+    fn knows_which_apiservers_are_supported() {
+        assert!(!is_supported("1", "20"));
+        assert!(!is_supported("1", "32+"));
+        assert!(is_supported("1", "33"));
+        assert!(is_supported("1", "37+"));
+        assert!(is_supported("2", "0"));
+        assert!(is_supported("", "x"));
     }
 }

@@ -109,8 +109,7 @@ enum Command {
         #[arg(long)]
         output_dir: Option<PathBuf>,
         /// Write Helm chart templates instead (charts/keysmith/templates/crds):
-        /// each CRD behind `crds.enabled`, kept on uninstall while `crds.keep`,
-        /// its CEL rules rendered only for apiservers from 1.23.
+        /// each CRD behind `crds.enabled`, kept on uninstall while `crds.keep`.
         #[arg(long)]
         helm: bool,
     },
@@ -395,7 +394,15 @@ async fn dev_on_existing_cluster(examples: PathBuf, kubeconfig: Option<PathBuf>)
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
     let (client, config) = connect(kubeconfig).await?;
-    eprintln!("using the cluster at {} (the current kubeconfig context)", config.cluster_url);
+    let version = client.apiserver_version().await?;
+    eprintln!(
+        "using the cluster at {} (the current kubeconfig context), Kubernetes {}",
+        config.cluster_url, version.git_version
+    );
+    if !install::is_supported(&version.major, &version.minor) {
+        let (major, minor) = install::OLDEST_SUPPORTED_KUBERNETES;
+        eprintln!("warning: keysmith supports Kubernetes {major}.{minor} and newer; trying anyway");
+    }
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
     let mut installed_here = Vec::new();
     for crd in keysmith::api::crds() {
@@ -494,11 +501,9 @@ fn print_crds(output_dir: Option<PathBuf>, helm: bool) -> anyhow::Result<()> {
 
 /// Renders a CRD as a template of the Helm chart (charts/keysmith): the CRD
 /// exactly as `keysmith crd` prints it, behind `crds.enabled`, with the
-/// chart's labels, `helm.sh/resource-policy: keep` while `crds.keep`, and
-/// every `x-kubernetes-validations` behind a check that the apiserver is
-/// 1.23 or later (older ones refuse the field; see
-/// `keysmith::install::strip_validation_rules`). Being templates rather than
-/// files in the chart's crds/ folder, they are updated on `helm upgrade`.
+/// chart's labels and `helm.sh/resource-policy: keep` while `crds.keep`.
+/// Being templates rather than files in the chart's crds/ folder, they are
+/// updated on `helm upgrade`.
 fn helm_crd_template(
     crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> anyhow::Result<String> {
@@ -513,7 +518,6 @@ fn helm_crd_template(
     helm.sh/resource-policy: keep
   {{- end }}
 "#;
-    const CEL_GUARD: &str = r#"{{- if semverCompare ">=1.23-0" .Capabilities.KubeVersion.Version }}"#;
     let name = crd.metadata.name.as_deref().context("a CRD without a name")?;
     anyhow::ensure!(
         crd.metadata.labels.is_none() && crd.metadata.annotations.is_none(),
@@ -527,24 +531,9 @@ fn helm_crd_template(
     let mut out = String::from(HEADER);
     let mut lines = yaml.lines().peekable();
     while let Some(line) = lines.next() {
-        let content = line.trim_start();
-        let indent = &line[..line.len() - content.len()];
         if line == "metadata:" {
             while lines.next_if(|l| l.starts_with(' ')).is_some() {}
             out.push_str(&METADATA.replace("NAME", name));
-        } else if content.starts_with("x-kubernetes-validations:") {
-            out.push_str(&format!("{indent}{CEL_GUARD}\n{line}\n"));
-            // The rules: deeper lines, list items at the key's own indent, and
-            // the blank lines of block scalars.
-            while let Some(rule) = lines.next_if(|l| {
-                let rest = l.trim_start();
-                let depth = l.len() - rest.len();
-                rest.is_empty() || depth > indent.len() || (depth == indent.len() && rest.starts_with("- "))
-            }) {
-                out.push_str(rule);
-                out.push('\n');
-            }
-            out.push_str(&format!("{indent}{{{{- end }}}}\n"));
         } else {
             out.push_str(line);
             out.push('\n');

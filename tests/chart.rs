@@ -47,7 +47,8 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// How deploy/keysmith.yaml is regenerated (its header comment says so too).
 const REGENERATE_DEPLOY: &str = "sed -i '/^---$/,$d' deploy/keysmith.yaml && helm template keysmith charts/keysmith \
-                                 --namespace keysmith-system --set createNamespace=true >> deploy/keysmith.yaml";
+                                 --kube-version 1.33.0 --namespace keysmith-system --set createNamespace=true \
+                                 >> deploy/keysmith.yaml";
 
 /// Every optional part of the chart switched on.
 const EVERY_OPTION: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,\
@@ -100,12 +101,68 @@ fn helm_ok(args: &[&str]) -> String {
     helm(args).unwrap_or_else(|e| panic!("helm {args:?} failed:\n{e}"))
 }
 
-/// `helm template RELEASE charts/keysmith ARGS...` as text.
+/// `helm template RELEASE charts/keysmith ARGS...` as text; for the oldest
+/// supported Kubernetes unless ARGS name a `--kube-version`.
 fn template_text(release: &str, args: &[&str]) -> String {
     let chart = chart_dir();
     let mut all = vec!["template", release, chart.to_str().unwrap()];
+    let oldest = oldest_supported();
+    if !args.contains(&"--kube-version") {
+        all.extend_from_slice(&["--kube-version", &oldest]);
+    }
     all.extend_from_slice(args);
     helm_ok(&all)
+}
+
+/// `1.33.0` for [`keysmith::install::OLDEST_SUPPORTED_KUBERNETES`] (1, 33).
+fn oldest_supported() -> String {
+    let (major, minor) = keysmith::install::OLDEST_SUPPORTED_KUBERNETES;
+    format!("{major}.{minor}.0")
+}
+
+#[test]
+fn the_chart_refuses_kubernetes_older_than_the_oldest_supported() {
+    let (major, minor) = keysmith::install::OLDEST_SUPPORTED_KUBERNETES;
+    let chart = chart_dir();
+    let older = format!("{major}.{}.9", minor - 1);
+    let refused = helm(&["template", "old", chart.to_str().unwrap(), "--kube-version", &older])
+        .expect_err("helm renders the chart for a release keysmith does not support");
+    assert!(refused.contains("kubeVersion"), "{refused}");
+    helm_ok(&["template", "new", chart.to_str().unwrap(), "--kube-version", &oldest_supported()]);
+}
+
+/// The supported releases are stated in one voice: the chart's kubeVersion,
+/// k8s-openapi's feature, the pins CI builds and runs, and the README.
+#[test]
+fn supported_kubernetes_versions_are_stated_consistently() {
+    let (major, minor) = keysmith::install::OLDEST_SUPPORTED_KUBERNETES;
+    let read = |path: &str| std::fs::read_to_string(repo().join(path)).unwrap();
+    let chart = read("charts/keysmith/Chart.yaml");
+    assert!(chart.contains(&format!("kubeVersion: \">={major}.{minor}.0-0\"")), "Chart.yaml kubeVersion");
+    let cargo = read("Cargo.toml");
+    assert!(cargo.contains(&format!("features = [\"v{major}_{minor}\"")), "k8s-openapi feature v{major}_{minor}");
+    let pins: Vec<String> = std::fs::read_dir(repo().join("tests/kube"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("{major}.")))
+        .collect();
+    let newest = pins.iter().max_by_key(|p| p[2..].parse::<u32>().unwrap()).unwrap().clone();
+    let oldest = format!("{major}.{minor}");
+    assert!(pins.contains(&oldest), "tests/kube/{oldest} pins the oldest supported release: {pins:?}");
+    let go_mod = read(&format!("tests/kube/{oldest}/go.mod"));
+    assert!(go_mod.contains(&format!("k8s.io/kubernetes v{oldest}.")), "tests/kube/{oldest}/go.mod");
+    let script = read("tests/bin/kube-assets.sh");
+    assert!(script.contains(&format!("NEWEST={newest}\n")), "kube-assets.sh builds {newest} by default");
+    let ci = read(".ci/run");
+    assert!(
+        ci.contains(&format!("\noldest={oldest}\n")) && ci.contains("KEYSMITH_KUBE_VERSION=$oldest cargo test"),
+        ".ci/run runs the compatibility tests on {oldest}"
+    );
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&format!("Kubernetes {oldest} to {newest}")),
+        "README states Kubernetes {oldest} to {newest}"
+    );
 }
 
 fn parse_documents(text: &str) -> Vec<Value> {
@@ -326,28 +383,15 @@ fn without_chart_metadata(crd: &Value) -> Value {
 }
 
 #[test]
-fn rendered_crds_are_the_rust_types_with_cel_rules_from_kubernetes_1_23() {
-    let expected = |strip: bool| -> Vec<Value> {
-        keysmith::api::crds()
-            .into_iter()
-            .map(|mut crd| {
-                if strip {
-                    keysmith::install::strip_validation_rules(&mut crd);
-                }
-                serde_json::to_value(crd).unwrap()
-            })
-            .collect()
-    };
-    for (version, strip) in [("1.20.2", true), ("1.22.0", true), ("1.23.0", false), ("1.30.1", false)] {
+fn rendered_crds_are_the_rust_types_with_their_cel_rules() {
+    let expected: Vec<Value> =
+        keysmith::api::crds().into_iter().map(|crd| serde_json::to_value(crd).unwrap()).collect();
+    for version in ["1.33.0", "1.37.2"] {
         let objects = render("keysmith", &["--kube-version", version]);
         let crds: Vec<Value> = of_kind(&objects, "CustomResourceDefinition").into_iter().cloned().collect();
         let bare: Vec<Value> = crds.iter().map(without_chart_metadata).collect();
-        assert!(bare == expected(strip), "Kubernetes {version}: the chart's CRDs differ from `keysmith crd`");
-        assert_eq!(
-            crds.iter().any(|crd| crd.to_string().contains("x-kubernetes-validations")),
-            !strip,
-            "Kubernetes {version}"
-        );
+        assert!(bare == expected, "Kubernetes {version}: the chart's CRDs differ from `keysmith crd`");
+        assert!(crds.iter().any(|crd| crd.to_string().contains("x-kubernetes-validations")), "Kubernetes {version}");
         for crd in &crds {
             assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
             assert_eq!(crd["metadata"]["labels"]["app.kubernetes.io/name"], "keysmith");
@@ -420,7 +464,8 @@ async fn install_monitoring_crds(client: &Client) {
 
 /// `kubectl apply --server-side --dry-run=server` of a manifest, as admin.
 fn server_dry_run(cp: &ControlPlane, manifest: &str) -> String {
-    let mut child = Command::new("kubectl")
+    let mut child = cp
+        .kubectl()
         .arg("--kubeconfig")
         .arg(cp.kubeconfig_path())
         .args([
@@ -734,11 +779,11 @@ async fn helm_install_gives_the_operator_every_right_it_needs() {
     let notes = helm_ok(&install);
     assert!(notes.contains("kubectl get keysmith -A"), "NOTES.txt says what to do next:\n{notes}");
     keysmith::install::wait_for_crds(&client, WAIT).await.expect("the chart's CRDs are Established");
-    // The chart installed them for a 1.20 apiserver: without CEL rules.
+    // The chart installed them with their CEL rules, which the apiserver enforces.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = crds.get("integrationaccounts.keysmith.dev").await.unwrap();
     assert_eq!(crd.annotations().get("meta.helm.sh/release-name").map(String::as_str), Some(RELEASE));
-    assert!(!serde_json::to_string(&crd).unwrap().contains("x-kubernetes-validations"));
+    assert!(serde_json::to_string(&crd).unwrap().contains("connectionRef is immutable"));
     // The harness's path (server-side apply, field manager keysmith) works over them.
     keysmith::install::install_crds(&client, WAIT).await.expect("install_crds over helm's CRDs");
 

@@ -124,7 +124,8 @@ async fn inventory_rotate_and_the_kubectl_plugin() {
     let bin = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_keysmith"), bin.path().join("kubectl-keysmith")).unwrap();
     let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap());
-    let out = Command::new("kubectl")
+    let out = cp
+        .kubectl()
         .args(["keysmith", "inventory", "-n", &ns.name])
         .env("PATH", path)
         .env("KUBECONFIG", cp.kubeconfig_path())

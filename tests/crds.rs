@@ -1,5 +1,6 @@
 //! The CRD files in crds/ are generated from the Rust types; these tests fail
-//! when they drift, and check the CEL rules the 1.20 test apiserver ignores.
+//! when they drift, and check the CEL rules with kube's CEL evaluator (tests/api.rs
+//! proves the apiserver enforces them).
 
 use std::path::Path;
 
@@ -153,6 +154,21 @@ fn exactly_one_provider_rule() {
         let two = conn(json!({"kubernetes": {}, "scim": {"baseUrl": "https://x", "tokenSecretRef": {"name": "t"}}}));
         let errs = messages(v.validate(&schema, &two, None));
         assert!(errs.iter().any(|e| e.contains("set exactly one provider")), "{kind}: {errs:?}");
+    }
+}
+
+/// The exactly-one-provider rule lists the providers (the apiserver has no
+/// `size()` for objects), so a new provider must be added to it.
+#[test]
+fn the_provider_rule_names_every_provider() {
+    for kind in ["AppConnection", "ClusterAppConnection"] {
+        let provider = &schema_of(kind)["properties"]["spec"]["properties"]["provider"];
+        let rule = provider["x-kubernetes-validations"][0]["rule"].as_str().unwrap();
+        let names: Vec<&String> = provider["properties"].as_object().unwrap().keys().collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        for name in names {
+            assert!(rule.contains(&format!("has(self.{name})")), "{kind}: {rule} leaves out {name}");
+        }
     }
 }
 

@@ -195,15 +195,10 @@ async fn key_client(key: &IssuedKey) -> Client {
 }
 
 /// Runs kubectl with the issued kubeconfig; returns success and stderr.
-fn kubectl(key: &IssuedKey, args: &[&str]) -> (bool, String) {
+fn kubectl(cp: &ControlPlane, key: &IssuedKey, args: &[&str]) -> (bool, String) {
     let mut file = tempfile::NamedTempFile::new().expect("temp file");
     std::io::Write::write_all(&mut file, key.material.expose()["kubeconfig"].as_bytes()).expect("write kubeconfig");
-    let out = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(file.path())
-        .args(args)
-        .output()
-        .expect("kubectl is installed (Debian package kubernetes-client)");
+    let out = cp.kubectl().arg("--kubeconfig").arg(file.path()).args(args).output().expect("kubectl runs");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -395,9 +390,9 @@ async fn a_namespace_grant_allows_exactly_that_role_in_that_namespace() {
 
     eventually("pods in the granted namespace", 200, || list_pods(&sa, &ns)).await;
     // kubectl takes the kubeconfig as is, namespace included.
-    let (ok, stderr) = kubectl(&key, &["get", "pods"]);
+    let (ok, stderr) = kubectl(cp, &key, &["get", "pods"]);
     assert!(ok, "kubectl get pods: {stderr}");
-    let (ok, stderr) = kubectl(&key, &["get", "secrets"]);
+    let (ok, stderr) = kubectl(cp, &key, &["get", "secrets"]);
     assert!(!ok && stderr.contains("forbidden"), "kubectl get secrets: {stderr}");
     assert_eq!(list_secrets(&sa, &ns).await, 403, "view does not read secrets");
     assert_eq!(list_pods(&sa, &other).await, 403, "nothing in another namespace");

@@ -42,8 +42,9 @@ use super::common::{CommonStatus, CRON_PATTERN, DURATION_PATTERN, NAME_PATTERN};
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+// A CEL rule rather than `anyOf`: the apiserver checks CEL rules only on
+// objects the schema accepts, and the rule's message says what to do.
 #[schemars(extend(
-    "anyOf" = [{"required": ["rotateEvery"]}, {"required": ["schedule"]}],
     "x-kubernetes-validations" = [{"rule": "has(self.rotateEvery) || has(self.schedule)", "message": "set rotateEvery, schedule, or both"}]
 ))]
 #[serde(rename_all = "camelCase")]

@@ -458,19 +458,9 @@ fn naming_problem(
 
 /// Everything between "the object exists" and "status is written".
 async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) -> Result<Requeue, Error> {
-    // connectionRef is immutable (CEL where the apiserver enforces it; here
-    // for those that do not).
-    let reference = format!("{:?}/{}", account.spec.connection_ref.kind, account.spec.connection_ref.name);
-    if let Some(recorded) = run.status.account.as_ref().and_then(|a| a.connection.clone()) {
-        if recorded != reference {
-            let message = format!(
-                "spec.connectionRef changed from {recorded} to {reference}; connectionRef is immutable, restore it or create a new IntegrationAccount"
-            );
-            run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "ConnectionChanged", message));
-            return Ok(Requeue::await_change());
-        }
-    }
-
+    // connectionRef is immutable: the CRD's CEL rule has the apiserver
+    // refuse any change (tests/api.rs), so the connection is the one the
+    // account was provisioned under.
     let connection = match resolve_connection(account, ctx).await? {
         Ok(connection) => connection,
         Err(problem) => {

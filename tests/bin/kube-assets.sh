@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Provides a real kube-apiserver, kube-controller-manager and etcd for the test
-# harness and `keysmith dev`, following the envtest convention:
+# Provides a real kube-apiserver, kube-controller-manager, etcd and a matching
+# kubectl for the test harness and `keysmith dev`, following the envtest
+# convention:
 #
 #   * if KUBEBUILDER_ASSETS is set, it must already hold the binaries; it is
 #     printed back and nothing is built;
-#   * otherwise the binaries are built once from Debian's `kubernetes` source
-#     package (upstream 1.20.2 with vendor/) with Debian's Go toolchain, and
-#     cached outside the work tree, in $KEYSMITH_ASSETS_DIR or
-#     ${XDG_CACHE_HOME:-~/.cache}/keysmith/kube-1.20.2.
+#   * otherwise the binaries are built once with Go from the Go module proxy,
+#     at the releases pinned by the wrapper modules in tests/kube/ (go.mod and
+#     go.sum are committed), and cached outside the work tree in
+#     $KEYSMITH_ASSETS_DIR or ${XDG_CACHE_HOME:-~/.cache}/keysmith/kube-<version>-<pin hash>.
+#     A changed pin (go.mod, go.sum, or this script's BUILD_REVISION) is a
+#     new directory, so it is rebuilt; an unchanged one never is.
 #
-# On success the last line on stdout is the assets directory. Everything else
-# goes to stderr. Installing packages needs root (CI and the dev machines run
-# as root); without root, install golang-go, etcd-server, dpkg-dev and
-# golang-github-modern-go-reflect2-dev yourself first.
+# Usage: kube-assets.sh [MINOR]   MINOR is a directory of tests/kube (1.37, the
+# newest, by default; or $KEYSMITH_KUBE_VERSION). On success the last line on
+# stdout is the assets directory; progress goes to stderr.
+#
+# Needs Go (the version named by the go lines of tests/kube/*/go.mod, or newer)
+# on PATH or in /usr/local/go/bin, and the Go module proxy.
 set -euo pipefail
 
-KUBE_VERSION=1.20.2
-DEB_VERSION='1.20.5+really1.20.2-1.1+deb12u1'
+NEWEST=1.37
+# Bump to force a rebuild when something other than a pin changes the build.
+BUILD_REVISION=1
 
 log() { echo "kube-assets: $*" >&2; }
 
@@ -28,9 +34,27 @@ if [ -n "${KUBEBUILDER_ASSETS:-}" ]; then
   exit 0
 fi
 
-dest="${KEYSMITH_ASSETS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keysmith/kube-$KUBE_VERSION}"
+here="$(cd "$(dirname "$0")/.." && pwd)"
+minor="${1:-${KEYSMITH_KUBE_VERSION:-$NEWEST}}"
+kube_mod="$here/kube/$minor"
+etcd_mod="$here/kube/etcd"
+if [ ! -f "$kube_mod/go.mod" ]; then
+  log "no pinned Kubernetes $minor: pins are $(cd "$here/kube" && ls -d 1.* | paste -sd' ')"
+  exit 2
+fi
+pinned() { # $1: module, $2: go.mod; prints the required version without its v
+  sed -nE "s#^(require)?[[:space:]]*$1 v([0-9][^[:space:]]*).*#\\2#p" "$2" | head -n 1
+}
+kube_version=$(pinned k8s.io/kubernetes "$kube_mod/go.mod")
+etcd_version=$(pinned go.etcd.io/etcd/server/v3 "$etcd_mod/go.mod")
+[ -n "$kube_version" ] && [ -n "$etcd_version" ] || { log "cannot read the pinned versions from $kube_mod/go.mod and $etcd_mod/go.mod"; exit 2; }
+pin=$(cat "$kube_mod/go.mod" "$kube_mod/go.sum" "$etcd_mod/go.mod" "$etcd_mod/go.sum" "$etcd_mod/main.go" \
+  <(echo "$BUILD_REVISION") | sha256sum | cut -c1-12)
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/keysmith"
+dest="${KEYSMITH_ASSETS_DIR:-$cache/kube-$kube_version-$pin}"
+
 complete() {
-  [ -x "$dest/kube-apiserver" ] && [ -x "$dest/kube-controller-manager" ] && [ -x "$dest/etcd" ]
+  [ -x "$dest/kube-apiserver" ] && [ -x "$dest/kube-controller-manager" ] && [ -x "$dest/kubectl" ] && [ -x "$dest/etcd" ]
 }
 if complete; then
   echo "$dest"
@@ -40,90 +64,87 @@ fi
 mkdir -p "$(dirname "$dest")"
 # One builder at a time: parallel test binaries may all ask at once.
 exec 9>"$dest.lock"
-flock 9
+if ! flock -n 9; then
+  log "another build of $dest is running; waiting for it"
+  flock 9
+fi
 if complete; then
   echo "$dest"
   exit 0
 fi
 
-need_pkgs=()
-command -v go >/dev/null 2>&1 || need_pkgs+=(golang-go)
-[ -x /usr/bin/etcd ] || need_pkgs+=(etcd-server)
-command -v dpkg-source >/dev/null 2>&1 || need_pkgs+=(dpkg-dev)
-[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || need_pkgs+=(golang-github-modern-go-reflect2-dev)
-command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)
-
-src_list=/etc/apt/sources.list.d/keysmith-deb-src.sources
-if ! apt-cache showsrc kubernetes 2>/dev/null | grep -q "^Version: $DEB_VERSION\$"; then
-  if [ ! -f "$src_list" ]; then
-    log "adding a deb-src entry ($src_list)"
-    cat >"$src_list" <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  fi
-  apt-get update -qq >&2
+# Go: the one on PATH if new enough, else /usr/local/go (where the official
+# tarball installs), never a download of another toolchain.
+need_go=$(awk '$1 == "go" { print $2 }' "$kube_mod/go.mod" "$etcd_mod/go.mod" | sort -V | tail -n 1)
+go_ok() { # $1: a go binary
+  local have
+  have=$("$1" env GOVERSION 2>/dev/null | sed 's/^go//') || return 1
+  [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$need_go" "$have" | sort -V | head -n 1)" = "$need_go" ]
+}
+go_bin=
+for candidate in "$(command -v go || true)" /usr/local/go/bin/go; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ] && go_ok "$candidate"; then go_bin="$candidate"; break; fi
+done
+if [ -z "$go_bin" ]; then
+  log "Go $need_go or newer is needed to build the control plane (found: $(go version 2>/dev/null || echo none));"
+  log "install it, or point KUBEBUILDER_ASSETS at a directory holding kube-apiserver, kube-controller-manager and etcd"
+  exit 1
 fi
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  log "installing ${need_pkgs[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2
-fi
+export GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/keysmith-kube-build.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-log "fetching Debian source kubernetes=$DEB_VERSION"
-(cd "$work" && apt-get source -qq --download-only "kubernetes=$DEB_VERSION" >&2 \
-  && dpkg-source --no-check -x ./*.dsc src >&2)
+watcher=
+trap '[ -n "$watcher" ] && kill "$watcher" 2>/dev/null; rm -rf "$work"' EXIT
 
-export GOPATH="$work/gopath" GO111MODULE=off GOFLAGS= CGO_ENABLED=0 GOCACHE="$work/gocache"
-mkdir -p "$GOPATH/src/k8s.io"
-ln -s "$work/src" "$GOPATH/src/k8s.io/kubernetes"
-cd "$GOPATH/src/k8s.io/kubernetes"
+# Runs "$@", saying every 30 s that it is still working, so a first build is
+# never minutes of silence.
+with_progress() { # $1: what is being built; rest: the command
+  local what=$1 started=$SECONDS
+  shift
+  log "building $what"
+  ( while sleep 30; do log "still building $what ($((SECONDS - started))s so far)"; done ) &
+  watcher=$!
+  local status=0
+  "$@" >"$work/build.log" 2>&1 || status=$?
+  kill "$watcher" 2>/dev/null || true
+  wait "$watcher" 2>/dev/null || true
+  watcher=
+  if [ "$status" -ne 0 ]; then
+    log "building $what failed; its output:"
+    cat "$work/build.log" >&2
+    exit "$status"
+  fi
+  log "built $what in $((SECONDS - started))s"
+}
 
-# Go >= 1.18 needs reflect2 >= 1.0.2; the vendored copy is older.
-rm -rf vendor/github.com/modern-go/reflect2
-cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
+log "first use of this control plane: building Kubernetes $kube_version (kube-apiserver, kube-controller-manager,"
+log "kubectl) and etcd $etcd_version with $("$go_bin" version | cut -d' ' -f3) from the Go module proxy into $dest."
+log "This takes about 5 to 10 minutes on 2 cores, once; later runs reuse it."
 
-log "generating the OpenAPI definitions (not shipped in the tarball)"
-go build -o "$work/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
-inputs=$(find ./staging/src/k8s.io/api ./staging/src/k8s.io/apimachinery ./staging/src/k8s.io/apiextensions-apiserver/pkg/apis \
-  ./staging/src/k8s.io/kube-aggregator/pkg/apis ./pkg/apis ./staging/src/k8s.io/metrics/pkg/apis \
-  ./staging/src/k8s.io/apiserver/pkg/apis ./staging/src/k8s.io/kube-proxy/config ./staging/src/k8s.io/kubelet/config \
-  ./staging/src/k8s.io/kube-scheduler/config ./staging/src/k8s.io/kube-controller-manager/config \
-  ./staging/src/k8s.io/cloud-provider/config ./staging/src/k8s.io/controller-manager/config ./pkg/kubelet/apis/config \
-  ./staging/src/k8s.io/component-base/config \
-  -name '*.go' -print0 2>/dev/null | xargs -0 grep -l '+k8s:openapi-gen=' | xargs -n1 dirname | sort -u \
-  | sed 's#^\./staging/src/#k8s.io/kubernetes/vendor/#; s#^\./#k8s.io/kubernetes/#' | paste -sd, -)
-"$work/openapi-gen" --input-dirs "$inputs,k8s.io/kubernetes/vendor/k8s.io/apimachinery/pkg/version,k8s.io/kubernetes/vendor/k8s.io/apimachinery/pkg/runtime,k8s.io/kubernetes/vendor/k8s.io/apimachinery/pkg/util/intstr,k8s.io/kubernetes/vendor/k8s.io/apimachinery/pkg/api/resource,k8s.io/kubernetes/vendor/k8s.io/apimachinery/pkg/apis/meta/v1" \
-  --output-base "$GOPATH/src" --output-package k8s.io/kubernetes/pkg/generated/openapi \
-  --output-file-base zz_generated.openapi --go-header-file hack/boilerplate/boilerplate.generatego.txt \
-  --report-filename /dev/null >&2
-
-ldflags=""
-for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
-  ldflags+=" -X $pkg.gitVersion=v$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
+IFS=. read -r major minor_n _ <<<"$kube_version"
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=v$kube_version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor_n"
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 mkdir -p "$work/out"
-for cmd in kube-apiserver kube-controller-manager; do
-  log "building $cmd (a few minutes)"
-  go build -trimpath -ldflags "-s -w $ldflags" -o "$work/out/$cmd" "./cmd/$cmd"
-done
-ln -sf /usr/bin/etcd "$work/out/etcd"
+with_progress "kube-apiserver, kube-controller-manager and kubectl $kube_version" \
+  env -C "$kube_mod" "$go_bin" build -trimpath -ldflags "$ldflags" -o "$work/out/" \
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+with_progress "etcd $etcd_version" \
+  env -C "$etcd_mod" "$go_bin" build -trimpath -ldflags "-s -w" -o "$work/out/etcd" .
 
 rm -rf "$dest.tmp"
 mkdir -p "$dest.tmp"
 cp -a "$work/out/." "$dest.tmp/"
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"
+# Builds of earlier pins of this release are not used any more.
+if [ -z "${KEYSMITH_ASSETS_DIR:-}" ]; then
+  for old in "$cache/kube-$major.$minor_n".*-*; do
+    case "$old" in "$dest" | "$dest.lock") continue ;; esac
+    [ -e "$old" ] && { log "removing the stale $old"; rm -rf "$old"; }
+  done
+fi
 log "ready: $dest"
 echo "$dest"

@@ -54,12 +54,13 @@ fn rand_suffix() -> u32 {
 
 /// Runs kubectl against the control plane as admin.
 pub fn kubectl(cp: &ControlPlane, args: &[&str]) -> Output {
-    let out = std::process::Command::new("kubectl")
+    let out = cp
+        .kubectl()
         .arg("--kubeconfig")
         .arg(cp.kubeconfig_path())
         .args(args)
         .output()
-        .expect("kubectl is installed (Debian package kubernetes-client; .ci/run installs it)");
+        .expect("kubectl runs (tests/bin/kube-assets.sh builds it with the control plane)");
     out
 }
 
