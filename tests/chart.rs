@@ -200,11 +200,13 @@ fn the_chart_lints_with_defaults_and_with_every_option() {
 fn values_are_checked() {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
-    let err = helm(&["template", "x", chart, "--set", "logFormat=xml"]).unwrap_err();
+    let version = oldest_supported();
+    let template = |set: &str| helm(&["template", "x", chart, "--kube-version", &version, "--set", set]);
+    let err = template("logFormat=xml").unwrap_err();
     assert!(err.contains("logFormat"), "{err}");
-    let err = helm(&["template", "x", chart, "--set", "leaderElection.enable=false"]).unwrap_err();
+    let err = template("leaderElection.enable=false").unwrap_err();
     assert!(err.contains("Additional property enable is not allowed"), "a misspelt value is refused: {err}");
-    let err = helm(&["template", "x", chart, "--set", "leaderElection.enabled=false"]).unwrap_err();
+    let err = template("leaderElection.enabled=false").unwrap_err();
     assert!(err.contains("replicas > 1 needs leaderElection.enabled"), "{err}");
 }
 
@@ -688,6 +690,18 @@ async fn client_from_secret(client: &Client, ns: &str, secret: &str) -> Client {
     Client::try_from(config).unwrap()
 }
 
+/// The claims of the bearer token in the kubeconfig keysmith wrote (the JWT
+/// payload; its signature is the apiserver's business).
+async fn token_claims(client: &Client, ns: &str, secret: &str) -> Value {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns).get(secret).await.unwrap();
+    let text = String::from_utf8(secret.data.unwrap()["kubeconfig"].0.clone()).unwrap();
+    let kubeconfig: Value = serde_yaml::from_str(&text).unwrap();
+    let token = kubeconfig["users"][0]["user"]["token"].as_str().expect("a bearer token");
+    let payload = token.split('.').nth(1).expect("a JWT");
+    use base64::Engine as _;
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
 async fn list_configmaps(client: &Client, ns: &str) -> u16 {
     match Api::<ConfigMap>::namespaced(client.clone(), ns).list(&ListParams::default()).await {
         Ok(_) => 200,
@@ -861,6 +875,21 @@ async fn helm_install_gives_the_operator_every_right_it_needs() {
     .await;
     let rotated = client_from_secret(&client, &app_ns.name, "robot-key").await;
     assert_eq!(list_configmaps(&rotated, &app_ns.name).await, 200, "the new key works");
+    // The key is a bound token that expires, and no long-lived token Secret
+    // exists beside it for any ServiceAccount keysmith made.
+    let claims = token_claims(&client, &app_ns.name, "robot-key").await;
+    assert!(claims["exp"].as_i64().is_some(), "{claims}");
+    assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "robot", "{claims}");
+    assert!(claims["kubernetes.io"]["secret"]["name"].is_string(), "bound to its key anchor: {claims}");
+    let robot_sa = Api::<ServiceAccount>::namespaced(client.clone(), &app_ns.name).get("robot").await.unwrap();
+    assert!(robot_sa.secrets.unwrap_or_default().is_empty(), "no token Secret listed on the ServiceAccount");
+    let token_secrets =
+        secrets.list(&ListParams::default().fields("type=kubernetes.io/service-account-token")).await.unwrap();
+    assert!(
+        token_secrets.items.is_empty(),
+        "{:?}",
+        token_secrets.items.iter().map(|s| s.name_any()).collect::<Vec<_>>()
+    );
     eventually("the Deployment to be rolled", WAIT, || async {
         let app = deployments.get("app").await.ok()?;
         app.spec?.template.metadata?.annotations?.get("keysmith.dev/restartedAt").cloned()
