@@ -466,6 +466,11 @@ impl ControlPlane {
         }
     }
 
+    /// The kubectl built with the control plane, if the assets hold one.
+    pub fn kubectl_path(&self) -> Option<&Path> {
+        self.kubectl.as_deref()
+    }
+
     /// A `kubectl` command of this control plane's release (built with it,
     /// like envtest's assets), else `kubectl` from PATH. No arguments yet:
     /// add `--kubeconfig`.
@@ -1105,9 +1110,10 @@ mod tests {
         }
     }
 
-    /// Events as kube-apiserver 1.20.2 writes them (some fields trimmed).
+    /// Events as kube-apiserver writes them: the first verbatim from 1.37.2,
+    /// the others with some fields trimmed.
     const AUDIT_SAMPLE: &str = concat!(
-        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"2bec8fe8-927f-455d-ac02-2f92b4cbbaac","stage":"ResponseComplete","requestURI":"/apis/flowcontrol.apiserver.k8s.io/v1beta1/flowschemas/global-default/status?fieldManager=x","verb":"patch","user":{"username":"system:apiserver","uid":"903b8515-62f7-40a1-9729-6eadbcb0797d","groups":["system:masters"]},"sourceIPs":["127.0.0.1"],"userAgent":"kube-apiserver/v1.20.2 (linux/amd64) kubernetes/faecb19","objectRef":{"resource":"flowschemas","name":"global-default","apiGroup":"flowcontrol.apiserver.k8s.io","apiVersion":"v1beta1","subresource":"status"},"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2021-11-30T06:46:04.644627Z","stageTimestamp":"2021-11-30T06:46:04.649691Z","annotations":{"authorization.k8s.io/decision":"allow","authorization.k8s.io/reason":""}}"#,
+        r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"83185cef-acb5-4b4d-9ba8-d5066b0935f9","stage":"ResponseComplete","requestURI":"/apis/flowcontrol.apiserver.k8s.io/v1/flowschemas/system-nodes/status?fieldManager=api-priority-and-fairness-config-consumer-v1\u0026force=true","verb":"patch","user":{"username":"system:apiserver","uid":"73a4e946-4167-47b6-be04-c961259aeda2","groups":["system:authenticated","system:masters"]},"sourceIPs":["127.0.0.1"],"userAgent":"kube-apiserver/v1.37.2 (linux/amd64) kubernetes/$Format","objectRef":{"resource":"flowschemas","name":"system-nodes","apiGroup":"flowcontrol.apiserver.k8s.io","apiVersion":"v1","subresource":"status"},"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2026-12-06T18:53:07.014057Z","stageTimestamp":"2026-12-06T18:53:07.016570Z","annotations":{"authorization.k8s.io/decision":"allow","authorization.k8s.io/reason":""}}"#,
         "\n",
         r#"{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"a1","stage":"ResponseStarted","requestURI":"/api/v1/namespaces/ns1/configmaps?watch=true","verb":"watch","user":{"username":"keysmith-operator","groups":["system:masters","system:authenticated"]},"sourceIPs":["127.0.0.1"],"objectRef":{"resource":"configmaps","namespace":"ns1","apiVersion":"v1"},"responseStatus":{"metadata":{},"code":200},"requestReceivedTimestamp":"2021-11-30T06:46:05.000000Z","stageTimestamp":"2021-11-30T06:46:05.000100Z"}"#,
         "\n",
@@ -1130,9 +1136,9 @@ mod tests {
         assert_eq!(status_patch.resource, "flowschemas");
         assert_eq!(status_patch.subresource.as_deref(), Some("status"));
         assert_eq!(status_patch.namespace, None);
-        assert_eq!(status_patch.name.as_deref(), Some("global-default"));
+        assert_eq!(status_patch.name.as_deref(), Some("system-nodes"));
         assert_eq!(status_patch.code, Some(200));
-        assert_eq!(status_patch.at, SystemTime::UNIX_EPOCH + Duration::new(1_638_254_764, 649_691_000));
+        assert_eq!(status_patch.at, SystemTime::UNIX_EPOCH + Duration::new(1_796_583_187, 16_570_000));
         assert!(status_patch.request_uri.starts_with("/apis/flowcontrol"));
         assert!(status_patch.is_write());
 

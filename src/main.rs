@@ -343,9 +343,11 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunF
 }
 
 async fn dev(examples: PathBuf) -> anyhow::Result<()> {
-    eprintln!("starting a local control plane (the first run builds kube-apiserver; this takes a few minutes)...");
+    eprintln!("starting a local control plane (the first run builds it from the Go modules: 5 to 10 minutes, once)...");
     let cp = ControlPlane::start().await.context("starting the local control plane")?;
     let client = cp.client().await?;
+    let version = client.apiserver_version().await?;
+    println!("KUBERNETES={}", version.git_version);
     install::install_crds(&client, Duration::from_secs(60)).await?;
     let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await?;
     let telemetry = controller::Telemetry::default();
@@ -365,11 +367,13 @@ async fn dev(examples: PathBuf) -> anyhow::Result<()> {
     ));
     let applied = manifest::apply_dir(&client, &examples).await?;
     println!("KUBECONFIG={}", cp.kubeconfig_path().display());
+    let kubectl = cp.kubectl_path().map_or_else(|| "kubectl".to_owned(), |p| p.display().to_string());
     eprintln!(
-        "keysmith is running; applied {applied} objects from {}.\n\
-         Try: export KUBECONFIG={} && kubectl get keysmith -A\n\
+        "keysmith is running on Kubernetes {}; applied {applied} objects from {}.\n\
+         Try: export KUBECONFIG={} && {kubectl} get keysmith -A\n\
          Metrics: http://{metrics_addr}/metrics\n\
          Press Ctrl-C to stop and remove the control plane.",
+        version.git_version,
         examples.display(),
         cp.kubeconfig_path().display()
     );

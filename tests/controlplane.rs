@@ -426,3 +426,95 @@ async fn a_private_control_plane_stops_cleanly() {
     assert!(!dir.exists(), "{} is left behind", dir.display());
     assert!(client.apiserver_version().await.is_err(), "the apiserver still answers after stop()");
 }
+
+/// tests/bin/kube-assets.sh with a stand-in `go` (the real build takes
+/// minutes): it says what it builds and that it is still working, caches by
+/// pin, builds nothing when the pin is unchanged, and rebuilds (dropping the
+/// stale build) when it changes.
+#[test]
+fn the_assets_script_shows_progress_and_rebuilds_only_on_a_new_pin() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tree = tempfile::tempdir().unwrap();
+    let tests = tree.path().join("tests");
+    std::fs::create_dir_all(tests.join("bin")).unwrap();
+    std::fs::copy(repo.join("tests/bin/kube-assets.sh"), tests.join("bin/kube-assets.sh")).unwrap();
+    for (dir, files) in [("kube/1.37", &["go.mod", "go.sum"][..]), ("kube/etcd", &["go.mod", "go.sum", "main.go"][..])]
+    {
+        std::fs::create_dir_all(tests.join(dir)).unwrap();
+        for file in files {
+            std::fs::copy(repo.join("tests").join(dir).join(file), tests.join(dir).join(file)).unwrap();
+        }
+    }
+    // A `go` that is new enough, takes 3 s per build and writes empty
+    // programs where `-o` says, counting its builds.
+    let bin = tree.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake_go = bin.join("go");
+    std::fs::write(
+        &fake_go,
+        format!(
+            r#"#!/bin/sh
+case "$1" in
+  env) echo go1.99.0 ;;
+  version) echo "go version go1.99.0 linux/amd64" ;;
+  build)
+    echo build >> "{count}"
+    sleep 3
+    while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+    case "$out" in
+      */) for b in kube-apiserver kube-controller-manager kubectl; do printf '#!/bin/sh\n' > "$out$b"; chmod +x "$out$b"; done ;;
+      *) printf '#!/bin/sh\n' > "$out"; chmod +x "$out" ;;
+    esac ;;
+esac
+"#,
+            count = tree.path().join("builds").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake_go, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = tree.path().join("cache");
+    let run = || {
+        let out = std::process::Command::new("bash")
+            .arg(tests.join("bin/kube-assets.sh"))
+            .env_remove("KUBEBUILDER_ASSETS")
+            .env_remove("KEYSMITH_ASSETS_DIR")
+            .env_remove("KEYSMITH_KUBE_VERSION")
+            .env("XDG_CACHE_HOME", &cache)
+            .env("KEYSMITH_PROGRESS_SECONDS", "1")
+            .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{stderr}");
+        let dir = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_owned();
+        (std::path::PathBuf::from(dir), stderr)
+    };
+    let builds = || std::fs::read_to_string(tree.path().join("builds")).unwrap_or_default().lines().count();
+
+    let (first, stderr) = run();
+    let prefix = cache.join("keysmith/kube-1.37.").display().to_string();
+    assert!(first.display().to_string().starts_with(&prefix), "{}", first.display());
+    for binary in ["kube-apiserver", "kube-controller-manager", "kubectl", "etcd"] {
+        assert!(first.join(binary).is_file(), "{binary}");
+    }
+    assert!(stderr.contains("building Kubernetes 1.37."), "says what it builds:\n{stderr}");
+    assert!(stderr.contains("still building kube-apiserver"), "says it is still working:\n{stderr}");
+    assert_eq!(builds(), 2, "kube binaries, then etcd");
+
+    let (again, stderr) = run();
+    assert_eq!(again, first);
+    assert!(!stderr.contains("building"), "nothing built for an unchanged pin:\n{stderr}");
+    assert_eq!(builds(), 2);
+
+    // A new pin is a new build; the stale one goes.
+    let go_sum = tests.join("kube/1.37/go.sum");
+    let mut sum = std::fs::read_to_string(&go_sum).unwrap();
+    sum.push_str("example.invalid/new v1.0.0 h1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n");
+    std::fs::write(&go_sum, sum).unwrap();
+    let (rebuilt, _) = run();
+    assert_ne!(rebuilt, first);
+    assert!(rebuilt.join("kube-apiserver").is_file());
+    assert!(!first.exists(), "the stale build is removed");
+    assert_eq!(builds(), 4);
+}

@@ -51,10 +51,18 @@ async fn dev_runs_the_quickstart_until_interrupted() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with("KUBECONFIG="))
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        let version = lines.find(|l| l.starts_with("KUBERNETES="));
+        (version, lines.find(|l| l.starts_with("KUBECONFIG=")))
     });
-    let line = tokio::time::timeout(Duration::from_secs(600), line).await.unwrap().unwrap().expect("a KUBECONFIG line");
+    let (version, line) = tokio::time::timeout(Duration::from_secs(600), lines).await.unwrap().unwrap();
+    let version = version.expect("a KUBERNETES line");
+    let line = line.expect("a KUBECONFIG line");
+    // The pinned release (KEYSMITH_KUBE_VERSION picks another pin).
+    if let Some(pinned) = keysmith::controlplane::pinned_kubernetes_version() {
+        assert_eq!(version, format!("KUBERNETES=v{pinned}"));
+    }
     let path = std::path::PathBuf::from(line.trim_start_matches("KUBECONFIG="));
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();

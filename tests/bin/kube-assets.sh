@@ -96,13 +96,13 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/keysmith-kube-build.XXXXXX")"
 watcher=
 trap '[ -n "$watcher" ] && kill "$watcher" 2>/dev/null; rm -rf "$work"' EXIT
 
-# Runs "$@", saying every 30 s that it is still working, so a first build is
-# never minutes of silence.
+# Runs "$@", saying every 30 s (KEYSMITH_PROGRESS_SECONDS) that it is still
+# working, so a first build is never minutes of silence.
 with_progress() { # $1: what is being built; rest: the command
   local what=$1 started=$SECONDS
   shift
   log "building $what"
-  ( while sleep 30; do log "still building $what ($((SECONDS - started))s so far)"; done ) &
+  ( while sleep "${KEYSMITH_PROGRESS_SECONDS:-30}"; do log "still building $what ($((SECONDS - started))s so far)"; done ) &
   watcher=$!
   local status=0
   "$@" >"$work/build.log" 2>&1 || status=$?
