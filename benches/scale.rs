@@ -244,6 +244,7 @@ async fn run_one(args: &Args, provider: &str, n: usize, unrelated: usize) -> Res
 
 async fn measure(args: &Args, cp: &ControlPlane, provider: &str, n: usize, unrelated: usize) -> Result<RunResult> {
     let client = cp.client().await?;
+    eprintln!("   kube-apiserver {}", client.apiserver_version().await?.git_version);
     keysmith::install::install_crds(&client, Duration::from_secs(60)).await?;
     let timeout = Duration::from_secs(args.timeout_secs);
 
