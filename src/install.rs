@@ -1,5 +1,6 @@
 //! Installing keysmith's CRDs and waiting until the apiserver serves them.
 
+use crate::ownership;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -8,9 +9,6 @@ use kube::{
     runtime::wait::{await_condition, conditions},
     Client,
 };
-
-/// The field manager keysmith uses for everything it applies.
-pub const FIELD_MANAGER: &str = "keysmith";
 
 /// Failures while installing or waiting for CRDs.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +59,7 @@ pub async fn install_crds(client: &Client, timeout: Duration) -> Result<(), Inst
     }
     for crd in crate::api::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+        api.patch(&name, &PatchParams::apply(ownership::FIELD_MANAGER).force(), &Patch::Apply(&crd))
             .await
             .map_err(|source| InstallError::Apply { name: name.clone(), source })?;
     }

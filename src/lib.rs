@@ -10,6 +10,7 @@ pub mod install;
 pub mod leader;
 pub mod manifest;
 pub mod metrics;
+pub mod ownership;
 pub mod policy;
 pub mod provider;
 pub mod schedule;

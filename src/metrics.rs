@@ -26,10 +26,9 @@ use std::{
     collections::BTreeMap,
     fmt,
     sync::{Arc, RwLock},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use async_trait::async_trait;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use prometheus_client::{
@@ -46,12 +45,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    api::{condition_types::READY, ConnectionKind, IntegrationAccount},
-    controller::Stores,
-    provider::{
-        AccountRequest, Capabilities, IssuedKey, KeyRequest, ObservedAccount, ObservedKey, Provider, ProviderError,
-        RoleGrant,
-    },
+    api::{condition_types::READY, AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount},
+    provider::guard::CallObserver,
 };
 
 /// The `Content-Type` of the Prometheus text format served by default.
@@ -210,7 +205,7 @@ impl Metrics {
 
     /// Reads the per-account and per-connection gauges from these caches
     /// from now on. Call it once they are synced.
-    pub fn watch(&self, stores: Stores) {
+    pub fn watch(&self, stores: Inventory) {
         if let Ok(mut slot) = self.cluster.stores.write() {
             *slot = Some(stores);
         }
@@ -256,10 +251,21 @@ impl Metrics {
     }
 }
 
+/// The caches the scrape-time gauges are computed from.
+#[derive(Clone)]
+pub struct Inventory {
+    /// IntegrationAccounts.
+    pub accounts: kube::runtime::reflector::Store<IntegrationAccount>,
+    /// AppConnections.
+    pub connections: kube::runtime::reflector::Store<AppConnection>,
+    /// ClusterAppConnections.
+    pub cluster_connections: kube::runtime::reflector::Store<ClusterAppConnection>,
+}
+
 /// The gauges computed at scrape time from the caches.
 #[derive(Default)]
 struct ClusterState {
-    stores: RwLock<Option<Stores>>,
+    stores: RwLock<Option<Inventory>>,
 }
 
 impl fmt::Debug for ClusterState {
@@ -396,90 +402,21 @@ impl Collector for ClusterState {
     }
 }
 
-/// A [`Provider`] that counts and times every call into `inner`
-/// (`keysmith_provider_requests_total`, `keysmith_provider_request_duration_seconds`).
-pub struct InstrumentedProvider {
-    inner: Arc<dyn Provider>,
-    metrics: Arc<Metrics>,
-}
-
-impl InstrumentedProvider {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Provider>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
-    }
-
-    async fn call<T>(
-        &self,
-        operation: &str,
-        call: impl std::future::Future<Output = Result<T, ProviderError>>,
-    ) -> Result<T, ProviderError> {
-        let started = Instant::now();
-        let result = call.await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(error) => error.category(),
-        };
-        self.metrics.provider_request(self.inner.name(), operation, outcome, started.elapsed());
-        result
-    }
-}
-
-#[async_trait]
-impl Provider for InstrumentedProvider {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn default_scope(&self, account: &AccountRequest) -> Option<String> {
-        self.inner.default_scope(account)
-    }
-    async fn verify_connection(&self) -> Result<(), ProviderError> {
-        self.call("verify_connection", self.inner.verify_connection()).await
-    }
-    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError> {
-        self.call("observe_account", self.inner.observe_account(account)).await
-    }
-    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.call("create_account", self.inner.create_account(account)).await
-    }
-    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.call("update_account", self.inner.update_account(account)).await
-    }
-    async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.call("disable_account", self.inner.disable_account(account)).await
-    }
-    async fn delete_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.call("delete_account", self.inner.delete_account(account)).await
-    }
-    async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        self.call("list_roles", self.inner.list_roles(account)).await
-    }
-    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.call("grant_role", self.inner.grant_role(account, grant)).await
-    }
-    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.call("revoke_role", self.inner.revoke_role(account, grant)).await
-    }
-    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError> {
-        self.call("issue_key", self.inner.issue_key(account, request)).await
-    }
-    async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
-        self.call("list_keys", self.inner.list_keys(account)).await
-    }
-    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
-        self.call("revoke_key", self.inner.revoke_key(account, key_id)).await
-    }
-    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError> {
-        self.call("verify_key", self.inner.verify_key(account, key)).await
+impl CallObserver for Metrics {
+    fn provider_call(&self, provider: &str, operation: &str, outcome: &str, elapsed: Duration) {
+        self.provider_request(provider, operation, outcome, elapsed);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use async_trait::async_trait;
+
     use super::*;
+    use crate::provider::{
+        AccountRequest, Capabilities, IssuedKey, KeyRequest, ObservedAccount, ObservedKey, Provider, ProviderError,
+        RoleGrant,
+    };
 
     struct Flaky;
 
@@ -547,7 +484,8 @@ mod tests {
     #[tokio::test]
     async fn every_provider_call_is_counted_with_its_outcome() {
         let metrics = Arc::new(Metrics::new());
-        let provider = InstrumentedProvider::new(Arc::new(Flaky), metrics.clone());
+        let bucket = Arc::new(crate::provider::ratelimit::TokenBucket::new(1000.0, 1000));
+        let provider = crate::provider::guard::Guarded::new(Arc::new(Flaky), bucket).observed_by(metrics.clone());
         provider.verify_connection().await.unwrap();
         provider.verify_connection().await.unwrap();
         assert!(provider.observe_account(&request()).await.is_err());

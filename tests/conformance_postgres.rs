@@ -42,9 +42,8 @@ use conformance::Target;
 use keysmith::{
     api::PostgresSslMode,
     provider::{
-        postgres::PostgresProvider,
-        ratelimit::{RateLimited, TokenBucket},
-        AccountRequest, IssuedKey, Provider, ProviderError, RoleGrant,
+        guard::Guarded, postgres::PostgresProvider, ratelimit::TokenBucket, AccountRequest, IssuedKey, Provider,
+        ProviderError, RoleGrant,
     },
 };
 use pg_server::{connect, refused, PgServer, ADMIN, ADMIN_PASSWORD};
@@ -271,7 +270,7 @@ async fn rate_budget_is_never_exceeded() {
     let target = Postgres::start().await;
     let proxy = TcpFaultProxy::start(target.addr()).await;
     let (rate, burst) = (4.0, 2u32);
-    let p: Arc<dyn Provider> = Arc::new(RateLimited::new(
+    let p: Arc<dyn Provider> = Arc::new(Guarded::new(
         target.provider_via(&proxy.addr.to_string()).await,
         Arc::new(TokenBucket::new(rate, burst)),
     ));

@@ -218,11 +218,11 @@ async fn an_account_becomes_an_iam_user_whose_access_keys_rotate_within_the_two_
     assert_eq!(moto.user_arn(USER).await.as_deref(), Some(user_arn.as_str()), "the user is under /keysmith/");
     let tags = moto.tags(USER).await;
     let want = BTreeMap::from([
-        (aws_iam::MANAGED_BY_TAG.to_owned(), aws_iam::MANAGED_BY.to_owned()),
-        (aws_iam::ACCOUNT_UID_TAG.to_owned(), uid.clone()),
-        (aws_iam::INTEGRATION_ACCOUNT_TAG.to_owned(), format!("{}/{USER}", ns.name)),
-        (aws_iam::DESCRIPTION_TAG.to_owned(), "Nightly report upload to S3".to_owned()),
-        (aws_iam::OWNER_TAG.to_owned(), "team-data".to_owned()),
+        (keysmith::ownership::MANAGED_BY_KEY.to_owned(), keysmith::ownership::MANAGED_BY.to_owned()),
+        (keysmith::ownership::ACCOUNT_UID.to_owned(), uid.clone()),
+        (keysmith::ownership::INTEGRATION_ACCOUNT.to_owned(), format!("{}/{USER}", ns.name)),
+        (keysmith::ownership::DESCRIPTION.to_owned(), "Nightly report upload to S3".to_owned()),
+        (keysmith::ownership::OWNER.to_owned(), "team-data".to_owned()),
     ]);
     assert_eq!(tags, want);
     assert_eq!(moto.attached_policies(USER).await, BTreeSet::from([moto.policy_arn("ks-read")]));

@@ -32,8 +32,8 @@ use k8s_openapi::{
 };
 use keysmith::{
     api::{AppConnection, IntegrationAccount, KeyState},
+    provider::oauth2::store::REGISTRATION_SECRET_TYPE,
     provider::oauth2::{Registration, STORE_REGISTRATION_ACCESS_TOKEN},
-    provider::oauth2_store::{ACCOUNT_UID_LABEL, REGISTRATION_SECRET_TYPE},
 };
 use kube::{
     api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -227,7 +227,7 @@ async fn an_account_becomes_an_oauth2_client_with_its_scopes_and_its_secret_rota
     // account, and the only place its registration access token is kept.
     let record = Api::<Secret>::namespaced(client.clone(), &ns.name).get(REGISTRATION_SECRET).await.expect("record");
     assert_eq!(record.type_.as_deref(), Some(REGISTRATION_SECRET_TYPE));
-    assert_eq!(record.labels().get(ACCOUNT_UID_LABEL), Some(&uid));
+    assert_eq!(record.labels().get(keysmith::ownership::ACCOUNT_UID), Some(&uid));
     let owner = &record.owner_references()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
@@ -547,7 +547,7 @@ spec:
     let name = format!("keysmith-oauth2-{uid}");
     let record = records.get(&name).await.expect("the record, in the admin's namespace");
     assert_eq!(record.type_.as_deref(), Some(REGISTRATION_SECRET_TYPE));
-    assert_eq!(record.labels().get(ACCOUNT_UID_LABEL), Some(&uid));
+    assert_eq!(record.labels().get(keysmith::ownership::ACCOUNT_UID), Some(&uid));
     let data = secret_data(&client, &ns.name, OUTPUT_SECRET).await.expect("the output Secret");
     assert_exact_scopes(&server, &data, &["read"]).await;
 

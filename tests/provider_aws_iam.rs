@@ -55,10 +55,10 @@ async fn create_is_idempotent_tags_the_user_and_update_fixes_tags() {
 
     let want = BTreeMap::from([
         ("app.kubernetes.io/managed-by".to_owned(), "keysmith".to_owned()),
-        (aws_iam::ACCOUNT_UID_TAG.to_owned(), acct.owner_uid.clone()),
-        (aws_iam::INTEGRATION_ACCOUNT_TAG.to_owned(), "payments/billing-sync-ia".to_owned()),
-        (aws_iam::DESCRIPTION_TAG.to_owned(), "Billing sync _nightly_".to_owned()),
-        (aws_iam::OWNER_TAG.to_owned(), "team-payments".to_owned()),
+        (keysmith::ownership::ACCOUNT_UID.to_owned(), acct.owner_uid.clone()),
+        (keysmith::ownership::INTEGRATION_ACCOUNT.to_owned(), "payments/billing-sync-ia".to_owned()),
+        (keysmith::ownership::DESCRIPTION.to_owned(), "Billing sync _nightly_".to_owned()),
+        (keysmith::ownership::OWNER.to_owned(), "team-payments".to_owned()),
     ]);
     assert_eq!(moto.tags("billing-sync").await, want);
 
@@ -68,14 +68,14 @@ async fn create_is_idempotent_tags_the_user_and_update_fixes_tags() {
             "TagUser",
             &[
                 ("UserName", "billing-sync"),
-                ("Tags.member.1.Key", aws_iam::DESCRIPTION_TAG),
+                ("Tags.member.1.Key", keysmith::ownership::DESCRIPTION),
                 ("Tags.member.1.Value", "hijacked"),
             ],
         )
         .await
         .unwrap();
     moto.admin()
-        .call("UntagUser", &[("UserName", "billing-sync"), ("TagKeys.member.1", aws_iam::OWNER_TAG)])
+        .call("UntagUser", &[("UserName", "billing-sync"), ("TagKeys.member.1", keysmith::ownership::OWNER)])
         .await
         .unwrap();
     let seen = p.observe_account(&acct).await.unwrap().expect("still there");
@@ -91,7 +91,10 @@ async fn create_is_idempotent_tags_the_user_and_update_fixes_tags() {
     assert!(p.observe_account(&acct).await.unwrap().unwrap().drifted);
     p.update_account(&acct).await.unwrap();
     let tags = moto.tags("billing-sync").await;
-    assert!(!tags.contains_key(aws_iam::DESCRIPTION_TAG) && !tags.contains_key(aws_iam::OWNER_TAG), "{tags:?}");
+    assert!(
+        !tags.contains_key(keysmith::ownership::DESCRIPTION) && !tags.contains_key(keysmith::ownership::OWNER),
+        "{tags:?}"
+    );
     assert!(!p.observe_account(&acct).await.unwrap().unwrap().drifted);
 }
 
@@ -125,7 +128,7 @@ async fn a_user_keysmith_did_not_tag_is_never_adopted() {
     let tags = [
         ("UserName", "elsewhere"),
         ("Path", "/other/"),
-        ("Tags.member.1.Key", aws_iam::ACCOUNT_UID_TAG),
+        ("Tags.member.1.Key", keysmith::ownership::ACCOUNT_UID),
         ("Tags.member.1.Value", elsewhere.owner_uid.as_str()),
     ];
     moto.admin().call("CreateUser", &tags).await.unwrap();
@@ -325,7 +328,7 @@ async fn disable_deactivates_every_key_and_update_brings_them_back() {
     assert!(!seen.disabled && !seen.drifted, "{seen:?}");
     let active = BTreeMap::from([(a.id.clone(), "Active".to_owned()), (b.id.clone(), "Active".to_owned())]);
     assert_eq!(moto.key_status("paused").await, active);
-    assert!(!moto.tags("paused").await.contains_key(aws_iam::DISABLED_TAG));
+    assert!(!moto.tags("paused").await.contains_key(keysmith::ownership::DISABLED));
 
     p.disable_account(&account("never-created")).await.expect("disabling what is gone is fine");
 }

@@ -275,7 +275,7 @@ async fn create_is_idempotent_and_never_adopts_a_foreign_service_account() {
     let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns).get("deployer").await.unwrap();
     let labels = sa.metadata.labels.unwrap_or_default();
     assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("keysmith"));
-    assert_eq!(labels.get(kubernetes::ACCOUNT_UID_LABEL), Some(&acct.owner_uid));
+    assert_eq!(labels.get(keysmith::ownership::ACCOUNT_UID), Some(&acct.owner_uid));
     let annotations = sa.metadata.annotations.unwrap_or_default();
     assert_eq!(annotations.get("keysmith.dev/integration-account"), Some(&format!("{ns}/deployer")));
     assert_eq!(annotations.get("keysmith.dev/owner").map(String::as_str), Some("team-platform"));
@@ -407,7 +407,7 @@ async fn a_namespace_grant_allows_exactly_that_role_in_that_namespace() {
     assert_eq!(provider.list_roles(&acct).await.unwrap(), expected);
     eventually("pods in the second namespace", 200, || list_pods(&sa, &other)).await;
     let bindings = Api::<RoleBinding>::namespaced(client.clone(), &other)
-        .list(&ListParams::default().labels(&format!("{}={}", kubernetes::ACCOUNT_UID_LABEL, acct.owner_uid)))
+        .list(&ListParams::default().labels(&format!("{}={}", keysmith::ownership::ACCOUNT_UID, acct.owner_uid)))
         .await
         .unwrap();
     for binding in &bindings.items {
@@ -455,7 +455,7 @@ async fn cluster_scope_needs_the_connections_permission() {
     permissive.grant_role(&acct, &everywhere).await.expect("idempotent");
     assert_eq!(permissive.list_roles(&acct).await.unwrap(), vec![everywhere.clone()]);
     let crbs = Api::<ClusterRoleBinding>::all(client.clone())
-        .list(&ListParams::default().labels(&format!("{}={}", kubernetes::ACCOUNT_UID_LABEL, acct.owner_uid)))
+        .list(&ListParams::default().labels(&format!("{}={}", keysmith::ownership::ACCOUNT_UID, acct.owner_uid)))
         .await
         .unwrap();
     assert_eq!(crbs.items.len(), 1);
@@ -638,7 +638,7 @@ async fn delete_removes_everything_keysmith_made_and_is_idempotent() {
     assert_eq!(provider.observe_account(&acct).await.unwrap(), None);
     assert_eq!(provider.list_roles(&acct).await.unwrap(), vec![]);
     assert_eq!(provider.list_keys(&acct).await.unwrap(), vec![]);
-    let selector = format!("{}={}", kubernetes::ACCOUNT_UID_LABEL, acct.owner_uid);
+    let selector = format!("{}={}", keysmith::ownership::ACCOUNT_UID, acct.owner_uid);
     let params = ListParams::default().labels(&selector);
     assert!(Api::<RoleBinding>::all(client.clone()).list(&params).await.unwrap().items.is_empty());
     assert!(Api::<ClusterRoleBinding>::all(client.clone()).list(&params).await.unwrap().items.is_empty());

@@ -154,20 +154,20 @@ pub struct ProviderSpec {
     /// A Kubernetes cluster: ServiceAccounts, RBAC bindings to ClusterRoles,
     /// and TokenRequest tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubernetesProvider>,
+    pub kubernetes: Option<KubernetesSpec>,
     /// A SCIM 2.0 service (RFC 7643/7644): Users, Group memberships, passwords.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scim: Option<ScimProvider>,
+    pub scim: Option<ScimSpec>,
     /// An OAuth 2.0 authorization server with dynamic client registration
     /// (RFC 7591/7592): clients, scopes, client secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oauth2: Option<OAuth2Provider>,
+    pub oauth2: Option<OAuth2Spec>,
     /// AWS IAM: users, attached managed policies, access keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws_iam: Option<AwsIamProvider>,
+    pub aws_iam: Option<AwsIamSpec>,
     /// PostgreSQL: login roles, granted roles, passwords.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<PostgresProvider>,
+    pub postgres: Option<PostgresSpec>,
 }
 
 impl ProviderSpec {
@@ -195,7 +195,7 @@ const URL_PATTERN: &str = r"^https?://[^\s]+$";
 /// A Kubernetes cluster as the target app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct KubernetesProvider {
+pub struct KubernetesSpec {
     /// A Secret holding a kubeconfig for a remote cluster (key default
     /// `kubeconfig`). Without it, the cluster keysmith runs in is the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,7 +209,7 @@ pub struct KubernetesProvider {
 /// A SCIM 2.0 service as the target app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ScimProvider {
+pub struct ScimSpec {
     /// The SCIM base URL, for example `https://example.com/scim/v2`.
     #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
     pub base_url: String,
@@ -220,7 +220,7 @@ pub struct ScimProvider {
 /// An OAuth 2.0 authorization server as the target app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct OAuth2Provider {
+pub struct OAuth2Spec {
     /// The dynamic client registration endpoint (RFC 7591).
     #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
     pub registration_endpoint: String,
@@ -240,7 +240,7 @@ pub struct OAuth2Provider {
 /// AWS IAM (or an IAM-compatible endpoint) as the target app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AwsIamProvider {
+pub struct AwsIamSpec {
     /// The AWS region used to sign requests.
     #[serde(default = "default_region")]
     #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
@@ -270,7 +270,7 @@ fn default_iam_path() -> String {
 /// A PostgreSQL server as the target app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct PostgresProvider {
+pub struct PostgresSpec {
     /// Host name or IP address of the server.
     #[schemars(length(min = 1, max = 253))]
     pub host: String,

@@ -35,7 +35,7 @@ use crate::{
         condition_types::*, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount, IntegrationAccount,
         IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
     },
-    install::FIELD_MANAGER,
+    ownership::FIELD_MANAGER,
     policy::RolePolicy,
     provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
@@ -70,7 +70,7 @@ fn trigger_key(account: &IntegrationAccount) -> u64 {
 fn secret_key(secret: &PartialObjectMeta<Secret>) -> u64 {
     hash_of((
         secret.meta().resource_version.is_some(),
-        secret.annotations().get(output::KEY_ID_ANNOTATION),
+        secret.annotations().get(crate::ownership::KEY_ID),
         secret.meta().deletion_timestamp.is_some(),
     ))
 }

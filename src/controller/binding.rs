@@ -24,7 +24,7 @@ use crate::{
         condition_types::{POLICY_VIOLATION, READY},
         AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount, RoleBinding, RoleBindingStatus,
     },
-    install::FIELD_MANAGER,
+    ownership::FIELD_MANAGER,
     policy::{RolePolicy, Verdict},
     tenancy::ScopePolicy,
 };

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     api::{condition_types::READY, AppConnection, AppConnectionStatus, ClusterAppConnection},
-    install::FIELD_MANAGER,
+    ownership::FIELD_MANAGER,
     provider::{ProviderError, ResolvedConnection},
     tenancy::ConnectionProblem,
 };

@@ -353,7 +353,7 @@ pub async fn run_with(
         Api::<ClusterAppConnection>::all(client.clone()),
         watcher::Config::default(),
     );
-    let secret_selector = format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY);
+    let secret_selector = format!("{}={}", crate::ownership::MANAGED_BY_KEY, crate::ownership::MANAGED_BY);
     let (secrets, secrets_driver) = stream::watch::<PartialObjectMeta<Secret>, 1>(
         scoped(&client, ns),
         watcher::Config::default().labels(&secret_selector),
@@ -401,7 +401,11 @@ pub async fn run_with(
         tokio::spawn(secrets_driver),
     ];
     stores.ready().await?;
-    metrics.watch(stores.clone());
+    metrics.watch(crate::metrics::Inventory {
+        accounts: stores.accounts.clone(),
+        connections: stores.connections.clone(),
+        cluster_connections: stores.cluster_connections.clone(),
+    });
     health.set_synced();
     tracing::info!("caches synced");
     tokio::select! {

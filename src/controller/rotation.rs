@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     api::{condition_types::READY, IntegrationAccount, KeyRotationPolicy, KeyRotationPolicyStatus},
-    install::FIELD_MANAGER,
+    ownership::FIELD_MANAGER,
     schedule::RotationSchedule,
 };
 

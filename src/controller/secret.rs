@@ -1,5 +1,6 @@
 //! The output Secret: what keysmith writes, and whether it may write it.
 
+use crate::ownership;
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
@@ -15,14 +16,6 @@ use crate::{
     provider::IssuedKey,
 };
 
-/// The label every object keysmith creates carries.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY: &str = "keysmith";
-/// The IntegrationAccount an output Secret belongs to.
-pub const ACCOUNT_LABEL: &str = "keysmith.dev/integration-account";
-/// The id of the key in the Secret.
-pub const KEY_ID_ANNOTATION: &str = "keysmith.dev/key-id";
 /// When that key was issued (RFC 3339).
 pub const ISSUED_AT_ANNOTATION: &str = "keysmith.dev/issued-at";
 /// When that key expires by itself, if it does (RFC 3339).
@@ -48,9 +41,10 @@ pub fn ownership(meta: Option<&ObjectMeta>, account_uid: &str) -> SecretOwnershi
         return SecretOwnership::Absent;
     };
     let owned = meta.owner_references.iter().flatten().any(|r| r.uid == account_uid && r.controller == Some(true));
-    let labelled = meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY);
+    let labelled = meta.labels.as_ref().and_then(|l| l.get(ownership::MANAGED_BY_KEY)).map(String::as_str)
+        == Some(ownership::MANAGED_BY);
     if owned && labelled {
-        SecretOwnership::Ours { key_id: meta.annotations.as_ref().and_then(|a| a.get(KEY_ID_ANNOTATION)).cloned() }
+        SecretOwnership::Ours { key_id: meta.annotations.as_ref().and_then(|a| a.get(ownership::KEY_ID)).cloned() }
     } else {
         SecretOwnership::Foreign
     }
@@ -81,10 +75,10 @@ pub fn render(account: &IntegrationAccount, key: &IssuedKey, issued_at: Timestam
         }
     }
     let mut labels = spec.labels.clone();
-    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    labels.insert(ACCOUNT_LABEL.into(), account.name_any());
+    labels.insert(ownership::MANAGED_BY_KEY.into(), ownership::MANAGED_BY.into());
+    labels.insert(ownership::INTEGRATION_ACCOUNT.into(), account.name_any());
     let mut annotations = spec.annotations.clone();
-    annotations.insert(KEY_ID_ANNOTATION.into(), key.id.clone());
+    annotations.insert(ownership::KEY_ID.into(), key.id.clone());
     annotations.insert(ISSUED_AT_ANNOTATION.into(), issued_at.to_string());
     if let Some(expires) = key.expires_at {
         annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires.to_string());
@@ -145,10 +139,10 @@ mod tests {
         assert_eq!(data["API_TOKEN"].0, b"t0ps3cret");
         assert!(data.contains_key("server") && !data.contains_key("token"));
         let labels = secret.metadata.labels.unwrap();
-        assert_eq!(labels[MANAGED_BY_LABEL], "keysmith", "keysmith's labels win");
+        assert_eq!(labels[ownership::MANAGED_BY_KEY], "keysmith", "keysmith's labels win");
         assert_eq!(labels["team"], "pay");
         let annotations = secret.metadata.annotations.unwrap();
-        assert_eq!(annotations[KEY_ID_ANNOTATION], "k1");
+        assert_eq!(annotations[ownership::KEY_ID], "k1");
         assert_eq!(annotations["note"], "x");
         let owner = &secret.metadata.owner_references.unwrap()[0];
         assert_eq!((owner.uid.as_str(), owner.controller), ("u-1", Some(true)));

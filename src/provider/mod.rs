@@ -8,15 +8,15 @@
 //! from an outage ([`ProviderError`]).
 
 pub mod aws_iam;
+pub mod guard;
+pub mod http;
 pub mod kubernetes;
 pub mod noop;
 pub mod oauth2;
-pub mod oauth2_store;
 pub mod postgres;
 pub mod ratelimit;
-mod registry;
+pub mod registry;
 pub mod scim;
-pub mod watch_index;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use crate::tenancy::Identity;
-pub use registry::{ProviderRegistry, ResolvedConnection};
+pub use registry::{Connect, ProviderRegistry, ResolvedConnection};
 
 /// A failure talking to a target app, classified by what the caller should do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,18 +1,10 @@
 //! The connection's request budget: a token bucket shared by every account
-//! behind one connection, wrapped around its provider so no call can skip it.
+//! behind one connection, which [`super::guard::Guarded`] takes a token from
+//! before every provider call, so no call can skip it.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio::sync::Mutex;
-
-use super::{
-    AccountRequest, Capabilities, IssuedKey, KeyRequest, ObservedAccount, ObservedKey, Provider, ProviderError,
-    RoleGrant,
-};
 
 /// Requests per second and burst when a connection sets no rateLimit.
 pub const DEFAULT_RATE: (f64, u32) = (10.0, 20);
@@ -56,86 +48,10 @@ impl TokenBucket {
     }
 }
 
-/// A provider whose every call first takes a token from the connection's bucket.
-pub struct RateLimited {
-    inner: Arc<dyn Provider>,
-    bucket: Arc<TokenBucket>,
-}
-
-impl RateLimited {
-    /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Provider>, bucket: Arc<TokenBucket>) -> Self {
-        Self { inner, bucket }
-    }
-}
-
-#[async_trait]
-impl Provider for RateLimited {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn default_scope(&self, account: &AccountRequest) -> Option<String> {
-        self.inner.default_scope(account)
-    }
-    async fn verify_connection(&self) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.verify_connection().await
-    }
-    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.observe_account(account).await
-    }
-    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.create_account(account).await
-    }
-    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.update_account(account).await
-    }
-    async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.disable_account(account).await
-    }
-    async fn delete_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.delete_account(account).await
-    }
-    async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.list_roles(account).await
-    }
-    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.grant_role(account, grant).await
-    }
-    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.revoke_role(account, grant).await
-    }
-    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.issue_key(account, request).await
-    }
-    async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.list_keys(account).await
-    }
-    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.revoke_key(account, key_id).await
-    }
-    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError> {
-        self.bucket.acquire().await;
-        self.inner.verify_key(account, key).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]

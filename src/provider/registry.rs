@@ -4,24 +4,18 @@
 use std::{collections::HashMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::{config::KubeConfigOptions, Api, Client};
+use kube::{Api, Client};
 use tokio::sync::Mutex;
 
 use super::{
-    aws_iam::AwsIamProvider,
-    kubernetes::KubernetesProvider,
+    guard::{CallObserver, Guarded},
+    kubernetes::index::{AnchorIndex, RbacIndex, WatchIndex},
     noop::{self, NoopProvider},
-    oauth2::OAuth2Provider,
-    oauth2_store::SecretRegistrationStore,
-    postgres::PostgresProvider,
-    ratelimit::{RateLimited, TokenBucket, DEFAULT_RATE},
-    scim::ScimProvider,
-    watch_index::{AnchorIndex, RbacIndex, WatchIndex},
+    ratelimit::{TokenBucket, DEFAULT_RATE},
     Provider, ProviderError,
 };
 use crate::{
     api::{ConnectionKind, ConnectionSpec, SecretKeySelector},
-    metrics::{InstrumentedProvider, Metrics},
     tenancy::{self, Identity},
 };
 
@@ -139,7 +133,7 @@ pub struct ProviderRegistry {
     local_indexes: (Arc<RbacIndex>, Arc<AnchorIndex>),
     cache: Mutex<HashMap<String, Arc<dyn Provider>>>,
     buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn CallObserver>>,
     /// Who keysmith acts as for namespaced connections.
     tenancy: tenancy::Tenancy,
     /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1`: connections annotated
@@ -169,7 +163,7 @@ impl ProviderRegistry {
             ),
             cache: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
-            metrics: None,
+            observer: None,
             tenancy: tenancy::Tenancy::default(),
             noop_enabled,
         }
@@ -186,13 +180,14 @@ impl ProviderRegistry {
         &self.tenancy
     }
 
-    /// Counts and times every call of every provider it hands out in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Reports every call of every provider it hands out to `observer`
+    /// (the metrics).
+    pub fn with_metrics(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
-    /// The provider for `connection`; instrumented when the registry has metrics.
+    /// The provider for `connection`, guarded (see [`Guarded`]).
     pub async fn provider_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         self.provider_for_annotated(connection, &std::collections::BTreeMap::new()).await
     }
@@ -206,15 +201,18 @@ impl ProviderRegistry {
         annotations: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = if self.noop_enabled && noop::requested(annotations) {
-            self.cached(format!("noop/{}", connection.uid), || Ok(Arc::new(NoopProvider::new()))).await?
+            self.cached(format!("noop/{}", connection.uid), || async {
+                Ok(Arc::new(NoopProvider::new()) as Arc<dyn Provider>)
+            })
+            .await?
         } else {
             self.build(connection).await?
         };
-        let measured: Arc<dyn Provider> = match &self.metrics {
-            Some(metrics) => Arc::new(InstrumentedProvider::new(provider, metrics.clone())),
-            None => provider,
-        };
-        Ok(Arc::new(RateLimited::new(measured, self.bucket_for(connection).await)))
+        let guarded = Guarded::new(provider, self.bucket_for(connection).await);
+        Ok(Arc::new(match &self.observer {
+            Some(observer) => guarded.observed_by(observer.clone()),
+            None => guarded,
+        }))
     }
 
     /// The connection's token bucket, shared by every account behind it;
@@ -238,144 +236,25 @@ impl ProviderRegistry {
         }
     }
 
+    /// Dispatches to the selected provider's own connect step, which reads
+    /// its credentials and builds it (see [`Connect`]).
     async fn build(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = &connection.spec.provider;
-        if let Some(kubernetes) = &provider.kubernetes {
-            let allow = kubernetes.allow_cluster_scope;
-            let identity = &connection.identity;
-            let (cache_key, config, local) = match &kubernetes.kubeconfig_secret_ref {
-                // This cluster, as the connection's identity.
-                None => {
-                    let mut config = self.config.clone();
-                    config.auth_info.impersonate = identity.impersonate();
-                    (format!("local/{allow}/{identity:?}"), config, true)
-                }
-                Some(selector) => {
-                    let (text, version) = self.read_secret(connection, selector, "kubeconfig").await?;
-                    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).map_err(|e| {
-                        ProviderError::Invalid(format!(
-                            "the kubeconfig in Secret {:?} does not parse: {e}",
-                            selector.name
-                        ))
-                    })?;
-                    self_contained(&kubeconfig).map_err(|problem| {
-                        ProviderError::Invalid(format!("the kubeconfig in Secret {:?} {problem}", selector.name))
-                    })?;
-                    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                        .await
-                        .map_err(|e| {
-                            ProviderError::Invalid(format!(
-                                "the kubeconfig in Secret {:?} is not usable: {e}",
-                                selector.name
-                            ))
-                        })?;
-                    (format!("{}/{}/{allow}", connection.uid, version), config, false)
-                }
-            };
-            let mut cache = self.cache.lock().await;
-            if let Some(found) = cache.get(&cache_key) {
-                return Ok(found.clone());
-            }
-            if local {
-                self.check_identity(identity).await?;
-            }
-            let mut built = KubernetesProvider::from_config(config, allow)?.acting_as(identity.clone());
-            if local {
-                let (bindings, anchors) = &self.local_indexes;
-                built = built.with_indexes(bindings.clone(), anchors.clone(), self.client.clone());
-            }
-            let built: Arc<dyn Provider> = Arc::new(built);
-            cache.insert(cache_key, built.clone());
-            return Ok(built);
+        let connect = Connect { connection, registry: self };
+        if let Some(spec) = &provider.kubernetes {
+            return super::kubernetes::connect(spec, &connect).await;
         }
-        if let Some(scim) = &provider.scim {
-            let (token, version) = self.read_secret(connection, &scim.token_secret_ref, "token").await?;
-            let key = format!("scim/{}/{version}", connection.uid);
-            return self
-                .cached(key, || Ok(Arc::new(ScimProvider::new(scim.base_url.clone(), token, http_client()?))))
-                .await;
+        if let Some(spec) = &provider.scim {
+            return super::scim::connect(spec, &connect).await;
         }
-        if let Some(oauth) = &provider.oauth2 {
-            let (token, version) = match &oauth.initial_access_token_secret_ref {
-                Some(selector) => {
-                    let (token, version) = self.read_secret(connection, selector, "token").await?;
-                    (Some(token), version)
-                }
-                None => (None, String::new()),
-            };
-            let key = format!("oauth2/{}/{version}", connection.uid);
-            let store = Arc::new(match connection.kind {
-                ConnectionKind::AppConnection => SecretRegistrationStore::new(self.client.clone()),
-                // Out of the tenants' reach: the registration access token
-                // can change the client's scopes.
-                ConnectionKind::ClusterAppConnection => {
-                    let namespace = match &oauth.initial_access_token_secret_ref {
-                        Some(selector) => connection.secret_namespace(selector)?,
-                        None => std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).ok_or_else(|| {
-                            ProviderError::Invalid(
-                                "a ClusterAppConnection keeps OAuth 2.0 registrations in the namespace of its initialAccessTokenSecretRef (or keysmith's own, POD_NAMESPACE); name one".to_owned(),
-                            )
-                        })?,
-                    };
-                    SecretRegistrationStore::in_namespace(self.client.clone(), namespace)
-                }
-            });
-            return self
-                .cached(key, || {
-                    Ok(Arc::new(OAuth2Provider::new(
-                        oauth.registration_endpoint.clone(),
-                        oauth.token_endpoint.clone(),
-                        oauth.introspection_endpoint.clone(),
-                        token,
-                        http_client()?,
-                        store,
-                    )))
-                })
-                .await;
+        if let Some(spec) = &provider.oauth2 {
+            return super::oauth2::connect(spec, &connect).await;
         }
-        if let Some(iam) = &provider.aws_iam {
-            let selector = &iam.credentials_secret_ref;
-            let (data, version) = self.read_secret_data(connection, selector).await?;
-            let field = |key: &str| {
-                data.get(key).cloned().ok_or_else(|| {
-                    ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
-                })
-            };
-            let (id, secret) = (field("AWS_ACCESS_KEY_ID")?, field("AWS_SECRET_ACCESS_KEY")?);
-            let key = format!("awsIam/{}/{version}", connection.uid);
-            return self
-                .cached(key, || {
-                    Ok(Arc::new(AwsIamProvider::new(
-                        iam.endpoint.clone().unwrap_or_default(),
-                        iam.region.clone(),
-                        iam.path.clone(),
-                        id,
-                        secret,
-                        http_client()?,
-                    )))
-                })
-                .await;
+        if let Some(spec) = &provider.aws_iam {
+            return super::aws_iam::connect(spec, &connect).await;
         }
-        if let Some(pg) = &provider.postgres {
-            let selector = &pg.credentials_secret_ref;
-            let (data, version) = self.read_secret_data(connection, selector).await?;
-            let field = |key: &str| {
-                data.get(key).cloned().ok_or_else(|| {
-                    ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
-                })
-            };
-            let (user, password) = (field("username")?, field("password")?);
-            let port = u16::try_from(pg.port)
-                .map_err(|_| ProviderError::Invalid(format!("port {} is out of range", pg.port)))?;
-            let key = format!("postgres/{}/{version}", connection.uid);
-            return self
-                .cached(key, || {
-                    Ok(Arc::new(
-                        PostgresProvider::new(pg.host.clone(), port, pg.database.clone(), user, password)
-                            .with_ssl_mode(pg.ssl_mode),
-                    ))
-                })
-                .await;
+        if let Some(spec) = &provider.postgres {
+            return super::postgres::connect(spec, &connect).await;
         }
         match provider.selected() {
             Some(name) => {
@@ -385,16 +264,15 @@ impl ProviderRegistry {
         }
     }
 
-    async fn cached(
-        &self,
-        key: String,
-        build: impl FnOnce() -> Result<Arc<dyn Provider>, ProviderError>,
-    ) -> Result<Arc<dyn Provider>, ProviderError> {
+    async fn cached<F>(&self, key: String, build: impl FnOnce() -> F) -> Result<Arc<dyn Provider>, ProviderError>
+    where
+        F: std::future::Future<Output = Result<Arc<dyn Provider>, ProviderError>>,
+    {
         let mut cache = self.cache.lock().await;
         if let Some(found) = cache.get(&key) {
             return Ok(found.clone());
         }
-        let built = build()?;
+        let built = build().await?;
         cache.insert(key, built.clone());
         Ok(built)
     }
@@ -432,7 +310,7 @@ impl ProviderRegistry {
                     selector.name
                 )))
             }
-            Err(e) => return Err(super::kubernetes::classify(e)),
+            Err(e) => return Err(super::http::classify_kube_error(e)),
         };
         let data = secret
             .data
@@ -457,7 +335,7 @@ impl ProviderRegistry {
         }
         let mut config = self.config.clone();
         config.auth_info.impersonate = Some(user.clone());
-        let client = Client::try_from(config).map_err(super::kubernetes::classify)?;
+        let client = Client::try_from(config).map_err(super::http::classify_kube_error)?;
         clients.insert(user, client.clone());
         Ok(client)
     }
@@ -474,41 +352,87 @@ impl ProviderRegistry {
             Ok(None) => Err(ProviderError::NotFound(format!(
                 "ServiceAccount {namespace}/{name}, which the AppConnection acts as, does not exist"
             ))),
-            Err(e) => Err(super::kubernetes::classify(e)),
+            Err(e) => Err(super::http::classify_kube_error(e)),
         }
     }
 }
 
-/// A kubeconfig from a Secret must carry its credentials itself: one that
-/// names a file (`tokenFile`, certificate or key paths), a command (`exec`)
-/// or an auth provider would make keysmith read its own files, such as its
-/// own ServiceAccount token, or run programs on the connection writer's word.
-fn self_contained(kubeconfig: &kube::config::Kubeconfig) -> Result<(), String> {
-    for named in &kubeconfig.auth_infos {
-        let Some(user) = &named.auth_info else { continue };
-        let refused = [
-            (user.token_file.is_some(), "tokenFile"),
-            (user.client_certificate.is_some(), "client-certificate (a file)"),
-            (user.client_key.is_some(), "client-key (a file)"),
-            (user.exec.is_some(), "exec"),
-            (user.auth_provider.is_some(), "auth-provider"),
-        ];
-        if let Some((_, what)) = refused.iter().find(|(set, _)| *set) {
-            return Err(format!(
-                "uses {what} for user {:?}; keysmith accepts only credentials written into the kubeconfig (token, client-certificate-data, client-key-data)",
-                named.name
-            ));
-        }
+/// What a provider's connect step (`<provider>::connect`, after crossplane's
+/// ExternalConnector) gets from the registry: the connection, its credential
+/// Secrets read as the connection's identity, the shared HTTP client, this
+/// cluster, and the cache of built providers. Every provider turns its own
+/// spec and credentials into a client; the registry only dispatches.
+pub struct Connect<'a> {
+    /// The connection being connected.
+    pub connection: &'a ResolvedConnection,
+    registry: &'a ProviderRegistry,
+}
+
+impl Connect<'_> {
+    /// One key of a credential Secret (`selector.key`, else `default_key`)
+    /// and the Secret's resourceVersion (to key the cache). Never puts a
+    /// value in an error.
+    pub async fn secret_value(
+        &self,
+        selector: &SecretKeySelector,
+        default_key: &str,
+    ) -> Result<(String, String), ProviderError> {
+        self.registry.read_secret(self.connection, selector, default_key).await
     }
-    for named in &kubeconfig.clusters {
-        if named.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some()) {
-            return Err(format!(
-                "names a certificate-authority file for cluster {:?}; use certificate-authority-data",
-                named.name
-            ));
+
+    /// Named keys of a credential Secret, each required, and its
+    /// resourceVersion.
+    pub async fn secret_values<const N: usize>(
+        &self,
+        selector: &SecretKeySelector,
+        keys: [&str; N],
+    ) -> Result<([String; N], String), ProviderError> {
+        let (data, version) = self.registry.read_secret_data(self.connection, selector).await?;
+        let mut values: [String; N] = std::array::from_fn(|_| String::new());
+        for (value, key) in values.iter_mut().zip(keys) {
+            *value = data.get(key).cloned().ok_or_else(|| {
+                ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
+            })?;
         }
+        Ok((values, version))
     }
-    Ok(())
+
+    /// The provider cached under `key` (what it was built from: the
+    /// connection's uid and its credential's version), else `build`'s, which
+    /// runs at most once at a time.
+    pub async fn cached<F>(&self, key: String, build: impl FnOnce() -> F) -> Result<Arc<dyn Provider>, ProviderError>
+    where
+        F: std::future::Future<Output = Result<Arc<dyn Provider>, ProviderError>>,
+    {
+        self.registry.cached(key, build).await
+    }
+
+    /// The HTTP client for HTTP-based providers: rustls, bounded waits.
+    pub fn http_client(&self) -> Result<reqwest::Client, ProviderError> {
+        http_client()
+    }
+
+    /// keysmith's own client of this cluster (not impersonating).
+    pub fn operator_client(&self) -> Client {
+        self.registry.client.clone()
+    }
+
+    /// keysmith's configuration for this cluster.
+    pub fn local_config(&self) -> kube::Config {
+        self.registry.config.clone()
+    }
+
+    /// The watch-fed indexes of this cluster's RBAC bindings and key anchors,
+    /// shared by every `kubernetes` connection to it.
+    pub fn local_indexes(&self) -> (Arc<RbacIndex>, Arc<AnchorIndex>) {
+        self.registry.local_indexes.clone()
+    }
+
+    /// Fails unless the connection's identity may be acted as (see
+    /// [`ProviderRegistry::check_identity`]).
+    pub async fn check_identity(&self) -> Result<(), ProviderError> {
+        self.registry.check_identity(&self.connection.identity).await
+    }
 }
 
 /// The HTTP client for HTTP-based providers: rustls, bounded waits.
@@ -518,33 +442,4 @@ fn http_client() -> Result<reqwest::Client, ProviderError> {
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| ProviderError::Invalid(format!("cannot build an HTTP client: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_kubeconfig_must_carry_its_credentials_itself() {
-        let base = |user: &str, cluster: &str| {
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:6443\"{cluster}}}}}]\nusers: [{{name: u, user: {{{user}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
-            )
-        };
-        let parse = |text: &str| kube::config::Kubeconfig::from_yaml(text).expect("parses");
-        assert!(self_contained(&parse(&base("token: abc", ""))).is_ok());
-        assert!(self_contained(&parse(&base("client-certificate-data: YQ==, client-key-data: YQ==", ""))).is_ok());
-        for (user, what) in [
-            ("tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token", "tokenFile"),
-            ("client-certificate: /etc/x.crt", "client-certificate"),
-            ("client-key: /etc/x.key", "client-key"),
-            ("exec: {apiVersion: client.authentication.k8s.io/v1, command: /bin/sh}", "exec"),
-            ("auth-provider: {name: gcp}", "auth-provider"),
-        ] {
-            let problem = self_contained(&parse(&base(user, ""))).expect_err(what);
-            assert!(problem.contains(what), "{problem}");
-        }
-        let file_ca = base("token: abc", ", certificate-authority: /etc/ca.crt");
-        assert!(self_contained(&parse(&file_ca)).expect_err("a CA file").contains("certificate-authority"));
-    }
 }

@@ -6,8 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use keysmith::provider::{
-    ratelimit::{RateLimited, TokenBucket},
-    AccountRequest, IssuedKey, KeyRequest, Provider, ProviderError, RoleGrant,
+    guard::Guarded, ratelimit::TokenBucket, AccountRequest, IssuedKey, KeyRequest, Provider, ProviderError, RoleGrant,
 };
 
 use crate::common::fault_proxy::{Fault, FaultProxy};
@@ -277,7 +276,7 @@ pub async fn rate_budget_is_never_exceeded(target: &dyn Target) {
     let proxy = FaultProxy::start(&upstream, client).await;
     let (rate, burst) = (4.0, 2u32);
     let p: Arc<dyn Provider> =
-        Arc::new(RateLimited::new(target.provider_via(&proxy.url).await, Arc::new(TokenBucket::new(rate, burst))));
+        Arc::new(Guarded::new(target.provider_via(&proxy.url).await, Arc::new(TokenBucket::new(rate, burst))));
     let account = target.account("budget");
     // How many HTTP requests one call makes: the budget counts calls.
     p.observe_account(&account).await.unwrap();

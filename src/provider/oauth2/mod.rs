@@ -115,7 +115,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    error::Error as StdError,
     fmt,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -130,7 +129,10 @@ use reqwest::{
 };
 use serde_json::{json, Map, Value};
 
+pub mod store;
+
 use super::{
+    http::{classify_status, retry_after, transport_error},
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
@@ -423,12 +425,7 @@ fn classify(status: StatusCode, error: Option<&str>, message: String, retry_afte
     if matches!(code, 401 | 403) || matches!(error, Some("invalid_token" | "invalid_client" | "access_denied")) {
         return ProviderError::Unauthorized(message);
     }
-    match code {
-        404 => ProviderError::NotFound(message),
-        409 => ProviderError::Conflict(message),
-        400..=499 => ProviderError::Invalid(message),
-        _ => ProviderError::Transient { message, retry_after },
-    }
+    classify_status(status, message, retry_after)
 }
 
 impl OAuth2Provider {
@@ -477,11 +474,7 @@ impl OAuth2Provider {
             .await
             .map_err(|e| Failure::Other(transport_error(what, e)))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, Timestamp::now()));
+        let retry_after = retry_after(response.headers());
         let text = response.text().await.map_err(|e| Failure::Other(transport_error(what, e)))?;
         if status.is_success() {
             if text.trim().is_empty() {
@@ -1282,31 +1275,51 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
     text
 }
 
-/// A failure below HTTP: connection refused, timeout, a broken answer.
-fn transport_error(what: &str, error: reqwest::Error) -> ProviderError {
-    let error = error.without_url();
-    let mut message = format!("{what}: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    if error.is_builder() {
-        ProviderError::Invalid(message)
-    } else {
-        ProviderError::transient(message)
-    }
-}
-
-/// A `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
-fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().ok().map(Duration::from_secs);
-    }
-    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
-    let seconds = at.as_second().saturating_sub(now.as_second());
-    Some(Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
+/// The connect step: the initial access token (if any) from its Secret, the
+/// registration store (out of the tenants' reach behind a
+/// ClusterAppConnection), then the client.
+pub async fn connect(
+    spec: &crate::api::OAuth2Spec,
+    connect: &super::Connect<'_>,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    use crate::api::ConnectionKind;
+    let connection = connect.connection;
+    let (token, version) = match &spec.initial_access_token_secret_ref {
+        Some(selector) => {
+            let (token, version) = connect.secret_value(selector, "token").await?;
+            (Some(token), version)
+        }
+        None => (None, String::new()),
+    };
+    let key = format!("oauth2/{}/{version}", connection.uid);
+    let store = std::sync::Arc::new(match connection.kind {
+        ConnectionKind::AppConnection => store::SecretRegistrationStore::new(connect.operator_client()),
+        // Out of the tenants' reach: the registration access token can
+        // change the client's scopes.
+        ConnectionKind::ClusterAppConnection => {
+            let namespace = match &spec.initial_access_token_secret_ref {
+                Some(selector) => connection.secret_namespace(selector)?,
+                None => std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).ok_or_else(|| {
+                    ProviderError::Invalid(
+                        "a ClusterAppConnection keeps OAuth 2.0 registrations in the namespace of its initialAccessTokenSecretRef (or keysmith's own, POD_NAMESPACE); name one".to_owned(),
+                    )
+                })?,
+            };
+            store::SecretRegistrationStore::in_namespace(connect.operator_client(), namespace)
+        }
+    });
+    connect
+        .cached(key, || async {
+            Ok(std::sync::Arc::new(OAuth2Provider::new(
+                spec.registration_endpoint.clone(),
+                spec.token_endpoint.clone(),
+                spec.introspection_endpoint.clone(),
+                token,
+                connect.http_client()?,
+                store,
+            )) as std::sync::Arc<dyn Provider>)
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -1345,21 +1358,12 @@ mod tests {
             StatusCode::TOO_MANY_REQUESTS,
             None,
             "m".to_owned(),
-            parse_retry_after("7", Timestamp::UNIX_EPOCH),
+            super::super::http::parse_retry_after("7", Timestamp::UNIX_EPOCH),
         );
         assert_eq!(
             throttled,
             ProviderError::Transient { message: "m".to_owned(), retry_after: Some(Duration::from_secs(7)) }
         );
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_and_dates() {
-        let now: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
-        assert_eq!(parse_retry_after(" 12 ", now), Some(Duration::from_secs(12)));
-        assert_eq!(parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now), Some(Duration::from_secs(60)));
-        assert_eq!(parse_retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]

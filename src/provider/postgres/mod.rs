@@ -98,6 +98,7 @@
 //! tokio-postgres (`tokio-postgres-rustls` on the rustls already in the
 //! tree) and, for `verify-full`, a CA bundle in the connection spec.
 
+use crate::ownership;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -115,9 +116,6 @@ use super::{
 };
 use crate::api::PostgresSslMode;
 
-/// The first line of the comment on every role keysmith creates is this
-/// prefix followed by the IntegrationAccount's uid: the ownership tag.
-pub const OWNER_TAG_PREFIX: &str = "keysmith:";
 /// Between the account's name and the key id in a key role's name.
 pub const KEY_ROLE_INFIX: &str = "_k_";
 /// The longest role name PostgreSQL keeps (NAMEDATALEN - 1 bytes); it
@@ -417,7 +415,7 @@ async fn owned_keys(client: &Client, account: &AccountRequest) -> Result<Vec<Rol
         "SELECT {ROLE_COLUMNS} FROM pg_roles r \
          WHERE split_part(shobj_description(r.oid, 'pg_authid'), E'\\n', 1) = $1 ORDER BY r.rolname"
     );
-    let tag = format!("{OWNER_TAG_PREFIX}{}", account.owner_uid);
+    let tag = ownership::uid_tag(&account.owner_uid);
     let rows = client.query(&sql, &[&tag]).await.map_err(admin_error)?;
     let mut keys = Vec::new();
     for row in &rows {
@@ -666,7 +664,7 @@ fn validate_scope(grant: &RoleGrant) -> Result<(), ProviderError> {
 /// The comment keysmith keeps on an account role.
 fn account_comment(account: &AccountRequest, disabled: bool) -> String {
     let mut lines = vec![
-        format!("{OWNER_TAG_PREFIX}{}", account.owner_uid),
+        ownership::uid_tag(&account.owner_uid),
         format!("{FIELD_INTEGRATION_ACCOUNT}: {}/{}", account.namespace, account.account_name),
     ];
     if let Some(description) = &account.description {
@@ -684,7 +682,7 @@ fn account_comment(account: &AccountRequest, disabled: bool) -> String {
 /// The comment keysmith puts on a key role.
 fn key_comment(account: &AccountRequest, key_id: &str, issued_at: Timestamp) -> String {
     [
-        format!("{OWNER_TAG_PREFIX}{}", account.owner_uid),
+        ownership::uid_tag(&account.owner_uid),
         format!("{FIELD_KEY_ID}: {key_id}"),
         format!("{FIELD_ACCOUNT}: {}", one_line(&account.name)),
         format!("{FIELD_INTEGRATION_ACCOUNT}: {}/{}", account.namespace, account.account_name),
@@ -695,7 +693,7 @@ fn key_comment(account: &AccountRequest, key_id: &str, issued_at: Timestamp) -> 
 
 /// The uid in a comment's ownership tag.
 fn tag_uid(comment: &str) -> Option<&str> {
-    comment.lines().next()?.strip_prefix(OWNER_TAG_PREFIX).filter(|uid| !uid.is_empty())
+    comment.lines().next()?.strip_prefix(ownership::UID_PREFIX).filter(|uid| !uid.is_empty())
 }
 
 /// A `<field>: <value>` line of a tagged comment.
@@ -1196,6 +1194,27 @@ impl Provider for PostgresProvider {
         }
         Ok(())
     }
+}
+
+/// The connect step: the admin role's name and password from their Secret,
+/// then the client.
+pub async fn connect(
+    spec: &crate::api::PostgresSpec,
+    connect: &super::Connect<'_>,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    let ([user, password], version) =
+        connect.secret_values(&spec.credentials_secret_ref, ["username", "password"]).await?;
+    let port =
+        u16::try_from(spec.port).map_err(|_| ProviderError::Invalid(format!("port {} is out of range", spec.port)))?;
+    let key = format!("postgres/{}/{version}", connect.connection.uid);
+    connect
+        .cached(key, || async {
+            Ok(std::sync::Arc::new(
+                PostgresProvider::new(spec.host.clone(), port, spec.database.clone(), user, password)
+                    .with_ssl_mode(spec.ssl_mode),
+            ) as std::sync::Arc<dyn Provider>)
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! namespace instead: whoever held the registration access token could
 //! change the client's scopes past the connection's allowedRoles.
 
+use crate::ownership;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -19,17 +20,11 @@ use kube::{
     Api, Client,
 };
 
-use super::{
-    kubernetes::classify,
-    oauth2::{Registration, RegistrationStore},
-    AccountRequest, ProviderError,
-};
-use crate::install::FIELD_MANAGER;
+use super::{Registration, RegistrationStore};
+use crate::provider::{http::classify_kube_error as classify, AccountRequest, ProviderError};
 
 /// The Secret type of registration records.
 pub const REGISTRATION_SECRET_TYPE: &str = "keysmith.dev/oauth2-registration";
-/// The label naming the IntegrationAccount's uid.
-pub const ACCOUNT_UID_LABEL: &str = "keysmith.dev/account-uid";
 
 /// A [`RegistrationStore`] backed by Kubernetes Secrets.
 #[derive(Clone)]
@@ -79,7 +74,8 @@ impl RegistrationStore for SecretRegistrationStore {
             return Ok(None);
         };
         // A same-named Secret that is not this account's record is ignored.
-        let ours = secret.metadata.labels.as_ref().and_then(|l| l.get(ACCOUNT_UID_LABEL)) == Some(&account.owner_uid)
+        let ours = secret.metadata.labels.as_ref().and_then(|l| l.get(ownership::ACCOUNT_UID))
+            == Some(&account.owner_uid)
             && secret.type_.as_deref() == Some(REGISTRATION_SECRET_TYPE);
         if !ours {
             return Ok(None);
@@ -97,7 +93,7 @@ impl RegistrationStore for SecretRegistrationStore {
         let (namespace, name) = self.location(account);
         // Never written over a Secret of that name that is not this record.
         if let Some(existing) = self.api(account).get_opt(&name).await.map_err(classify)? {
-            let ours = existing.metadata.labels.as_ref().and_then(|l| l.get(ACCOUNT_UID_LABEL))
+            let ours = existing.metadata.labels.as_ref().and_then(|l| l.get(ownership::ACCOUNT_UID))
                 == Some(&account.owner_uid)
                 && existing.type_.as_deref() == Some(REGISTRATION_SECRET_TYPE);
             if !ours {
@@ -123,12 +119,12 @@ impl RegistrationStore for SecretRegistrationStore {
                 name: Some(name.clone()),
                 namespace: Some(namespace.clone()),
                 annotations: Some(BTreeMap::from([(
-                    "keysmith.dev/integration-account".to_owned(),
-                    format!("{}/{}", account.namespace, account.account_name),
+                    ownership::INTEGRATION_ACCOUNT.to_owned(),
+                    ownership::account_reference(&account.namespace, &account.account_name),
                 )])),
                 labels: Some(BTreeMap::from([
-                    ("app.kubernetes.io/managed-by".to_owned(), "keysmith".to_owned()),
-                    (ACCOUNT_UID_LABEL.to_owned(), account.owner_uid.clone()),
+                    (ownership::MANAGED_BY_KEY.to_owned(), ownership::MANAGED_BY.to_owned()),
+                    (ownership::ACCOUNT_UID.to_owned(), account.owner_uid.clone()),
                 ])),
                 owner_references: owner,
                 ..ObjectMeta::default()
@@ -140,7 +136,7 @@ impl RegistrationStore for SecretRegistrationStore {
             ..Secret::default()
         };
         self.api(account)
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .patch(&name, &PatchParams::apply(ownership::FIELD_MANAGER).force(), &Patch::Apply(&secret))
             .await
             .map_err(classify)?;
         Ok(())

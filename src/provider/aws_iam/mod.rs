@@ -110,6 +110,7 @@
 //! (the connection's `policy.allowedRoles` limits it in keysmith).
 //! `sts:GetCallerIdentity`, used to verify new keys, needs no permission.
 
+use crate::ownership;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -123,24 +124,10 @@ use reqwest::{header, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use super::{
+    http::{classify_status, retry_after, transport_error},
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
-
-/// The ownership tag: the owning IntegrationAccount's uid.
-pub const ACCOUNT_UID_TAG: &str = "keysmith.dev/account-uid";
-/// `<namespace>/<name>` of the owning IntegrationAccount.
-pub const INTEGRATION_ACCOUNT_TAG: &str = "keysmith.dev/integration-account";
-/// The IntegrationAccount's spec.description, for audits.
-pub const DESCRIPTION_TAG: &str = "keysmith.dev/description";
-/// The IntegrationAccount's spec.owner, for audits.
-pub const OWNER_TAG: &str = "keysmith.dev/owner";
-/// Set to `true` on a user keysmith disabled.
-pub const DISABLED_TAG: &str = "keysmith.dev/disabled";
-/// Says keysmith manages the user.
-pub const MANAGED_BY_TAG: &str = "app.kubernetes.io/managed-by";
-/// The value of [`MANAGED_BY_TAG`].
-pub const MANAGED_BY: &str = "keysmith";
 
 /// The Secret key holding the access key id.
 pub const ACCESS_KEY_ID_KEY: &str = "AWS_ACCESS_KEY_ID";
@@ -330,14 +317,10 @@ impl QueryClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| transport_failure(action, &e))?;
+            .map_err(|e| transport_failure(action, e))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, Timestamp::now()));
-        let text = response.text().await.map_err(|e| transport_failure(action, &e))?;
+        let retry_after = retry_after(response.headers());
+        let text = response.text().await.map_err(|e| transport_failure(action, e))?;
         if status.is_success() {
             return Ok(text);
         }
@@ -663,7 +646,7 @@ impl Provider for AwsIamProvider {
 
     async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
         let (user, tags) = self.owned_user(account).await?;
-        let was_disabled = tags.contains_key(DISABLED_TAG);
+        let was_disabled = tags.contains_key(ownership::DISABLED);
         if was_disabled {
             // Keys first: until the tag goes, a crash leaves it disabled and
             // the next update finishes the job.
@@ -677,7 +660,7 @@ impl Provider for AwsIamProvider {
         let changed: BTreeMap<String, String> =
             desired.iter().filter(|(k, v)| tags.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
         self.tag_user(&account.name, &changed).await?;
-        let stale: Vec<&str> = [DESCRIPTION_TAG, OWNER_TAG, DISABLED_TAG]
+        let stale: Vec<&str> = [ownership::DESCRIPTION, ownership::OWNER, ownership::DISABLED]
             .into_iter()
             .filter(|key| tags.contains_key(*key) && !desired.contains_key(*key))
             .collect();
@@ -693,7 +676,7 @@ impl Provider for AwsIamProvider {
                 Ok(())
             }
             Some(_) => {
-                let disabled = BTreeMap::from([(DISABLED_TAG.to_owned(), "true".to_owned())]);
+                let disabled = BTreeMap::from([(ownership::DISABLED.to_owned(), "true".to_owned())]);
                 match self.tag_user(&account.name, &disabled).await {
                     Err(ProviderError::NotFound(_)) => return Ok(()),
                     other => other?,
@@ -1093,23 +1076,14 @@ fn classify(
             | "EntityTemporarilyUnmodifiable"
             | "RequestExpired",
         ) => ProviderError::Transient { message: detail, retry_after },
-        _ => match status.as_u16() {
-            401 | 403 => ProviderError::Unauthorized(detail),
-            404 => ProviderError::NotFound(detail),
-            409 => ProviderError::Conflict(detail),
-            408 | 429 | 500..=599 => ProviderError::Transient { message: detail, retry_after },
-            400..=499 => ProviderError::Invalid(detail),
-            _ => ProviderError::Transient { message: detail, retry_after },
-        },
+        _ => classify_status(status, detail, retry_after),
     };
     Failure { code, error }
 }
 
 /// A request that got no HTTP answer.
-fn transport_failure(action: &str, error: &reqwest::Error) -> Failure {
-    let message = format!("{action}: {error}");
-    let error = if error.is_builder() { ProviderError::Invalid(message) } else { ProviderError::transient(message) };
-    Failure { code: None, error }
+fn transport_failure(action: &str, error: reqwest::Error) -> Failure {
+    Failure { code: None, error: transport_error(action, error) }
 }
 
 /// The `Code` and `Message` of an AWS XML error body; for anything else,
@@ -1153,21 +1127,9 @@ fn parse_user(action: &str, xml: &str) -> Result<User, ProviderError> {
     let path = child_text(user, "Path").map(str::trim).filter(|p| !p.is_empty()).unwrap_or("/");
     Ok(User { arn: arn.trim().to_owned(), path: path.to_owned() })
 }
-
 /// An IAM timestamp (ISO 8601 with an offset or `Z`).
 fn parse_timestamp(value: &str) -> Option<Timestamp> {
     value.trim().parse::<Timestamp>().ok()
-}
-
-/// A Retry-After value: seconds, or an HTTP date.
-fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().ok().map(Duration::from_secs);
-    }
-    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
-    let seconds = at.as_second().saturating_sub(now.as_second());
-    Some(Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
 }
 
 /// Whether `arn` is the ARN of the IAM user `name` (under any path).
@@ -1211,10 +1173,6 @@ fn validate_grant(grant: &RoleGrant) -> Result<(), ProviderError> {
     }
 }
 
-fn integration_account(account: &AccountRequest) -> String {
-    format!("{}/{}", account.namespace, account.account_name)
-}
-
 fn foreign_user(account: &AccountRequest) -> ProviderError {
     ProviderError::Conflict(format!(
         "IAM user {:?} exists and was not created by keysmith for this IntegrationAccount",
@@ -1235,31 +1193,36 @@ pub fn tag_value(value: &str) -> String {
 /// The tags keysmith keeps on the user (disabled aside).
 fn desired_tags(account: &AccountRequest) -> BTreeMap<String, String> {
     let mut tags = BTreeMap::from([
-        (MANAGED_BY_TAG.to_owned(), MANAGED_BY.to_owned()),
-        (ACCOUNT_UID_TAG.to_owned(), tag_value(&account.owner_uid)),
-        (INTEGRATION_ACCOUNT_TAG.to_owned(), tag_value(&integration_account(account))),
+        (ownership::MANAGED_BY_KEY.to_owned(), ownership::MANAGED_BY.to_owned()),
+        (ownership::ACCOUNT_UID.to_owned(), tag_value(&account.owner_uid)),
+        (
+            ownership::INTEGRATION_ACCOUNT.to_owned(),
+            tag_value(&ownership::account_reference(&account.namespace, &account.account_name)),
+        ),
     ]);
     if let Some(description) = account.description.as_deref().filter(|d| !d.is_empty()) {
-        tags.insert(DESCRIPTION_TAG.to_owned(), tag_value(description));
+        tags.insert(ownership::DESCRIPTION.to_owned(), tag_value(description));
     }
     if let Some(owner) = account.owner.as_deref().filter(|o| !o.is_empty()) {
-        tags.insert(OWNER_TAG.to_owned(), tag_value(owner));
+        tags.insert(ownership::OWNER.to_owned(), tag_value(owner));
     }
     tags
 }
 
 fn is_owned(tags: &BTreeMap<String, String>, account: &AccountRequest) -> bool {
-    !account.owner_uid.is_empty() && tags.get(ACCOUNT_UID_TAG) == Some(&tag_value(&account.owner_uid))
+    !account.owner_uid.is_empty() && tags.get(ownership::ACCOUNT_UID) == Some(&tag_value(&account.owner_uid))
 }
 
 fn observed_account(user: &User, tags: &BTreeMap<String, String>, account: &AccountRequest) -> ObservedAccount {
     let desired = desired_tags(account);
     let drifted = !desired.iter().all(|(k, v)| tags.get(k) == Some(v))
-        || [DESCRIPTION_TAG, OWNER_TAG].iter().any(|k| tags.contains_key(*k) && !desired.contains_key(*k));
+        || [ownership::DESCRIPTION, ownership::OWNER]
+            .iter()
+            .any(|k| tags.contains_key(*k) && !desired.contains_key(*k));
     ObservedAccount {
         id: user.arn.clone(),
         name: account.name.clone(),
-        disabled: tags.get(DISABLED_TAG).is_some_and(|v| v == "true"),
+        disabled: tags.get(ownership::DISABLED).is_some_and(|v| v == "true"),
         owned: is_owned(tags, account),
         drifted,
     }
@@ -1280,6 +1243,28 @@ fn tag_params(tags: &BTreeMap<String, String>) -> Vec<(String, String)> {
 
 fn as_refs(params: &[(String, String)]) -> Vec<(&str, &str)> {
     params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The connect step: the access key from its Secret, then the client.
+pub async fn connect(
+    spec: &crate::api::AwsIamSpec,
+    connect: &super::Connect<'_>,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    let ([id, secret], version) =
+        connect.secret_values(&spec.credentials_secret_ref, [ACCESS_KEY_ID_KEY, SECRET_ACCESS_KEY_KEY]).await?;
+    let key = format!("awsIam/{}/{version}", connect.connection.uid);
+    connect
+        .cached(key, || async {
+            Ok(std::sync::Arc::new(AwsIamProvider::new(
+                spec.endpoint.clone().unwrap_or_default(),
+                spec.region.clone(),
+                spec.path.clone(),
+                id,
+                secret,
+                connect.http_client()?,
+            )) as std::sync::Arc<dyn Provider>)
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -1359,14 +1344,6 @@ mod tests {
         // moto's older error shape.
         let old = "<Response><Errors><Error><Code>AccessDenied</Code><Message>no</Message></Error></Errors></Response>";
         assert!(matches!(run(403, old), ProviderError::Unauthorized(_)));
-    }
-
-    #[test]
-    fn retry_after_is_seconds_or_a_date() {
-        let now: Timestamp = "2025-01-01T00:00:00Z".parse().expect("timestamp");
-        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 01 Jan 2025 00:00:30 GMT", now), Some(Duration::from_secs(30)));
-        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     #[test]

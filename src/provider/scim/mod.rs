@@ -54,6 +54,7 @@
 //! `members.value eq "<user id>"` and fall back to listing every Group
 //! (paged with `startIndex`/`count`) when the server refuses that filter.
 
+use crate::ownership;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -68,6 +69,7 @@ use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
 
 use super::{
+    http::{classify_status, retry_after, transport_error},
     AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
@@ -78,9 +80,6 @@ pub const SCIM_MEDIA_TYPE: &str = "application/scim+json";
 pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 /// The PATCH request message schema.
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
-/// `externalId` of a User keysmith owns: this prefix, then the owning
-/// IntegrationAccount's uid.
-pub const EXTERNAL_ID_PREFIX: &str = "keysmith:";
 /// `nickName` of a User whose password keysmith set: this prefix, then the key id.
 pub const KEY_ID_PREFIX: &str = "keysmith-key:";
 /// Output Secret key: the User's `userName`.
@@ -202,10 +201,10 @@ impl ScimProvider {
                 .map_err(|e| Failure::Other(ProviderError::Invalid(format!("encoding SCIM {what}: {e}"))))?;
             builder = builder.header(header::CONTENT_TYPE, SCIM_MEDIA_TYPE).body(bytes);
         }
-        let response = builder.send().await.map_err(|e| Failure::Other(transport_error(&what, e)))?;
+        let response = builder.send().await.map_err(|e| Failure::Other(transport_error(&format!("SCIM {what}"), e)))?;
         let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(|e| Failure::Other(transport_error(&what, e)))?;
+        let retry_after = retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(|e| Failure::Other(transport_error(&format!("SCIM {what}"), e)))?;
         if status.is_success() {
             let body = if bytes.iter().all(u8::is_ascii_whitespace) {
                 None
@@ -230,10 +229,6 @@ impl ScimProvider {
                 message.push_str(&truncate(detail.trim(), MAX_DETAIL_LEN));
             }
         }
-        let retry_after = headers
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, jiff::Timestamp::now()));
         Err(Failure::Status { status, scim_type, message, retry_after })
     }
 
@@ -767,53 +762,9 @@ impl From<Failure> for ProviderError {
     fn from(failure: Failure) -> Self {
         match failure {
             Failure::Other(err) => err,
-            Failure::Status { status, message, retry_after, .. } => classify(status, message, retry_after),
+            Failure::Status { status, message, retry_after, .. } => classify_status(status, message, retry_after),
         }
     }
-}
-
-/// The class of an HTTP error status.
-pub fn classify(status: StatusCode, message: String, retry_after: Option<Duration>) -> ProviderError {
-    match status.as_u16() {
-        401 | 403 => ProviderError::Unauthorized(message),
-        404 => ProviderError::NotFound(message),
-        409 | 412 => ProviderError::Conflict(message),
-        408 | 429 => ProviderError::Transient { message, retry_after },
-        501 => ProviderError::Invalid(message),
-        500..=599 => ProviderError::Transient { message, retry_after },
-        400..=499 => ProviderError::Invalid(message),
-        _ => ProviderError::Transient { message, retry_after },
-    }
-}
-
-/// A failure to get an answer at all. The URL is left out (a base URL may
-/// carry userinfo); `what` says which request it was.
-fn transport_error(what: &str, err: reqwest::Error) -> ProviderError {
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "could not connect"
-    } else {
-        "failed"
-    };
-    let invalid = err.is_builder() || err.is_redirect();
-    let message = format!("SCIM {what} {kind}: {}", err.without_url());
-    if invalid {
-        ProviderError::Invalid(message)
-    } else {
-        ProviderError::transient(message)
-    }
-}
-
-/// A `Retry-After` header: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
-pub fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().ok().map(Duration::from_secs);
-    }
-    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
-    let seconds = at.as_second().saturating_sub(now.as_second());
-    Some(Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
 }
 
 /// A string as a SCIM filter value: a JSON string literal (RFC 7644 §3.4.2.2),
@@ -836,7 +787,7 @@ pub fn generate_password() -> String {
 }
 
 fn external_id(account: &AccountRequest) -> String {
-    format!("{EXTERNAL_ID_PREFIX}{}", account.owner_uid)
+    ownership::uid_tag(&account.owner_uid)
 }
 
 fn key_marker(key_id: &str) -> String {
@@ -969,6 +920,21 @@ struct Supported {
     supported: Option<bool>,
 }
 
+/// The connect step: the admin token from its Secret, then the client.
+pub async fn connect(
+    spec: &crate::api::ScimSpec,
+    connect: &super::Connect<'_>,
+) -> Result<std::sync::Arc<dyn Provider>, ProviderError> {
+    let (token, version) = connect.secret_value(&spec.token_secret_ref, "token").await?;
+    let key = format!("scim/{}/{version}", connect.connection.uid);
+    connect
+        .cached(key, || async {
+            Ok(std::sync::Arc::new(ScimProvider::new(spec.base_url.clone(), token, connect.http_client()?))
+                as std::sync::Arc<dyn Provider>)
+        })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -979,37 +945,6 @@ mod tests {
     };
 
     use super::*;
-
-    #[test]
-    fn retry_after_is_seconds_or_an_http_date() {
-        let now: jiff::Timestamp = "2026-01-10T10:00:00Z".parse().expect("timestamp");
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("Sat, 10 Jan 2026 10:00:30 GMT", now), Some(Duration::from_secs(30)));
-        assert_eq!(parse_retry_after("Sat, 10 Jan 2026 09:00:00 GMT", now), Some(Duration::ZERO), "in the past");
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("-5", now), None);
-    }
-
-    #[test]
-    fn statuses_are_classified() {
-        let class = |code: u16| classify(StatusCode::from_u16(code).expect("status"), String::new(), None).category();
-        for (code, category) in [
-            (400, "Invalid"),
-            (401, "Unauthorized"),
-            (403, "Unauthorized"),
-            (404, "NotFound"),
-            (409, "Conflict"),
-            (412, "Conflict"),
-            (413, "Invalid"),
-            (429, "Transient"),
-            (500, "Transient"),
-            (501, "Invalid"),
-            (503, "Transient"),
-        ] {
-            assert_eq!(class(code), category, "HTTP {code}");
-        }
-    }
 
     #[test]
     fn filter_values_are_json_strings() {

@@ -20,6 +20,7 @@
 //! consistent read, so what an earlier process created is seen. The watches
 //! start with the first read and stop when the provider is dropped.
 
+use crate::ownership;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, PoisonError, RwLock},
@@ -38,11 +39,16 @@ use kube::{
 };
 use tokio::{sync::watch, task::AbortHandle};
 
-use super::{
-    kubernetes::NAMESPACED_ROLE_PREFIX,
-    kubernetes::{ACCOUNT_UID_LABEL, CLUSTER_SCOPE, KEY_ANCHOR_TYPE, KEY_ID_LABEL, MANAGED_BY, MANAGED_BY_LABEL},
-    ObservedKey, ProviderError, RoleGrant,
+use crate::{
+    provider::{http::classify_kube_error, ObservedKey, ProviderError, RoleGrant},
+    tenancy::CLUSTER_SCOPE,
 };
+
+/// The `type` of key anchor Secrets.
+pub const KEY_ANCHOR_TYPE: &str = "keysmith.dev/key-anchor";
+/// How a grant names a namespaced Role (`Role/<name>`), as opposed to a
+/// ClusterRole. keysmith only reports and revokes these: it never grants them.
+pub const NAMESPACED_ROLE_PREFIX: &str = "Role/";
 
 /// How long a read waits for the first full list before giving up (transient).
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -273,7 +279,7 @@ fn classify_watch_error(error: &watcher::Error) -> ProviderError {
         _ => None,
     };
     match status {
-        Some(status) => super::kubernetes::classify(kube::Error::Api(status.clone())),
+        Some(status) => classify_kube_error(kube::Error::Api(status.clone())),
         None => ProviderError::Transient { message: error.to_string(), retry_after: None },
     }
 }
@@ -320,7 +326,7 @@ fn binding_entry(
             Some((ns, s.name.clone()))
         })
         .collect();
-    let owner_uid = labels.get(ACCOUNT_UID_LABEL).cloned();
+    let owner_uid = labels.get(ownership::ACCOUNT_UID).cloned();
     if service_accounts.is_empty() && owner_uid.is_none() {
         return None;
     }
@@ -407,12 +413,12 @@ pub struct IndexedAnchor {
 }
 
 fn anchor_entry(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<IndexedAnchor> {
-    let owner_uid = meta.labels.as_ref()?.get(ACCOUNT_UID_LABEL)?.clone();
+    let owner_uid = meta.labels.as_ref()?.get(ownership::ACCOUNT_UID)?.clone();
     let key_id = meta
         .annotations
         .as_ref()
-        .and_then(|a| a.get(KEY_ID_LABEL))
-        .or_else(|| meta.labels.as_ref().and_then(|l| l.get(KEY_ID_LABEL)))?
+        .and_then(|a| a.get(ownership::KEY_ID))
+        .or_else(|| meta.labels.as_ref().and_then(|l| l.get(ownership::KEY_ID)))?
         .clone();
     Some(IndexedAnchor {
         owner_uid,
@@ -446,7 +452,7 @@ impl AnchorIndex {
         self.start_once(|entries, sync| {
             let config = watcher::Config::default()
                 .page_size(PAGE_SIZE)
-                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{KEY_ID_LABEL}"))
+                .labels(&format!("{}={},{}", ownership::MANAGED_BY_KEY, ownership::MANAGED_BY, ownership::KEY_ID))
                 .fields(&format!("type={KEY_ANCHOR_TYPE}"));
             let anchors = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), config).default_backoff();
             vec![spawn_watch(anchors, entries, sync)]

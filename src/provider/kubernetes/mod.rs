@@ -18,6 +18,7 @@
 //! and `keysmith.dev/account-uid=<IntegrationAccount uid>`, so it can be found
 //! by label and is never confused with objects someone else made.
 
+use crate::ownership;
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -38,41 +39,25 @@ use kube::{
 };
 use serde_json::json;
 
+mod connect;
+pub mod index;
+
+pub use connect::connect;
+
+pub use super::http::classify_kube_error as classify;
+pub use crate::tenancy::CLUSTER_SCOPE;
+use index::{AnchorIndex, Indexed, IndexedBinding, RbacIndex, WatchIndex};
+pub use index::{KEY_ANCHOR_TYPE, NAMESPACED_ROLE_PREFIX};
+
 use super::{
-    watch_index::{AnchorIndex, Indexed, IndexedBinding, RbacIndex, WatchIndex},
     AccountRequest, Capabilities, Identity, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
 
-/// The label saying keysmith manages an object.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// The value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY: &str = "keysmith";
-/// The label holding the owning IntegrationAccount's uid: the ownership tag.
-pub const ACCOUNT_UID_LABEL: &str = "keysmith.dev/account-uid";
-/// The label (and annotation, which holds the exact id) naming a key anchor's key.
-pub const KEY_ID_LABEL: &str = "keysmith.dev/key-id";
-/// `<namespace>/<name>` of the owning IntegrationAccount.
-pub const INTEGRATION_ACCOUNT_ANNOTATION: &str = "keysmith.dev/integration-account";
-/// The IntegrationAccount's spec.description, for audits.
-pub const DESCRIPTION_ANNOTATION: &str = "keysmith.dev/description";
-/// The IntegrationAccount's spec.owner, for audits.
-pub const OWNER_ANNOTATION: &str = "keysmith.dev/owner";
-/// Set to `true` on a disabled ServiceAccount.
-pub const DISABLED_ANNOTATION: &str = "keysmith.dev/disabled";
 /// The ClusterRole a binding grants, as requested.
 pub const ROLE_ANNOTATION: &str = "keysmith.dev/role";
 /// The scope a binding takes effect on: its namespace, or `*`.
 pub const SCOPE_ANNOTATION: &str = "keysmith.dev/scope";
-/// The `type` of key anchor Secrets.
-pub const KEY_ANCHOR_TYPE: &str = "keysmith.dev/key-anchor";
-/// The field manager keysmith writes with.
-pub const FIELD_MANAGER: &str = "keysmith";
-/// The scope that means "cluster-wide" (a ClusterRoleBinding).
-pub const CLUSTER_SCOPE: &str = "*";
-/// How a grant names a namespaced Role (`Role/<name>`), as opposed to a
-/// ClusterRole. keysmith only reports and revokes these: it never grants them.
-pub const NAMESPACED_ROLE_PREFIX: &str = "Role/";
 
 /// The shortest token lifetime the TokenRequest API accepts.
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
@@ -229,11 +214,11 @@ impl KubernetesProvider {
     ) -> Result<ServiceAccount, ProviderError> {
         let mut annotations: serde_json::Map<String, serde_json::Value> =
             desired_annotations(account).into_iter().map(|(k, v)| (k, json!(v))).collect();
-        for key in [DESCRIPTION_ANNOTATION, OWNER_ANNOTATION] {
+        for key in [ownership::DESCRIPTION, ownership::OWNER] {
             annotations.entry(key).or_insert(serde_json::Value::Null);
         }
         annotations
-            .insert(DISABLED_ANNOTATION.to_owned(), if disabled { json!("true") } else { serde_json::Value::Null });
+            .insert(ownership::DISABLED.to_owned(), if disabled { json!("true") } else { serde_json::Value::Null });
         let patch = json!({
             "metadata": {
                 "resourceVersion": current.metadata.resource_version,
@@ -244,7 +229,7 @@ impl KubernetesProvider {
         self.service_accounts(sa_namespace(account))
             .patch(
                 &account.name,
-                &PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() },
+                &PatchParams { field_manager: Some(ownership::FIELD_MANAGER.to_owned()), ..PatchParams::default() },
                 &Patch::Merge(&patch),
             )
             .await
@@ -328,10 +313,13 @@ impl KubernetesProvider {
     ) -> Result<(Secret, bool), ProviderError> {
         let name = anchor_name(&account.name, key_id);
         let mut labels = desired_labels(account);
-        labels.insert(KEY_ID_LABEL.to_owned(), label_value(key_id));
+        labels.insert(ownership::KEY_ID.to_owned(), label_value(key_id));
         let mut annotations = BTreeMap::new();
-        annotations.insert(KEY_ID_LABEL.to_owned(), key_id.to_owned());
-        annotations.insert(INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account));
+        annotations.insert(ownership::KEY_ID.to_owned(), key_id.to_owned());
+        annotations.insert(
+            ownership::INTEGRATION_ACCOUNT.to_owned(),
+            ownership::account_reference(&account.namespace, &account.account_name),
+        );
         let anchor = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -878,45 +866,6 @@ impl Provider for KubernetesProvider {
     }
 }
 
-/// Classifies a Kubernetes API error by what the caller should do.
-pub fn classify(err: kube::Error) -> ProviderError {
-    match err {
-        kube::Error::Api(status) => {
-            let message = if status.reason.is_empty() {
-                format!("{} (HTTP {})", status.message, status.code)
-            } else {
-                format!("{} (HTTP {} {})", status.message, status.code, status.reason)
-            };
-            match status.code {
-                401 | 403 => ProviderError::Unauthorized(message),
-                404 => ProviderError::NotFound(message),
-                409 => ProviderError::Conflict(message),
-                400 | 405 | 406 | 413 | 415 | 422 => ProviderError::Invalid(message),
-                _ => ProviderError::Transient {
-                    message,
-                    retry_after: status
-                        .details
-                        .as_ref()
-                        .map(|d| d.retry_after_seconds)
-                        .filter(|s| *s > 0)
-                        .map(|s| Duration::from_secs(u64::from(s))),
-                },
-            }
-        }
-        kube::Error::Auth(e) => ProviderError::Unauthorized(e.to_string()),
-        e @ (kube::Error::BuildRequest(_)
-        | kube::Error::HttpError(_)
-        | kube::Error::InferConfig(_)
-        | kube::Error::InferKubeconfig(_)
-        | kube::Error::ProxyProtocolUnsupported { .. }
-        | kube::Error::ProxyProtocolDisabled { .. }
-        | kube::Error::RustlsTls(_)
-        | kube::Error::TlsRequired) => ProviderError::Invalid(e.to_string()),
-        // Connection failures, timeouts, garbled responses.
-        e => ProviderError::transient(e.to_string()),
-    }
-}
-
 /// The namespace of the account's ServiceAccount.
 fn sa_namespace(account: &AccountRequest) -> &str {
     account.options.get("namespace").map(String::as_str).filter(|ns| !ns.is_empty()).unwrap_or(&account.namespace)
@@ -927,10 +876,6 @@ fn sa_ref(account: &AccountRequest) -> String {
     format!("{}/{}", sa_namespace(account), account.name)
 }
 
-fn integration_account(account: &AccountRequest) -> String {
-    format!("{}/{}", account.namespace, account.account_name)
-}
-
 fn foreign_account(account: &AccountRequest) -> ProviderError {
     ProviderError::Conflict(format!(
         "ServiceAccount {} exists and was not created by keysmith for this IntegrationAccount",
@@ -939,31 +884,34 @@ fn foreign_account(account: &AccountRequest) -> ProviderError {
 }
 
 fn post_params() -> PostParams {
-    PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() }
+    PostParams { field_manager: Some(ownership::FIELD_MANAGER.to_owned()), ..PostParams::default() }
 }
 
 /// The labels on everything keysmith creates for the account.
 fn desired_labels(account: &AccountRequest) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-        (ACCOUNT_UID_LABEL.to_owned(), account.owner_uid.clone()),
+        (ownership::MANAGED_BY_KEY.to_owned(), ownership::MANAGED_BY.to_owned()),
+        (ownership::ACCOUNT_UID.to_owned(), account.owner_uid.clone()),
     ])
 }
 
 /// The annotations keysmith keeps on the ServiceAccount (disabled aside).
 fn desired_annotations(account: &AccountRequest) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::from([(INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account))]);
+    let mut annotations = BTreeMap::from([(
+        ownership::INTEGRATION_ACCOUNT.to_owned(),
+        ownership::account_reference(&account.namespace, &account.account_name),
+    )]);
     if let Some(description) = &account.description {
-        annotations.insert(DESCRIPTION_ANNOTATION.to_owned(), description.clone());
+        annotations.insert(ownership::DESCRIPTION.to_owned(), description.clone());
     }
     if let Some(owner) = &account.owner {
-        annotations.insert(OWNER_ANNOTATION.to_owned(), owner.clone());
+        annotations.insert(ownership::OWNER.to_owned(), owner.clone());
     }
     annotations
 }
 
 fn is_owned(meta: &ObjectMeta, account: &AccountRequest) -> bool {
-    meta.labels.as_ref().and_then(|l| l.get(ACCOUNT_UID_LABEL)).is_some_and(|uid| *uid == account.owner_uid)
+    meta.labels.as_ref().and_then(|l| l.get(ownership::ACCOUNT_UID)).is_some_and(|uid| *uid == account.owner_uid)
 }
 
 fn observed_account(sa: &ServiceAccount, account: &AccountRequest) -> ObservedAccount {
@@ -972,13 +920,13 @@ fn observed_account(sa: &ServiceAccount, account: &AccountRequest) -> ObservedAc
     let annotations = meta.annotations.clone().unwrap_or_default();
     let labels_match = desired_labels(account).iter().all(|(k, v)| labels.get(k) == Some(v));
     let desired = desired_annotations(account);
-    let annotations_match = [INTEGRATION_ACCOUNT_ANNOTATION, DESCRIPTION_ANNOTATION, OWNER_ANNOTATION]
+    let annotations_match = [ownership::INTEGRATION_ACCOUNT, ownership::DESCRIPTION, ownership::OWNER]
         .into_iter()
         .all(|key| annotations.get(key) == desired.get(key));
     ObservedAccount {
         id: meta.uid.clone().unwrap_or_default(),
         name: format!("system:serviceaccount:{}:{}", sa_namespace(account), account.name),
-        disabled: annotations.get(DISABLED_ANNOTATION).is_some_and(|v| v == "true"),
+        disabled: annotations.get(ownership::DISABLED).is_some_and(|v| v == "true"),
         owned: is_owned(meta, account),
         drifted: !(labels_match && annotations_match),
     }
@@ -1013,7 +961,10 @@ fn binding_annotations(account: &AccountRequest, grant: &RoleGrant) -> BTreeMap<
     BTreeMap::from([
         (ROLE_ANNOTATION.to_owned(), grant.role.clone()),
         (SCOPE_ANNOTATION.to_owned(), effective_scope(account, grant)),
-        (INTEGRATION_ACCOUNT_ANNOTATION.to_owned(), integration_account(account)),
+        (
+            ownership::INTEGRATION_ACCOUNT.to_owned(),
+            ownership::account_reference(&account.namespace, &account.account_name),
+        ),
     ])
 }
 
@@ -1082,7 +1033,7 @@ fn holds<B: Binding>(binding: &B, account: &AccountRequest) -> bool {
 /// The grant a binding stands for, with its effective scope (see
 /// [`Binding::scope`]). A namespaced Role reads as `Role/<name>`.
 fn grant_of<B: Binding>(binding: &B) -> Option<RoleGrant> {
-    super::watch_index::grant(binding.scope(), binding.role_ref())
+    index::grant(binding.scope(), binding.role_ref())
 }
 
 /// A binding of the name keysmith gives a grant already exists: it is ours
@@ -1116,7 +1067,7 @@ async fn settle_existing<B: Binding>(
         "metadata": { "resourceVersion": existing.meta().resource_version },
         "subjects": subjects,
     });
-    let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
+    let params = PatchParams { field_manager: Some(ownership::FIELD_MANAGER.to_owned()), ..PatchParams::default() };
     api.patch(&existing.meta().name.clone().unwrap_or_default(), &params, &Patch::Merge(&patch)).await.map_err(classify)
 }
 
@@ -1156,7 +1107,7 @@ async fn release_binding<B: Binding>(
             "metadata": { "resourceVersion": meta.resource_version },
             "subjects": others,
         });
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PatchParams::default() };
+        let params = PatchParams { field_manager: Some(ownership::FIELD_MANAGER.to_owned()), ..PatchParams::default() };
         api.patch(name, &params, &Patch::Merge(&patch)).await.map(Some)
     };
     match result {
