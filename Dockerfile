@@ -7,7 +7,9 @@
 #   docker build -t keysmith .
 #
 # The chart (charts/keysmith) runs it as `keysmith run` with a read-only
-# root filesystem; nothing is written at run time.
+# root filesystem; nothing is written at run time. It is built without the
+# default `dev` feature: no local control plane, no fail points, none of
+# their dependencies.
 
 # rust-version in Cargo.toml.
 ARG RUST_VERSION=1.89
@@ -19,7 +21,7 @@ COPY src ./src
 # The registry and target caches survive between builds (BuildKit).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin keysmith \
+    cargo build --release --locked --no-default-features --bin keysmith \
  && install -D -m 0755 target/release/keysmith /out/keysmith
 
 FROM gcr.io/distroless/cc-debian12:nonroot

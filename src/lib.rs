@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+#[cfg(feature = "dev")]
 pub mod controlplane;
 pub mod install;
 pub mod leader;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use keysmith::{controller, controlplane::ControlPlane, install, manifest};
+use keysmith::{controller, install, manifest};
 
 /// keysmith: dedicated, least-privilege, rotating integration accounts,
 /// declared as Kubernetes objects.
@@ -342,7 +342,18 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunF
     result
 }
 
+/// `keysmith dev` in a build without the `dev` feature (the image's).
+#[cfg(not(feature = "dev"))]
+async fn dev(_examples: PathBuf) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this keysmith was built without the local control plane (cargo feature `dev`); \
+         use `keysmith dev --existing-cluster`, or build with the default features"
+    )
+}
+
+#[cfg(feature = "dev")]
 async fn dev(examples: PathBuf) -> anyhow::Result<()> {
+    use keysmith::controlplane::ControlPlane;
     eprintln!("starting a local control plane (the first run builds it from the Go modules: 5 to 10 minutes, once)...");
     let cp = ControlPlane::start().await.context("starting the local control plane")?;
     let client = cp.client().await?;

@@ -108,14 +108,19 @@ impl Stores {
 }
 
 /// Test-only crash points, set with the KEYSMITH_FAILPOINT environment
-/// variable: the process exits at that point, as a crash would.
+/// variable: the process exits at that point, as a crash would. Only with
+/// the `dev` feature: the image's operator ignores the variable.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints(Option<String>);
 
 impl Failpoints {
     /// Reads KEYSMITH_FAILPOINT.
     pub fn from_env() -> Self {
-        Self(std::env::var("KEYSMITH_FAILPOINT").ok().filter(|v| !v.is_empty()))
+        if cfg!(feature = "dev") {
+            Self(std::env::var("KEYSMITH_FAILPOINT").ok().filter(|v| !v.is_empty()))
+        } else {
+            Self(None)
+        }
     }
     /// Exits the process (code 86) if `name` is armed.
     pub fn hit(&self, name: &str) {
