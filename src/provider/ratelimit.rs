@@ -1,5 +1,5 @@
 //! The connection's request budget: a token bucket shared by every account
-//! behind one connection, which [`super::guard::Guarded`] takes a token from
+//! behind one connection, which the provider guard (`guard.rs`) takes a token from
 //! before every provider call, so no call can skip it.
 
 use std::time::{Duration, Instant};
