@@ -8,15 +8,16 @@ pub mod account;
 pub mod binding;
 pub mod conditions;
 pub mod connection;
+mod context;
+mod error;
 pub mod plan;
 pub mod rotation;
 pub mod secret;
 pub mod stream;
 
 use std::{
-    collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,250 +27,23 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{
         controller::{self, Action},
-        events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
+        events::{Recorder, Reporter},
+        reflector::Store,
         watcher, Controller,
     },
     Api, Client, Resource, ResourceExt,
 };
 use tracing::Instrument;
 
+pub use context::{error_policy, key_of, succeeded, Context, Failpoints, Stores};
+pub use error::{backoff, retry_delay, Error};
+
 use crate::{
     api::{AppConnection, ClusterAppConnection, IntegrationAccount, KeyRotationPolicy, RoleBinding},
     metrics::Metrics,
-    provider::{ProviderError, ProviderRegistry},
+    provider::ProviderRegistry,
     server::Health,
 };
-
-/// Why a reconcile failed. Most problems are not errors but conditions; these
-/// are the failures worth retrying.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The Kubernetes API refused or failed a request.
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// The target app failed.
-    #[error("{0}")]
-    Provider(#[from] ProviderError),
-    /// A cache was not ready (the operator is starting).
-    #[error("caches are not ready yet")]
-    NotReady,
-}
-
-impl Error {
-    /// A stable name for metrics labels and event reasons.
-    pub fn category(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "KubernetesApi",
-            Error::Provider(e) => e.category(),
-            Error::NotReady => "NotReady",
-        }
-    }
-
-    /// The target's own Retry-After, if it gave one.
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Error::Provider(ProviderError::Transient { retry_after, .. }) => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-/// The caches every controller reads.
-#[derive(Clone)]
-pub struct Stores {
-    /// IntegrationAccounts.
-    pub accounts: Store<IntegrationAccount>,
-    /// keysmith RoleBindings.
-    pub bindings: Store<RoleBinding>,
-    /// KeyRotationPolicies.
-    pub policies: Store<KeyRotationPolicy>,
-    /// AppConnections.
-    pub connections: Store<AppConnection>,
-    /// ClusterAppConnections.
-    pub cluster_connections: Store<ClusterAppConnection>,
-    /// Metadata of the Secrets keysmith manages (label-selected; no data cached).
-    pub secrets: Store<PartialObjectMeta<Secret>>,
-}
-
-impl Stores {
-    /// Waits until every cache holds a complete list. Call it once, before
-    /// the controllers start: a store wakes only its latest waiter while it
-    /// is still syncing, so concurrent waiters can hang.
-    pub async fn ready(&self) -> Result<(), Error> {
-        let not_ready = |_| Error::NotReady;
-        self.accounts.wait_until_ready().await.map_err(not_ready)?;
-        self.bindings.wait_until_ready().await.map_err(not_ready)?;
-        self.policies.wait_until_ready().await.map_err(not_ready)?;
-        self.connections.wait_until_ready().await.map_err(not_ready)?;
-        self.cluster_connections.wait_until_ready().await.map_err(not_ready)?;
-        self.secrets.wait_until_ready().await.map_err(not_ready)
-    }
-}
-
-/// Test-only crash points, set with the KEYSMITH_FAILPOINT environment
-/// variable: the process exits at that point, as a crash would. Only with
-/// the `dev` feature: the image's operator ignores the variable.
-#[derive(Debug, Clone, Default)]
-pub struct Failpoints(Option<String>);
-
-impl Failpoints {
-    /// Reads KEYSMITH_FAILPOINT.
-    pub fn from_env() -> Self {
-        if cfg!(feature = "dev") {
-            Self(std::env::var("KEYSMITH_FAILPOINT").ok().filter(|v| !v.is_empty()))
-        } else {
-            Self(None)
-        }
-    }
-    /// Exits the process (code 86) if `name` is armed.
-    pub fn hit(&self, name: &str) {
-        if self.0.as_deref() == Some(name) {
-            tracing::error!(failpoint = name, "failpoint hit; exiting");
-            std::process::exit(86);
-        }
-    }
-}
-
-/// What every reconcile shares.
-pub struct Context {
-    /// The operator's client.
-    pub client: Client,
-    /// Builds providers for connections.
-    pub providers: ProviderRegistry,
-    /// Publishes Kubernetes events.
-    pub recorder: Recorder,
-    /// The caches.
-    pub stores: Stores,
-    /// Crash points for tests.
-    pub failpoints: Failpoints,
-    /// The operator's metrics.
-    pub metrics: Arc<Metrics>,
-    /// Consecutive failures per object, for backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// The resourceVersion of each object's last write by this process, to
-    /// recognise a cache that has not caught up with it yet.
-    written: Mutex<HashMap<String, u64>>,
-    /// Accounts whose last reconcile observed the target app and left them
-    /// Ready: what that reconcile acted on, and until when it stands.
-    converged: Mutex<HashMap<String, Converged>>,
-    /// How often an unchanged account is checked for drift.
-    pub drift_check_interval: Duration,
-}
-
-/// An account's last full reconcile: the fingerprint of everything it acted
-/// on (spec, status, connection, provider, policy, declared roles, output
-/// Secret) and until when its observation of the target app stands (its
-/// next rotation, revocation or drift check).
-#[derive(Debug, Clone, Copy)]
-struct Converged {
-    fingerprint: u64,
-    until: std::time::Instant,
-}
-
-impl Context {
-    /// Publishes an event about `obj`; a failure to publish is logged, not fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        let event =
-            KubeEvent { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(%error, reason, "could not publish event");
-        }
-    }
-
-    /// Records that this process wrote `key` at `resource_version`.
-    pub fn wrote(&self, key: &str, resource_version: Option<&str>) {
-        if let (Some(rv), Ok(mut written)) = (resource_version.and_then(|v| v.parse::<u64>().ok()), self.written.lock())
-        {
-            let entry = written.entry(key.to_owned()).or_insert(rv);
-            *entry = (*entry).max(rv);
-        }
-    }
-
-    /// Whether the cached copy of `key` (at `resource_version`) predates this
-    /// process's own last write: acting on it would undo that write.
-    pub fn is_stale(&self, key: &str, resource_version: Option<&str>) -> bool {
-        let Some(cached) = resource_version.and_then(|v| v.parse::<u64>().ok()) else { return false };
-        self.written.lock().ok().and_then(|w| w.get(key).copied()).is_some_and(|last| cached < last)
-    }
-
-    /// Records that `key` converged on the inputs `fingerprint` hashes, and
-    /// that nothing in the target app needs looking at before `until`.
-    pub fn set_converged(&self, key: &str, fingerprint: u64, until: std::time::Instant) {
-        if let Ok(mut converged) = self.converged.lock() {
-            converged.insert(key.to_owned(), Converged { fingerprint, until });
-        }
-    }
-
-    /// How long `key` may go without observing the target app: some time
-    /// when its last reconcile converged on exactly these inputs and that
-    /// still stands, else `None`.
-    pub fn converged_for(&self, key: &str, fingerprint: u64) -> Option<Duration> {
-        let converged = self.converged.lock().ok()?.get(key).copied()?;
-        let left = converged.until.checked_duration_since(std::time::Instant::now())?;
-        (converged.fingerprint == fingerprint && !left.is_zero()).then_some(left)
-    }
-
-    /// Forgets `key`'s convergence: the next reconcile observes the target app.
-    pub fn forget_converged(&self, key: &str) {
-        if let Ok(mut converged) = self.converged.lock() {
-            converged.remove(key);
-        }
-    }
-
-    fn reset_failures(&self, key: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(key);
-        }
-    }
-
-    fn next_backoff(&self, key: &str) -> Duration {
-        let attempt = match self.failures.lock() {
-            Ok(mut failures) => {
-                let n = failures.entry(key.to_owned()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            }
-            Err(_) => 1,
-        };
-        backoff(attempt)
-    }
-}
-
-/// Exponential backoff with ±20 % jitter: 1 s, 2 s, 4 s ... up to 5 minutes.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(9)).min(Duration::from_secs(300));
-    let jitter = 0.8 + rand::random::<f64>() * 0.4;
-    base.mul_f64(jitter)
-}
-
-/// The error policy every controller uses: honour the target's Retry-After,
-/// else back off per object with jitter.
-pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = ObjectRef::from_obj(obj.as_ref()).to_string();
-    let delay = retry_delay(error, || ctx.next_backoff(&key));
-    ctx.metrics.reconcile_failed(&K::kind(&()), error.category());
-    tracing::warn!(object = %key, category = error.category(), %error, ?delay, "reconcile failed; retrying");
-    Action::requeue(delay)
-}
-
-/// How long to wait after `error`: the target's Retry-After when it gave
-/// one, else the object's next backoff step.
-pub fn retry_delay(error: &Error, backoff: impl FnOnce() -> Duration) -> Duration {
-    error.retry_after().unwrap_or_else(backoff)
-}
-
-/// Records a successful reconcile (resets the object's backoff).
-pub fn succeeded<K: Resource<DynamicType = ()>>(obj: &K, ctx: &Context) {
-    ctx.reset_failures(&ObjectRef::from_obj(obj).to_string());
-}
 
 /// Options for [`run`].
 #[derive(Debug, Clone)]
@@ -372,20 +146,16 @@ pub async fn run_with(
         secrets: secrets.store.clone(),
     };
     let reporter = Reporter { controller: options.controller_name.clone(), instance: std::env::var("POD_NAME").ok() };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        providers: ProviderRegistry::new(client.clone(), config)
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        ProviderRegistry::new(client.clone(), config)
             .with_metrics(metrics.clone())
             .with_tenancy(options.tenancy.clone()),
-        recorder: Recorder::new(client.clone(), reporter),
-        stores: stores.clone(),
-        failpoints: Failpoints::from_env(),
-        metrics: metrics.clone(),
-        failures: Mutex::new(HashMap::new()),
-        written: Mutex::new(HashMap::new()),
-        converged: Mutex::new(HashMap::new()),
-        drift_check_interval: options.drift_check_interval.max(Duration::from_secs(1)),
-    });
+        Recorder::new(client.clone(), reporter),
+        stores.clone(),
+        metrics.clone(),
+        options.drift_check_interval,
+    ));
 
     let [account_events, account_for_bindings, account_for_policies] = accounts.consumers;
     let [binding_events, binding_for_accounts] = bindings.consumers;
@@ -525,11 +295,6 @@ fn trace_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// The namespace and name of a namespaced object, for messages.
-pub fn key_of<K: Resource>(obj: &K) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
 /// Builds a `Controller` over a shared kind's events.
 pub fn controller_for<K>(
     store: &Store<K>,
@@ -540,31 +305,4 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     Controller::for_stream(stream::changes(events, key), store.clone())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_wins_over_backoff() {
-        let limited = Error::Provider(ProviderError::Transient {
-            message: "429".into(),
-            retry_after: Some(Duration::from_secs(7)),
-        });
-        assert_eq!(retry_delay(&limited, || Duration::from_secs(1)), Duration::from_secs(7));
-        let flaky = Error::Provider(ProviderError::transient("503"));
-        assert_eq!(retry_delay(&flaky, || Duration::from_secs(2)), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps_at_five_minutes() {
-        for attempt in 1..=30 {
-            let expected = Duration::from_secs(1u64 << (attempt - 1).min(9)).min(Duration::from_secs(300));
-            let got = backoff(attempt);
-            assert!(got >= expected.mul_f64(0.8) && got <= expected.mul_f64(1.2), "attempt {attempt}: {got:?}");
-        }
-        let samples: std::collections::BTreeSet<u128> = (0..20).map(|_| backoff(3).as_millis()).collect();
-        assert!(samples.len() > 1, "backoff is jittered");
-    }
 }
