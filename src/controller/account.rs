@@ -549,15 +549,11 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // takes the full path.
     let inputs = inputs_hash(account, &connection, &desired, secret_foreign);
     let current = fingerprint(inputs, &run.status, secret_key_id.as_deref());
-    let next_rotation = run.status.current_key.as_ref().and_then(|c| {
-        plan::rotation_due(
-            schedule.as_ref(),
-            c.issued_at.0,
-            c.expires_at.as_ref().map(|t| t.0),
-            &plan::seed_for(&request.owner_uid, &c.id),
-        )
-        .map(whole_seconds)
-    });
+    let next_rotation = run
+        .status
+        .current_key
+        .as_ref()
+        .and_then(|c| plan::next_rotation(schedule.as_ref(), c, &request.owner_uid).map(whole_seconds));
     let rotation_in = next_rotation.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO));
     match ctx.converged_for(&run.key, current) {
         Some(left) if !keys_blocked && rotation_in.is_none_or(|d| !d.is_zero()) => {
@@ -677,15 +673,9 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     }
     prune_records(&mut run.status.keys);
     let current = run.status.current_key.clone().filter(|c| live_keys.contains(&c.id));
-    run.status.next_rotation_at = current.as_ref().and_then(|c| {
-        plan::rotation_due(
-            schedule.as_ref(),
-            c.issued_at.0,
-            c.expires_at.as_ref().map(|t| t.0),
-            &plan::seed_for(&request.owner_uid, &c.id),
-        )
-        .map(|t| Time(whole_seconds(t)))
-    });
+    run.status.next_rotation_at = current
+        .as_ref()
+        .and_then(|c| plan::next_rotation(schedule.as_ref(), c, &request.owner_uid).map(|t| Time(whole_seconds(t))));
     if !run.conditions.iter().any(|c| c.type_ == KEY_READY) {
         match &current {
             Some(key) => run.condition(ConditionUpdate::truthy(

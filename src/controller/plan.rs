@@ -256,36 +256,22 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     // Is the current key usable, and is it time to replace it?
-    let next_rotation = current.and_then(|c| {
-        rotation_due(input.schedule, c.issued_at.0, c.expires_at.as_ref().map(|t| t.0), &seed_for(input.seed, &c.id))
-    });
-    let reason = match current {
-        None => Some(RotationReason::Initial),
-        Some(c) if !observed_ids.contains(c.id.as_str()) => Some(RotationReason::KeyMissing),
-        Some(c) if input.secret_key_id != Some(c.id.as_str()) => Some(RotationReason::SecretOutdated),
-        Some(_) if input.rotate_request.is_some() && input.rotate_request != input.last_rotation_request => {
-            Some(RotationReason::Manual)
-        }
-        Some(c) if input.schedule.is_some_and(|s| s.key_too_old(c.issued_at.0, input.now)) => {
-            Some(RotationReason::MaxKeyAge)
-        }
-        Some(c)
-            if c.expires_at.as_ref().is_some_and(|e| saturating_sub(e.0, EXPIRY_MARGIN) <= input.now)
-                && input.schedule.is_none() =>
-        {
-            Some(RotationReason::Expiring)
-        }
-        Some(_) => match next_rotation {
-            Some(due) if due <= input.now => {
-                Some(if input.schedule.is_some() { RotationReason::Scheduled } else { RotationReason::Expiring })
-            }
-            Some(due) => {
-                wake(due);
-                None
-            }
-            None => None,
-        },
+    let next_rotation = current.and_then(|c| next_rotation(input.schedule, c, input.seed));
+    let facts = RotationFacts {
+        now: input.now,
+        current,
+        key_in_target: current.is_some_and(|c| observed_ids.contains(c.id.as_str())),
+        key_in_secret: current.is_some_and(|c| input.secret_key_id == Some(c.id.as_str())),
+        rotate_requested: input.rotate_request.is_some() && input.rotate_request != input.last_rotation_request,
+        schedule: input.schedule,
+        next_rotation,
     };
+    let reason = rotation_decision(&facts).map(|(_, reason)| reason);
+    if reason.is_none() {
+        if let Some(due) = next_rotation {
+            wake(due);
+        }
+    }
 
     if let Some(reason) = reason {
         // Make room under the key limit: oldest retiring keys first, never the
@@ -307,6 +293,83 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     Plan { actions, next_rotation, wake_at, blocked: None }
+}
+
+/// When `key` is next due for rotation: the one place this is decided (the
+/// planner, the skip of a converged account and the status all ask here).
+pub fn next_rotation(schedule: Option<&RotationSchedule>, key: &CurrentKey, account_seed: &str) -> Option<Timestamp> {
+    rotation_due(schedule, key.issued_at.0, key.expires_at.as_ref().map(|t| t.0), &seed_for(account_seed, &key.id))
+}
+
+/// What the rotation rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RotationFacts<'a> {
+    /// The clock.
+    pub now: Timestamp,
+    /// status.currentKey, if the account exists.
+    pub current: Option<&'a CurrentKey>,
+    /// Whether the target app still holds the current key.
+    pub key_in_target: bool,
+    /// Whether the output Secret holds the current key.
+    pub key_in_secret: bool,
+    /// Whether a rotate-now annotation not yet acted on is set.
+    pub rotate_requested: bool,
+    /// The rotation policy, if any.
+    pub schedule: Option<&'a RotationSchedule>,
+    /// When the current key is due ([`next_rotation`]).
+    pub next_rotation: Option<Timestamp>,
+}
+
+/// One rule of the rotation chain: its name, and whether it rotates now.
+#[derive(Debug, Clone, Copy)]
+pub struct RotationRule {
+    /// What the rule says, for tests and logs.
+    pub name: &'static str,
+    /// The reason to rotate now, if the rule applies.
+    pub applies: fn(&RotationFacts<'_>) -> Option<RotationReason>,
+}
+
+fn no_key_yet(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    f.current.is_none().then_some(RotationReason::Initial)
+}
+fn key_gone_from_target(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    (f.current.is_some() && !f.key_in_target).then_some(RotationReason::KeyMissing)
+}
+fn secret_holds_another_key(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    (f.current.is_some() && !f.key_in_secret).then_some(RotationReason::SecretOutdated)
+}
+fn rotation_requested(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    f.rotate_requested.then_some(RotationReason::Manual)
+}
+fn older_than_max_key_age(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    let current = f.current?;
+    f.schedule.is_some_and(|s| s.key_too_old(current.issued_at.0, f.now)).then_some(RotationReason::MaxKeyAge)
+}
+fn expiring_without_a_policy(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    let expires = f.current?.expires_at.as_ref()?.0;
+    (f.schedule.is_none() && saturating_sub(expires, EXPIRY_MARGIN) <= f.now).then_some(RotationReason::Expiring)
+}
+fn due(f: &RotationFacts<'_>) -> Option<RotationReason> {
+    f.current?;
+    let due = f.next_rotation?;
+    (due <= f.now).then_some(if f.schedule.is_some() { RotationReason::Scheduled } else { RotationReason::Expiring })
+}
+
+/// The rotation rules, in order: the first that applies decides why the key
+/// rotates now; none applying means the key stays until [`next_rotation`].
+pub const ROTATION_RULES: [RotationRule; 7] = [
+    RotationRule { name: "no key yet", applies: no_key_yet },
+    RotationRule { name: "key gone from the target app", applies: key_gone_from_target },
+    RotationRule { name: "the Secret holds another key", applies: secret_holds_another_key },
+    RotationRule { name: "rotate-now requested", applies: rotation_requested },
+    RotationRule { name: "older than maxKeyAge", applies: older_than_max_key_age },
+    RotationRule { name: "expiring, no policy", applies: expiring_without_a_policy },
+    RotationRule { name: "due", applies: due },
+];
+
+/// The first rotation rule that applies, by name, and its reason.
+pub fn rotation_decision(facts: &RotationFacts<'_>) -> Option<(&'static str, RotationReason)> {
+    ROTATION_RULES.iter().find_map(|rule| (rule.applies)(facts).map(|reason| (rule.name, reason)))
 }
 
 /// The jitter seed for one key of one account.
@@ -352,6 +415,87 @@ mod tests {
         let spec: KeyRotationPolicySpec =
             serde_json::from_value(serde_json::json!({"rotateEvery": every, "gracePeriod": "10m"})).unwrap();
         RotationSchedule::from_spec(&spec).unwrap()
+    }
+
+    /// The rotation chain as a table: each row a name, the facts, and the
+    /// rule that decides (with its reason), or none.
+    #[test]
+    fn the_rotation_rules_decide_in_order() {
+        let key = CurrentKey { id: "k1".into(), issued_at: Time(t(0)), expires_at: None };
+        let expiring = CurrentKey { expires_at: Some(Time(t(3000))), ..key.clone() };
+        let hourly = schedule("1h");
+        let aged_spec: KeyRotationPolicySpec =
+            serde_json::from_value(serde_json::json!({"rotateEvery": "720h", "maxKeyAge": "30m"})).unwrap();
+        let aged = RotationSchedule::from_spec(&aged_spec).unwrap();
+        let healthy = RotationFacts {
+            now: t(60),
+            current: Some(&key),
+            key_in_target: true,
+            key_in_secret: true,
+            rotate_requested: false,
+            schedule: None,
+            next_rotation: None,
+        };
+        type Row<'a> = (&'static str, RotationFacts<'a>, Option<(&'static str, RotationReason)>);
+        let cases: Vec<Row<'_>> = vec![
+            ("a healthy key without a policy stays", healthy, None),
+            (
+                "no current key",
+                RotationFacts { current: None, key_in_target: false, key_in_secret: false, ..healthy },
+                Some(("no key yet", RotationReason::Initial)),
+            ),
+            (
+                "the target lost it, and the Secret is stale too",
+                RotationFacts { key_in_target: false, key_in_secret: false, ..healthy },
+                Some(("key gone from the target app", RotationReason::KeyMissing)),
+            ),
+            (
+                "the Secret holds another key, and a rotation is requested",
+                RotationFacts { key_in_secret: false, rotate_requested: true, ..healthy },
+                Some(("the Secret holds another key", RotationReason::SecretOutdated)),
+            ),
+            (
+                "requested, and overdue",
+                RotationFacts { rotate_requested: true, schedule: Some(&hourly), next_rotation: Some(t(0)), ..healthy },
+                Some(("rotate-now requested", RotationReason::Manual)),
+            ),
+            (
+                "older than maxKeyAge before it is due",
+                RotationFacts { now: t(3600), schedule: Some(&aged), next_rotation: Some(t(900_000)), ..healthy },
+                Some(("older than maxKeyAge", RotationReason::MaxKeyAge)),
+            ),
+            (
+                "expiring within the margin, no policy",
+                RotationFacts { current: Some(&expiring), next_rotation: Some(t(2400)), ..healthy },
+                Some(("expiring, no policy", RotationReason::Expiring)),
+            ),
+            (
+                "due by the schedule",
+                RotationFacts { now: t(3700), schedule: Some(&hourly), next_rotation: Some(t(3600)), ..healthy },
+                Some(("due", RotationReason::Scheduled)),
+            ),
+            (
+                "not yet due by the schedule",
+                RotationFacts { schedule: Some(&hourly), next_rotation: Some(t(3600)), ..healthy },
+                None,
+            ),
+        ];
+        for (name, facts, expected) in cases {
+            assert_eq!(rotation_decision(&facts), expected, "{name}");
+        }
+        let names: Vec<&str> = ROTATION_RULES.iter().map(|r| r.name).collect();
+        assert_eq!(
+            names,
+            [
+                "no key yet",
+                "key gone from the target app",
+                "the Secret holds another key",
+                "rotate-now requested",
+                "older than maxKeyAge",
+                "expiring, no policy",
+                "due"
+            ]
+        );
     }
 
     struct Case {
