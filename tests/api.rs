@@ -298,6 +298,16 @@ async fn invalid_objects_are_refused_with_readable_messages() {
     ns.delete().await;
 }
 
+/// Patches an object: the stored object, or the apiserver's message.
+async fn write(
+    api: &Api<DynamicObject>,
+    name: &str,
+    patch: Patch<Value>,
+    params: PatchParams,
+) -> Result<Value, String> {
+    api.patch(name, &params, &patch).await.map(|o| serde_json::to_value(o).unwrap()).map_err(|e| e.to_string())
+}
+
 /// Every `message` of every CEL rule (`x-kubernetes-validations`) the types declare.
 fn cel_rule_messages() -> Vec<String> {
     fn walk(value: &Value, out: &mut Vec<String>) {
@@ -345,16 +355,7 @@ async fn the_apiserver_itself_enforces_every_cel_rule() {
     let account = json!({"apiVersion": "keysmith.dev/v1alpha1", "kind": "IntegrationAccount", "metadata": {"name": "a"},
         "spec": {"connectionRef": {"name": "one"}, "secret": {"name": "s"}}});
     create_raw(&client, Some(&ns.name), account.clone()).await.expect("a valid account");
-    let merge = |patch: Value| {
-        let accounts = accounts.clone();
-        async move {
-            accounts
-                .patch("a", &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map(|o| serde_json::to_value(o).unwrap())
-                .map_err(|e| e.to_string())
-        }
-    };
+    let merge = |patch: Value| write(&accounts, "a", Patch::Merge(patch), PatchParams::default());
     let immutable = "connectionRef is immutable; create a new IntegrationAccount instead";
     refused("another connection", merge(json!({"spec": {"connectionRef": {"name": "two"}}})).await, immutable);
     refused(
@@ -364,11 +365,7 @@ async fn the_apiserver_itself_enforces_every_cel_rule() {
     );
     let mut applied = account.clone();
     applied["spec"]["connectionRef"]["name"] = json!("two");
-    let ssa = accounts
-        .patch("a", &PatchParams::apply("tenant").force(), &Patch::Apply(&applied))
-        .await
-        .map(|o| serde_json::to_value(o).unwrap())
-        .map_err(|e| e.to_string());
+    let ssa = write(&accounts, "a", Patch::Apply(applied), PatchParams::apply("tenant").force()).await;
     refused("another connection, server-side applied", ssa, immutable);
     let mut replaced = serde_json::to_value(accounts.get("a").await.unwrap()).unwrap();
     replaced["spec"]["connectionRef"]["name"] = json!("two");
@@ -392,16 +389,7 @@ async fn the_apiserver_itself_enforces_every_cel_rule() {
     )
     .await
     .expect("a valid binding");
-    let patch_binding = |patch: Value| {
-        let bindings = bindings.clone();
-        async move {
-            bindings
-                .patch("b", &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map(|o| serde_json::to_value(o).unwrap())
-                .map_err(|e| e.to_string())
-        }
-    };
+    let patch_binding = |patch: Value| write(&bindings, "b", Patch::Merge(patch), PatchParams::default());
     refused(
         "another account",
         patch_binding(json!({"spec": {"accountRef": {"name": "other"}}})).await,

@@ -429,8 +429,9 @@ async fn a_private_control_plane_stops_cleanly() {
 
 /// tests/bin/kube-assets.sh with a stand-in `go` (the real build takes
 /// minutes): it says what it builds and that it is still working, caches by
-/// pin, builds nothing when the pin is unchanged, and rebuilds (dropping the
-/// stale build) when it changes.
+/// pin, builds nothing when the pin is unchanged, rebuilds when it changes
+/// (naming, not deleting, the other pin's build), and returns as soon as the
+/// build is done (its progress watcher holds no pipe open).
 #[test]
 fn the_assets_script_shows_progress_and_rebuilds_only_on_a_new_pin() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -474,14 +475,13 @@ esac
     .unwrap();
     std::fs::set_permissions(&fake_go, std::fs::Permissions::from_mode(0o755)).unwrap();
     let cache = tree.path().join("cache");
-    let run = || {
+    let run = |progress_seconds: &str| {
         let out = std::process::Command::new("bash")
             .arg(tests.join("bin/kube-assets.sh"))
             .env_remove("KUBEBUILDER_ASSETS")
-            .env_remove("KEYSMITH_ASSETS_DIR")
             .env_remove("KEYSMITH_KUBE_VERSION")
             .env("XDG_CACHE_HOME", &cache)
-            .env("KEYSMITH_PROGRESS_SECONDS", "1")
+            .env("KEYSMITH_PROGRESS_SECONDS", progress_seconds)
             .env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()))
             .output()
             .unwrap();
@@ -492,7 +492,7 @@ esac
     };
     let builds = || std::fs::read_to_string(tree.path().join("builds")).unwrap_or_default().lines().count();
 
-    let (first, stderr) = run();
+    let (first, stderr) = run("1");
     let prefix = cache.join("keysmith/kube-1.37.").display().to_string();
     assert!(first.display().to_string().starts_with(&prefix), "{}", first.display());
     for binary in ["kube-apiserver", "kube-controller-manager", "kubectl", "etcd"] {
@@ -502,19 +502,28 @@ esac
     assert!(stderr.contains("still building kube-apiserver"), "says it is still working:\n{stderr}");
     assert_eq!(builds(), 2, "kube binaries, then etcd");
 
-    let (again, stderr) = run();
+    let (again, stderr) = run("1");
     assert_eq!(again, first);
     assert!(!stderr.contains("building"), "nothing built for an unchanged pin:\n{stderr}");
     assert_eq!(builds(), 2);
 
-    // A new pin is a new build; the stale one goes.
+    // A new pin is a new build; the other pin's build is named, and kept.
     let go_sum = tests.join("kube/1.37/go.sum");
     let mut sum = std::fs::read_to_string(&go_sum).unwrap();
     sum.push_str("example.invalid/new v1.0.0 h1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n");
     std::fs::write(&go_sum, sum).unwrap();
-    let (rebuilt, _) = run();
+    // With a 60 s progress interval: a watcher left holding stdout would keep
+    // the caller waiting a minute after the two 3 s builds.
+    let started = std::time::Instant::now();
+    let (rebuilt, stderr) = run("60");
     assert_ne!(rebuilt, first);
     assert!(rebuilt.join("kube-apiserver").is_file());
-    assert!(!first.exists(), "the stale build is removed");
+    assert!(first.join("kube-apiserver").is_file(), "another checkout may still use it");
+    assert!(
+        stderr.contains(&format!("still cached (remove it if no checkout uses it): {}", first.display())),
+        "{stderr}"
+    );
     assert_eq!(builds(), 4);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(45), "{took:?}: the progress watcher held the output open");
 }

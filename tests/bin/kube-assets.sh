@@ -8,9 +8,11 @@
 #   * otherwise the binaries are built once with Go from the Go module proxy,
 #     at the releases pinned by the wrapper modules in tests/kube/ (go.mod and
 #     go.sum are committed), and cached outside the work tree in
-#     $KEYSMITH_ASSETS_DIR or ${XDG_CACHE_HOME:-~/.cache}/keysmith/kube-<version>-<pin hash>.
+#     ${XDG_CACHE_HOME:-~/.cache}/keysmith/kube-<version>-<pin hash>.
 #     A changed pin (go.mod, go.sum, or this script's BUILD_REVISION) is a
-#     new directory, so it is rebuilt; an unchanged one never is.
+#     new directory, so it is rebuilt; an unchanged one never is. Builds of
+#     other pins are left alone (another checkout may use them) and named,
+#     so they can be removed by hand.
 #
 # Usage: kube-assets.sh [MINOR]   MINOR is a directory of tests/kube (1.37, the
 # newest, by default; or $KEYSMITH_KUBE_VERSION). On success the last line on
@@ -51,7 +53,7 @@ etcd_version=$(pinned go.etcd.io/etcd/server/v3 "$etcd_mod/go.mod")
 pin=$(cat "$kube_mod/go.mod" "$kube_mod/go.sum" "$etcd_mod/go.mod" "$etcd_mod/go.sum" "$etcd_mod/main.go" \
   <(echo "$BUILD_REVISION") | sha256sum | cut -c1-12)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/keysmith"
-dest="${KEYSMITH_ASSETS_DIR:-$cache/kube-$kube_version-$pin}"
+dest="$cache/kube-$kube_version-$pin"
 
 complete() {
   [ -x "$dest/kube-apiserver" ] && [ -x "$dest/kube-controller-manager" ] && [ -x "$dest/kubectl" ] && [ -x "$dest/etcd" ]
@@ -97,12 +99,22 @@ watcher=
 trap '[ -n "$watcher" ] && kill "$watcher" 2>/dev/null; rm -rf "$work"' EXIT
 
 # Runs "$@", saying every 30 s (KEYSMITH_PROGRESS_SECONDS) that it is still
-# working, so a first build is never minutes of silence.
+# working, so a first build is never minutes of silence. The watcher holds
+# neither stdout (which callers read to the end) nor the lock.
 with_progress() { # $1: what is being built; rest: the command
   local what=$1 started=$SECONDS
   shift
   log "building $what"
-  ( while sleep "${KEYSMITH_PROGRESS_SECONDS:-30}"; do log "still building $what ($((SECONDS - started))s so far)"; done ) &
+  (
+    sleeper=
+    trap '[ -n "$sleeper" ] && kill "$sleeper" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep "${KEYSMITH_PROGRESS_SECONDS:-30}" &
+      sleeper=$!
+      wait "$sleeper"
+      log "still building $what ($((SECONDS - started))s so far)"
+    done
+  ) >/dev/null 9>&- &
   watcher=$!
   local status=0
   "$@" >"$work/build.log" 2>&1 || status=$?
@@ -139,12 +151,10 @@ mkdir -p "$dest.tmp"
 cp -a "$work/out/." "$dest.tmp/"
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"
-# Builds of earlier pins of this release are not used any more.
-if [ -z "${KEYSMITH_ASSETS_DIR:-}" ]; then
-  for old in "$cache/kube-$major.$minor_n".*-*; do
-    case "$old" in "$dest" | "$dest.lock") continue ;; esac
-    [ -e "$old" ] && { log "removing the stale $old"; rm -rf "$old"; }
-  done
-fi
+# Builds of other pins of this release stay: another checkout may use them.
+for other in "$cache/kube-$major.$minor_n".*-*; do
+  case "$other" in "$dest" | *.lock | *.tmp) continue ;; esac
+  [ -d "$other" ] && log "another pin's build is still cached (remove it if no checkout uses it): $other"
+done
 log "ready: $dest"
 echo "$dest"
