@@ -20,8 +20,8 @@ use crate::{
         KeyRotationPolicy, RoleBinding,
     },
     controller::{
-        account::{account_request, desired_roles, max_keys, now, ROTATE_NOW_ANNOTATION},
-        plan::{self, Action, PlanInput},
+        account::{account_request, desired_roles, max_keys, now, observe_target, plan_input, ROTATE_NOW_ANNOTATION},
+        plan::{self, Action},
         secret::{ownership, SecretOwnership},
     },
     policy::{RolePolicy, Verdict},
@@ -323,10 +323,7 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
                 }
             }
         };
-        let observed = provider.observe_account(&request).await?;
-        let owned = observed.as_ref().is_some_and(|a| a.owned);
-        let roles = if owned { provider.list_roles(&request).await? } else { vec![] };
-        let keys = if owned { provider.list_keys(&request).await? } else { vec![] };
+        let target = observe_target(provider.as_ref(), &request).await.map_err(|(_, error)| error)?;
         let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
             .get_metadata_opt(&account.spec.secret.name)
             .await?;
@@ -342,22 +339,16 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
             SecretOwnership::Absent => None,
         };
         let status = account.status.clone().unwrap_or_default();
-        let observed_roles = roles.into_iter().collect();
-        let decided = plan::plan(&PlanInput {
-            now: now(),
-            account: observed.as_ref(),
-            desired_roles: &desired,
-            observed_roles: &observed_roles,
-            observed_keys: &keys,
-            records: &status.keys,
-            current: status.current_key.as_ref(),
-            secret_key_id: secret_key_id.as_deref(),
-            schedule: schedule.as_ref(),
-            seed: &request.owner_uid,
-            rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
-            last_rotation_request: status.last_rotation_request.as_deref(),
-            max_keys: max_keys(&connection, provider.as_ref()),
-        });
+        let decided = plan::plan(&plan_input(
+            now(),
+            &account,
+            &status,
+            &target,
+            &desired,
+            secret_key_id.as_deref(),
+            schedule.as_ref(),
+            max_keys(&connection, provider.as_ref()),
+        ));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);
         }

@@ -37,7 +37,10 @@ use crate::{
     },
     ownership::FIELD_MANAGER,
     policy::RolePolicy,
-    provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
+    provider::{
+        AccountRequest, KeyRequest, ObservedAccount, ObservedKey, Provider, ProviderError, ResolvedConnection,
+        RoleGrant,
+    },
     schedule::RotationSchedule,
     tenancy::{self, ScopePolicy},
 };
@@ -456,6 +459,64 @@ fn naming_problem(
     })
 }
 
+/// What the target app says of an account: the account, and, when keysmith
+/// owns it, its roles and keys. The operator and `keysmith plan` observe
+/// through this one step.
+#[derive(Debug, Clone, Default)]
+pub struct TargetObservation {
+    /// The account, if it exists.
+    pub account: Option<ObservedAccount>,
+    /// Its roles (none read unless keysmith owns it).
+    pub roles: BTreeSet<RoleGrant>,
+    /// Its keys (none read unless keysmith owns it).
+    pub keys: Vec<ObservedKey>,
+}
+
+/// Observes the account in the target app; a failure names the condition
+/// it concerns (AccountReady, RolesSynced or KeyReady).
+pub async fn observe_target(
+    provider: &dyn Provider,
+    request: &AccountRequest,
+) -> Result<TargetObservation, (&'static str, ProviderError)> {
+    let account = provider.observe_account(request).await.map_err(|e| (ACCOUNT_READY, e))?;
+    if !account.as_ref().is_some_and(|a| a.owned) {
+        return Ok(TargetObservation { account, ..TargetObservation::default() });
+    }
+    let roles = provider.list_roles(request).await.map_err(|e| (ROLES_SYNCED, e))?;
+    let keys = provider.list_keys(request).await.map_err(|e| (KEY_READY, e))?;
+    Ok(TargetObservation { account, roles: roles.into_iter().collect(), keys })
+}
+
+/// The planner's input from an account, its status and what was observed:
+/// the operator and `keysmith plan` decide from the same facts.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_input<'a>(
+    now: Timestamp,
+    account: &'a IntegrationAccount,
+    status: &'a IntegrationAccountStatus,
+    target: &'a TargetObservation,
+    desired_roles: &'a BTreeSet<RoleGrant>,
+    secret_key_id: Option<&'a str>,
+    schedule: Option<&'a RotationSchedule>,
+    max_keys: usize,
+) -> PlanInput<'a> {
+    PlanInput {
+        now,
+        account: target.account.as_ref(),
+        desired_roles,
+        observed_roles: &target.roles,
+        observed_keys: &target.keys,
+        records: &status.keys,
+        current: status.current_key.as_ref(),
+        secret_key_id,
+        schedule,
+        seed: account.metadata.uid.as_deref().unwrap_or_default(),
+        rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
+        last_rotation_request: status.last_rotation_request.as_deref(),
+        max_keys,
+    }
+}
+
 /// Everything between "the object exists" and "status is written".
 async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) -> Result<Requeue, Error> {
     // connectionRef is immutable: the CRD's CEL rule has the apiserver
@@ -572,43 +633,24 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         _ => {}
     }
 
-    // Observe the target app.
-    let observed = match provider.observe_account(&request).await {
-        Ok(observed) => observed,
-        Err(error) => return provider_failed(run, ACCOUNT_READY, error),
-    };
-    let owned = observed.as_ref().is_some_and(|a| a.owned);
-    let (observed_roles, observed_keys) = if owned {
-        let roles = match provider.list_roles(&request).await {
-            Ok(roles) => roles,
-            Err(error) => return provider_failed(run, ROLES_SYNCED, error),
-        };
-        let keys = match provider.list_keys(&request).await {
-            Ok(keys) => keys,
-            Err(error) => return provider_failed(run, KEY_READY, error),
-        };
-        (roles.into_iter().collect::<BTreeSet<_>>(), keys)
-    } else {
-        (BTreeSet::new(), Vec::new())
+    // Observe the target app, then decide.
+    let target = match observe_target(provider.as_ref(), &request).await {
+        Ok(target) => target,
+        Err((condition, error)) => return provider_failed(run, condition, error),
     };
     let max_keys = max_keys(&connection, provider.as_ref());
-
     let status = run.status.clone();
-    let plan = plan::plan(&PlanInput {
-        now: run.now,
-        account: observed.as_ref(),
-        desired_roles: &desired,
-        observed_roles: &observed_roles,
-        observed_keys: &observed_keys,
-        records: &status.keys,
-        current: status.current_key.as_ref(),
-        secret_key_id: secret_key_id.as_deref(),
-        schedule: schedule.as_ref(),
-        seed: &request.owner_uid,
-        rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
-        last_rotation_request: status.last_rotation_request.as_deref(),
+    let plan = plan::plan(&plan_input(
+        run.now,
+        account,
+        &status,
+        &target,
+        &desired,
+        secret_key_id.as_deref(),
+        schedule.as_ref(),
         max_keys,
-    });
+    ));
+    let TargetObservation { account: observed, roles: observed_roles, keys: observed_keys } = target;
     if let Some(blocked) = &plan.blocked {
         run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
