@@ -414,10 +414,6 @@ async fn dev_on_existing_cluster(examples: PathBuf, kubeconfig: Option<PathBuf>)
         "using the cluster at {} (the current kubeconfig context), Kubernetes {}",
         config.cluster_url, version.git_version
     );
-    if !install::is_supported(&version.major, &version.minor) {
-        let (major, minor) = install::OLDEST_SUPPORTED_KUBERNETES;
-        eprintln!("warning: keysmith supports Kubernetes {major}.{minor} and newer; trying anyway");
-    }
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
     let mut installed_here = Vec::new();
     for crd in keysmith::api::crds() {

@@ -681,10 +681,15 @@ async fn service_account_kubeconfig(cp: &ControlPlane, client: &Client, ns: &str
     path
 }
 
+/// The kubeconfig keysmith wrote into an output Secret.
+async fn kubeconfig_text(client: &Client, ns: &str, secret: &str) -> String {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns).get(secret).await.unwrap();
+    String::from_utf8(secret.data.unwrap()["kubeconfig"].0.clone()).unwrap()
+}
+
 /// A client that authenticates with the kubeconfig keysmith wrote.
 async fn client_from_secret(client: &Client, ns: &str, secret: &str) -> Client {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns).get(secret).await.unwrap();
-    let text = String::from_utf8(secret.data.unwrap()["kubeconfig"].0.clone()).unwrap();
+    let text = kubeconfig_text(client, ns, secret).await;
     let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
     Client::try_from(config).unwrap()
@@ -693,8 +698,7 @@ async fn client_from_secret(client: &Client, ns: &str, secret: &str) -> Client {
 /// The claims of the bearer token in the kubeconfig keysmith wrote (the JWT
 /// payload; its signature is the apiserver's business).
 async fn token_claims(client: &Client, ns: &str, secret: &str) -> Value {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns).get(secret).await.unwrap();
-    let text = String::from_utf8(secret.data.unwrap()["kubeconfig"].0.clone()).unwrap();
+    let text = kubeconfig_text(client, ns, secret).await;
     let kubeconfig: Value = serde_yaml::from_str(&text).unwrap();
     let token = kubeconfig["users"][0]["user"]["token"].as_str().expect("a bearer token");
     let payload = token.split('.').nth(1).expect("a JWT");

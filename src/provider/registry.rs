@@ -286,10 +286,7 @@ impl ProviderRegistry {
     ) -> Result<(String, String), ProviderError> {
         let key = selector.key.as_deref().unwrap_or(default_key);
         let (data, version) = self.read_secret_data(connection, selector).await?;
-        let value = data.get(key).cloned().ok_or_else(|| {
-            ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
-        })?;
-        Ok((value, version))
+        Ok((required(&data, selector, key)?, version))
     }
 
     /// A credential Secret's data and resourceVersion (to key caches). Never
@@ -390,9 +387,7 @@ impl Connect<'_> {
         let (data, version) = self.registry.read_secret_data(self.connection, selector).await?;
         let mut values: [String; N] = std::array::from_fn(|_| String::new());
         for (value, key) in values.iter_mut().zip(keys) {
-            *value = data.get(key).cloned().ok_or_else(|| {
-                ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name))
-            })?;
+            *value = required(&data, selector, key)?;
         }
         Ok((values, version))
     }
@@ -433,6 +428,17 @@ impl Connect<'_> {
     pub async fn check_identity(&self) -> Result<(), ProviderError> {
         self.registry.check_identity(&self.connection.identity).await
     }
+}
+
+/// `key` of a credential Secret's data; its absence is the connection's to fix.
+fn required(
+    data: &std::collections::BTreeMap<String, String>,
+    selector: &SecretKeySelector,
+    key: &str,
+) -> Result<String, ProviderError> {
+    data.get(key)
+        .cloned()
+        .ok_or_else(|| ProviderError::Invalid(format!("credential Secret {:?} has no key {key:?}", selector.name)))
 }
 
 /// The HTTP client for HTTP-based providers: rustls, bounded waits.
