@@ -2,13 +2,18 @@
 //! `plan`. The same binary works as a kubectl plugin when installed as
 //! `kubectl-keysmith` (`kubectl keysmith inventory`).
 
-use std::{collections::BTreeMap, io::Write, path::Path, time::Duration};
+use std::{collections::BTreeMap, io::Write, path::Path, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use anyhow::{bail, Context as _};
 use jiff::Timestamp;
 use kube::{
     api::{ListParams, Patch, PatchParams},
-    core::{DynamicObject, SelectorExt},
+    core::DynamicObject,
     Api, Client, ResourceExt,
 };
 use serde::Serialize;
@@ -20,13 +25,12 @@ use crate::{
         KeyRotationPolicy, RoleBinding,
     },
     controller::{
-        account::{account_request, desired_roles, max_keys, now, observe_target, plan_input, ROTATE_NOW_ANNOTATION},
+        account::{now, ROTATE_NOW_ANNOTATION},
+        observe::{self, Halt, Source},
         plan::{self, Action},
-        secret::{ownership, SecretOwnership},
+        Error,
     },
-    policy::{RolePolicy, Verdict},
-    provider::{ProviderRegistry, ResolvedConnection},
-    schedule::RotationSchedule,
+    provider::{Provider, ProviderError, ProviderRegistry, ResolvedConnection},
 };
 
 /// Splits `NAMESPACE/NAME`.
@@ -206,7 +210,9 @@ pub struct AccountPlan {
 
 /// `keysmith plan -f FILE`: what applying the manifests would change in the
 /// target apps, computed from the cluster's current state and the target
-/// apps' (read-only calls), without changing anything.
+/// apps' (read-only calls), without changing anything. It observes through
+/// the operator's own observe step ([`observe::gather`]), from the
+/// apiserver with the file laid over it.
 pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::Result<Vec<AccountPlan>> {
     let objects = crate::manifest::read(file)?;
     let default_ns = config.default_namespace.clone();
@@ -225,28 +231,31 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         .map(|o| Ok(serde_json::from_value(typed(o)?)?))
         .collect::<anyhow::Result<_>>()
         .context("an IntegrationAccount in the file does not match the schema")?;
-    let file_bindings: Vec<RoleBinding> = of_kind("RoleBinding")
+    let bindings: Vec<RoleBinding> = of_kind("RoleBinding")
         .into_iter()
         .filter(|o| o.types.as_ref().is_some_and(|t| t.api_version.starts_with("keysmith.dev/")))
         .map(|o| Ok(serde_json::from_value(typed(o)?)?))
         .collect::<anyhow::Result<_>>()
         .context("a RoleBinding in the file does not match the schema")?;
-    let file_policies: Vec<KeyRotationPolicy> = of_kind("KeyRotationPolicy")
+    let policies: Vec<KeyRotationPolicy> = of_kind("KeyRotationPolicy")
         .into_iter()
         .map(|o| Ok(serde_json::from_value(typed(o)?)?))
         .collect::<anyhow::Result<_>>()?;
-    let file_connections: Vec<AppConnection> = of_kind("AppConnection")
+    let connections: Vec<AppConnection> = of_kind("AppConnection")
         .into_iter()
         .map(|o| Ok(serde_json::from_value(typed(o)?)?))
         .collect::<anyhow::Result<_>>()?;
-    let file_cluster_connections: Vec<ClusterAppConnection> = of_kind("ClusterAppConnection")
-        .into_iter()
-        .map(|o| Ok(serde_json::from_value(typed(o)?)?))
-        .collect::<anyhow::Result<_>>()?;
+    let cluster_connections: Vec<String> = of_kind("ClusterAppConnection").iter().map(|o| o.name_any()).collect();
     if accounts.is_empty() {
         bail!("{} holds no IntegrationAccount to plan", file.display());
     }
-    let registry = ProviderRegistry::new(client.clone(), config);
+    let source = PlanSource {
+        registry: ProviderRegistry::new(client.clone(), config),
+        client: client.clone(),
+        bindings,
+        policies,
+        connections,
+    };
     let mut plans = Vec::new();
     for account in accounts {
         let ns = account.namespace().unwrap_or_default();
@@ -260,102 +269,131 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         }
         let mut result =
             AccountPlan { account: format!("{ns}/{name}"), changes: vec![], denied: vec![], problem: None };
-        let connection =
-            match resolve(&client, &account, &file_connections, &file_cluster_connections, registry.tenancy()).await? {
-                Ok(connection) => connection,
-                Err(problem) => {
-                    result.problem = Some(problem);
-                    plans.push(result);
-                    continue;
-                }
-            };
-        let provider = match registry.provider_for(&connection).await {
-            Ok(p) => p,
-            Err(e) => {
-                result.problem = Some(e.to_string());
+        let gathered = match observe::gather(&account, &source).await? {
+            Ok(gathered) => gathered,
+            Err(halt) => {
+                result.problem = Some(match halt {
+                    Halt::Problem(problem) => {
+                        let reference = &account.spec.connection_ref;
+                        let only_in_file = problem.reason == "ConnectionNotFound"
+                            && reference.kind == ConnectionKind::ClusterAppConnection
+                            && cluster_connections.contains(&reference.name);
+                        // Only as a cluster admin applied it: a file's
+                        // ClusterAppConnection would have plan read any Secret
+                        // it names, with the credentials of whoever runs it,
+                        // and send it wherever the file says.
+                        if only_in_file {
+                            format!(
+                                "ClusterAppConnection {} is only in the file: keysmith plan uses ClusterAppConnections as they are in the cluster",
+                                reference.name
+                            )
+                        } else {
+                            problem.message
+                        }
+                    }
+                    Halt::Suspended => "spec.suspend is true: keysmith makes no changes in the target app".to_owned(),
+                    Halt::Provider(error) => error.to_string(),
+                });
                 plans.push(result);
                 continue;
             }
         };
-        // Bindings: the cluster's, with the file's replacing same-named ones.
-        let mut bindings: BTreeMap<String, RoleBinding> = Api::<RoleBinding>::namespaced(client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(|b| (b.name_any(), b))
-            .collect();
-        for b in file_bindings.iter().filter(|b| b.namespace().as_deref() == Some(ns.as_str())) {
-            bindings.insert(b.name_any(), b.clone());
+        result.denied = gathered.denied.clone();
+        if let Some(problem) = &gathered.policy_problem {
+            result.problem = Some(problem.message.clone());
+            plans.push(result);
+            continue;
         }
-        let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
-        for b in bindings.values().filter(|b| b.spec.account_ref.name == name) {
-            for role in &b.spec.roles {
-                if !matches!(policy.check(role), Verdict::Allowed) {
-                    result.denied.push(role.clone());
-                }
-            }
+        if gathered.secret.foreign {
+            result.problem = Some(format!(
+                "Secret {ns}/{} exists and is not keysmith's; keysmith will not write it",
+                account.spec.secret.name
+            ));
         }
-        let request = account_request(&account, &connection);
-        let desired = desired_roles(&account, bindings.values(), &connection, provider.default_scope(&request));
-        let schedule = match &account.spec.rotation_policy_ref {
-            None => None,
-            Some(r) => {
-                let from_file = file_policies
-                    .iter()
-                    .find(|p| p.name_any() == r.name && p.namespace().as_deref() == Some(ns.as_str()));
-                let found = match from_file {
-                    Some(p) => Some(p.clone()),
-                    None => Api::<KeyRotationPolicy>::namespaced(client.clone(), &ns).get_opt(&r.name).await?,
-                };
-                match found.map(|p| RotationSchedule::from_spec(&p.spec)) {
-                    Some(Ok(schedule)) => Some(schedule),
-                    Some(Err(problems)) => {
-                        result.problem = Some(problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
-                        plans.push(result);
-                        continue;
-                    }
-                    None => {
-                        result.problem = Some(format!("KeyRotationPolicy {ns}/{} does not exist", r.name));
-                        plans.push(result);
-                        continue;
-                    }
-                }
-            }
-        };
-        let target = observe_target(provider.as_ref(), &request).await.map_err(|(_, error)| error)?;
-        let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
-            .get_metadata_opt(&account.spec.secret.name)
-            .await?;
-        let secret_key_id = match ownership(secret.as_ref().map(|s| &s.metadata), &request.owner_uid) {
-            SecretOwnership::Ours { key_id } => key_id,
-            SecretOwnership::Foreign => {
-                result.problem = Some(format!(
-                    "Secret {ns}/{} exists and is not keysmith's; keysmith will not write it",
-                    account.spec.secret.name
-                ));
-                None
-            }
-            SecretOwnership::Absent => None,
-        };
+        let target =
+            observe::observe_target(gathered.provider.as_ref(), &gathered.request).await.map_err(|(_, error)| error)?;
         let status = account.status.clone().unwrap_or_default();
-        let decided = plan::plan(&plan_input(
-            now(),
-            &account,
-            &status,
-            &target,
-            &desired,
-            secret_key_id.as_deref(),
-            schedule.as_ref(),
-            max_keys(&connection, provider.as_ref()),
-        ));
+        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);
         }
-        result.changes = decided.actions.iter().map(|a| describe(a, provider.name(), &request.name)).collect();
+        let provider = gathered.provider.name();
+        result.changes = decided.actions.iter().map(|a| describe(a, provider, &gathered.request.name)).collect();
         plans.push(result);
     }
     Ok(plans)
+}
+
+/// Where `keysmith plan` observes: the apiserver, with the file's
+/// AppConnections, RoleBindings and KeyRotationPolicies laid over it.
+/// ClusterAppConnections come from the cluster only.
+struct PlanSource {
+    registry: ProviderRegistry,
+    client: Client,
+    bindings: Vec<RoleBinding>,
+    policies: Vec<KeyRotationPolicy>,
+    connections: Vec<AppConnection>,
+}
+
+fn in_file<'a, K: ResourceExt>(objects: &'a [K], namespace: &str, name: &str) -> Option<&'a K> {
+    objects.iter().find(|o| o.name_any() == name && o.namespace().as_deref() == Some(namespace))
+}
+
+#[async_trait::async_trait]
+impl Source for PlanSource {
+    fn tenancy(&self) -> &crate::tenancy::Tenancy {
+        self.registry.tenancy()
+    }
+
+    async fn app_connection(&self, namespace: &str, name: &str) -> Result<Option<Arc<AppConnection>>, Error> {
+        Ok(match in_file(&self.connections, namespace, name) {
+            Some(c) => Some(Arc::new(c.clone())),
+            None => Api::<AppConnection>::namespaced(self.client.clone(), namespace).get_opt(name).await?.map(Arc::new),
+        })
+    }
+
+    async fn cluster_connection(&self, name: &str) -> Result<Option<Arc<ClusterAppConnection>>, Error> {
+        Ok(Api::<ClusterAppConnection>::all(self.client.clone()).get_opt(name).await?.map(Arc::new))
+    }
+
+    async fn namespace_labels(&self, namespace: &str) -> Result<Option<BTreeMap<String, String>>, Error> {
+        let ns = Api::<Namespace>::all(self.client.clone()).get_metadata_opt(namespace).await?;
+        Ok(ns.map(|ns| ns.labels().clone()))
+    }
+
+    async fn provider(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
+        self.registry.provider_for(connection).await
+    }
+
+    async fn rotation_policy(&self, namespace: &str, name: &str) -> Result<Option<Arc<KeyRotationPolicy>>, Error> {
+        Ok(match in_file(&self.policies, namespace, name) {
+            Some(p) => Some(Arc::new(p.clone())),
+            None => {
+                Api::<KeyRotationPolicy>::namespaced(self.client.clone(), namespace).get_opt(name).await?.map(Arc::new)
+            }
+        })
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<ObjectMeta>, Error> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        Ok(api.get_metadata_opt(name).await?.map(|m| m.metadata))
+    }
+
+    /// The cluster's, with the file's replacing same-named ones.
+    async fn bindings(&self, namespace: &str) -> Result<Vec<Arc<RoleBinding>>, Error> {
+        let mut bindings: BTreeMap<String, RoleBinding> =
+            Api::<RoleBinding>::namespaced(self.client.clone(), namespace)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .map(|b| (b.name_any(), b))
+                .collect();
+        for b in self.bindings.iter().filter(|b| b.namespace().as_deref() == Some(namespace)) {
+            bindings.insert(b.name_any(), b.clone());
+        }
+        Ok(bindings.into_values().map(Arc::new).collect())
+    }
 }
 
 fn describe(action: &Action, provider: &str, account: &str) -> String {
@@ -368,63 +406,6 @@ fn describe(action: &Action, provider: &str, account: &str) -> String {
         Action::AdoptPublished { id } => format!("~ record key {id}, already in the Secret, as published"),
         Action::Rotate { reason, .. } => format!("+ issue and publish a new key ({})", reason.as_str()),
     }
-}
-
-async fn resolve(
-    client: &Client,
-    account: &IntegrationAccount,
-    file_connections: &[AppConnection],
-    file_cluster_connections: &[ClusterAppConnection],
-    tenancy: &crate::tenancy::Tenancy,
-) -> anyhow::Result<Result<ResolvedConnection, String>> {
-    let reference = &account.spec.connection_ref;
-    let ns = account.namespace().unwrap_or_default();
-    Ok(match reference.kind {
-        ConnectionKind::AppConnection => {
-            let found = match file_connections
-                .iter()
-                .find(|c| c.name_any() == reference.name && c.namespace().as_deref() == Some(ns.as_str()))
-            {
-                Some(c) => Some(c.clone()),
-                None => Api::<AppConnection>::namespaced(client.clone(), &ns).get_opt(&reference.name).await?,
-            };
-            match found {
-                Some(c) => ResolvedConnection::namespaced(&c, tenancy).map_err(|p| p.message),
-                None => Err(format!("AppConnection {ns}/{} does not exist", reference.name)),
-            }
-        }
-        ConnectionKind::ClusterAppConnection => {
-            // Only as a cluster admin applied it: a file's ClusterAppConnection
-            // would have plan read any Secret it names, with the credentials
-            // of whoever runs it, and send it wherever the file says.
-            let found = Api::<ClusterAppConnection>::all(client.clone()).get_opt(&reference.name).await?;
-            let Some(c) = found else {
-                let in_file = file_cluster_connections.iter().any(|c| c.name_any() == reference.name);
-                return Ok(Err(if in_file {
-                    format!(
-                        "ClusterAppConnection {} is only in the file: keysmith plan uses ClusterAppConnections as they are in the cluster",
-                        reference.name
-                    )
-                } else {
-                    format!("ClusterAppConnection {} does not exist", reference.name)
-                }));
-            };
-            let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).get_opt(&ns).await?;
-            let admitted = match (&c.spec.namespace_selector, namespace) {
-                (Some(selector), Some(namespace)) => kube::core::Selector::try_from(selector.clone())
-                    .map(|s| s.matches(namespace.labels()))
-                    .unwrap_or(false),
-                _ => false,
-            };
-            if !admitted {
-                return Ok(Err(format!(
-                    "ClusterAppConnection {}'s namespaceSelector does not admit namespace {ns}",
-                    reference.name
-                )));
-            }
-            Ok(ResolvedConnection::cluster(&c))
-        }
-    })
 }
 
 /// Renders plans for people.

@@ -198,5 +198,21 @@ async fn plan_shows_changes_without_making_them() {
     assert!(ok);
     let plans: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(plans.as_array().unwrap().len(), 3);
+
+    // plan observes through the operator's own observe step, so a
+    // suspended account plans what the operator would do: nothing.
+    let paused = dir.path().join("paused.yaml");
+    std::fs::write(
+        &paused,
+        format!(
+            "apiVersion: keysmith.dev/v1alpha1\nkind: IntegrationAccount\nmetadata: {{name: paused, namespace: {ns}}}\nspec:\n  connectionRef: {{name: cluster}}\n  secret: {{name: paused-key}}\n  suspend: true\n",
+            ns = ns.name
+        ),
+    )
+    .unwrap();
+    let (ok, text, err) = keysmith(cp, &["plan", "-f", paused.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(text.contains("! spec.suspend is true: keysmith makes no changes in the target app"), "{text}");
+    assert!(!text.contains("+ create"), "{text}");
     ns.delete().await;
 }

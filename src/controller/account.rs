@@ -1,8 +1,16 @@
 //! The IntegrationAccount controller: the one writer per external account.
 //!
-//! observe (target app, caches) → [`plan`](super::plan) (pure) → apply
-//! (provider calls, the output Secret, restarts) → status (written only when
-//! it changed).
+//! One reconcile is four steps with typed hand-offs:
+//!
+//! 1. **observe**: [`observe::gather`] reads the cluster's side into one
+//!    [`Gathered`] value (shared with `keysmith plan` through
+//!    [`observe::Source`]), then [`observe::observe_target`] asks the target
+//!    app;
+//! 2. **plan**: [`plan::plan`] (pure) decides the actions;
+//! 3. **apply**: [`Apply`] performs them, tells [`plan::lifecycle::record`]
+//!    what happened to each key, and reports an [`Applied`];
+//! 4. **status**: [`status::after_apply`] and [`status::ready`] (pure) say
+//!    what status holds; it is written only when it changed.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -11,13 +19,13 @@ use jiff::Timestamp;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
-        core::v1::{Namespace, Secret},
+        core::v1::Secret,
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
     api::{Patch, PatchParams},
-    core::{PartialObjectMeta, SelectorExt},
+    core::PartialObjectMeta,
     runtime::{controller::Action as Requeue, events::EventType, reflector::ObjectRef, watcher, Controller},
     Api, Resource, ResourceExt,
 };
@@ -25,38 +33,35 @@ use serde_json::json;
 
 use super::{
     conditions::{merge_conditions, ConditionUpdate},
-    plan::{self, Action, Plan, PlanInput, RotationReason, DEFAULT_GRACE_PERIOD, DEFAULT_KEY_LIFETIME},
-    secret::{self as output, SecretOwnership},
+    observe::{self, Gathered, Halt, Source},
+    plan::{
+        self,
+        lifecycle::{self, whole_seconds, KeyEvent},
+        Action, Plan, RotationReason, DEFAULT_KEY_LIFETIME,
+    },
+    secret as output,
+    status::{self, Applied},
     stream::{generation, hash_of},
     succeeded, Context, Error, Stores,
 };
 use crate::{
     api::{
-        condition_types::*, ConnectionKind, CurrentKey, DeletionPolicy, ExternalAccount, IntegrationAccount,
-        IntegrationAccountStatus, KeyRecord, KeyState, PendingOperation, RestartTargetKind,
+        condition_types::*, ConnectionKind, DeletionPolicy, IntegrationAccount, IntegrationAccountStatus,
+        RestartTargetKind,
     },
     ownership::FIELD_MANAGER,
-    policy::RolePolicy,
-    provider::{
-        AccountRequest, KeyRequest, ObservedAccount, ObservedKey, Provider, ProviderError, ResolvedConnection,
-        RoleGrant,
-    },
+    provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
-    tenancy::{self, ScopePolicy},
 };
 
 /// The finalizer that lets keysmith deprovision before an account goes away.
 pub const FINALIZER: &str = "keysmith.dev/deprovision";
-/// Set this annotation to a new value (a timestamp, say) to rotate now.
-pub const ROTATE_NOW_ANNOTATION: &str = "keysmith.dev/rotate-now";
+pub use super::observe::ROTATE_NOW_ANNOTATION;
 /// The pod-template annotation that rolls a restart target.
 pub const RESTARTED_AT_ANNOTATION: &str = "keysmith.dev/restartedAt";
 /// How often an unchanged account is checked for drift in the target app,
 /// unless `--drift-check-interval` says otherwise.
 pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(600);
-/// How many revoked key records status keeps as an audit trail.
-const REVOKED_RECORDS_KEPT: usize = 5;
-
 /// What retriggers an account: its spec, the rotate-now annotation, its
 /// deletion and finalizers. Status updates do not.
 fn trigger_key(account: &IntegrationAccount) -> u64 {
@@ -137,10 +142,6 @@ pub fn controller(
 /// Whole seconds: what the apiserver stores, so recomputed times compare equal.
 pub fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
-}
-
-fn whole_seconds(t: Timestamp) -> Timestamp {
-    Timestamp::from_second(t.as_second()).unwrap_or(t)
 }
 
 /// Reconciles one IntegrationAccount.
@@ -268,24 +269,7 @@ impl Run {
     }
 
     fn finish(&mut self, account: &IntegrationAccount) -> IntegrationAccountStatus {
-        let failing: Vec<&ConditionUpdate> = self
-            .conditions
-            .iter()
-            .filter(|c| [ACCOUNT_READY, ROLES_SYNCED, KEY_READY].contains(&c.type_) && !c.status)
-            .collect();
-        let ready = if account.spec.suspend {
-            ConditionUpdate::falsy(
-                READY,
-                "Suspended",
-                "spec.suspend is true: keysmith makes no changes in the target app",
-            )
-        } else if let Some(first) = failing.first() {
-            ConditionUpdate::falsy(READY, first.reason.clone(), first.message.clone())
-        } else if self.conditions.iter().filter(|c| c.status).count() >= 3 {
-            ConditionUpdate::truthy(READY, "Ready", "the account, its roles and its key are in place")
-        } else {
-            ConditionUpdate::falsy(READY, "Reconciling", "keysmith is still working on this account")
-        };
+        let ready = status::ready(account.spec.suspend, &self.conditions);
         self.conditions.push(ready);
         let time = Time(self.now);
         self.status.common.conditions =
@@ -295,295 +279,23 @@ impl Run {
     }
 }
 
-/// The account request the provider acts on. The account's name in the
-/// target app is the one it was created under (recorded in status), else
-/// its `providerOptions.name` or own name, put through the connection's
-/// naming template (ClusterAppConnections: see [`ResolvedConnection::name_template`]).
-pub fn account_request(account: &IntegrationAccount, connection: &ResolvedConnection) -> AccountRequest {
-    let namespace = account.namespace().unwrap_or_default();
-    AccountRequest {
-        name: recorded_name(account).unwrap_or_else(|| wanted_name(account, connection)),
-        namespace,
-        account_name: account.name_any(),
-        owner_uid: account.uid().unwrap_or_default(),
-        description: account.spec.description.clone(),
-        owner: account.spec.owner.clone(),
-        options: account.spec.provider_options.clone(),
-    }
-}
-
-/// The name the account was created under in the target app, if it was
-/// created. One created before names were recorded kept its requested name.
-fn recorded_name(account: &IntegrationAccount) -> Option<String> {
-    let external = account.status.as_ref()?.account.as_ref()?;
-    Some(external.account_name.clone().unwrap_or_else(|| requested_name(account)))
-}
-
-/// `providerOptions.name`, else the IntegrationAccount's own name.
-fn requested_name(account: &IntegrationAccount) -> String {
-    account.spec.provider_options.get("name").cloned().unwrap_or_else(|| account.name_any())
-}
-
-/// The name the spec and the connection give a new account in the target app.
-fn wanted_name(account: &IntegrationAccount, connection: &ResolvedConnection) -> String {
-    let requested = requested_name(account);
-    match connection.name_template() {
-        Some(template) => tenancy::account_name(&template, &account.namespace().unwrap_or_default(), &requested),
-        None => requested,
-    }
-}
-
-pub use crate::tenancy::ConnectionProblem;
-
-/// Finds the account's connection and checks the account may use it.
-pub async fn resolve_connection(
-    account: &IntegrationAccount,
-    ctx: &Context,
-) -> Result<Result<ResolvedConnection, ConnectionProblem>, Error> {
-    let reference = &account.spec.connection_ref;
-    let namespace = account.namespace().unwrap_or_default();
-    match reference.kind {
-        ConnectionKind::AppConnection => {
-            let found = ctx.stores.connections.get(&ObjectRef::new(&reference.name).within(&namespace));
-            Ok(match found {
-                Some(conn) => ResolvedConnection::namespaced(&conn, ctx.providers.tenancy()),
-                None => Err(ConnectionProblem {
-                    reason: "ConnectionNotFound",
-                    message: format!("AppConnection {namespace}/{} does not exist", reference.name),
-                }),
-            })
-        }
-        ConnectionKind::ClusterAppConnection => {
-            let Some(conn) = ctx.stores.cluster_connections.get(&ObjectRef::new(&reference.name)) else {
-                return Ok(Err(ConnectionProblem {
-                    reason: "ConnectionNotFound",
-                    message: format!("ClusterAppConnection {} does not exist", reference.name),
-                }));
-            };
-            let admitted = match &conn.spec.namespace_selector {
-                None => false,
-                Some(selector) => {
-                    let ns = Api::<Namespace>::all(ctx.client.clone()).get(&namespace).await?;
-                    kube::core::Selector::try_from(selector.clone()).map(|s| s.matches(ns.labels())).unwrap_or(false)
-                }
-            };
-            if !admitted {
-                return Ok(Err(ConnectionProblem {
-                    reason: "ConnectionNotAdmitted",
-                    message: format!(
-                        "ClusterAppConnection {}'s namespaceSelector does not admit namespace {namespace}",
-                        reference.name
-                    ),
-                }));
-            }
-            Ok(Ok(ResolvedConnection::cluster(&conn)))
-        }
-    }
-}
-
-/// The provider for `connection`, given its annotations from the caches (the
-/// no-op provider marker, see [`crate::provider::noop`]).
-pub async fn provider_for(ctx: &Context, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
-    let annotations = match connection.kind {
-        ConnectionKind::AppConnection => ctx
-            .stores
-            .connections
-            .get(&ObjectRef::new(&connection.name).within(connection.namespace.as_deref().unwrap_or_default()))
-            .map(|c| c.annotations().clone()),
-        ConnectionKind::ClusterAppConnection => {
-            ctx.stores.cluster_connections.get(&ObjectRef::new(&connection.name)).map(|c| c.annotations().clone())
-        }
-    }
-    .unwrap_or_default();
-    ctx.providers.provider_for_annotated(connection, &annotations).await
-}
-
-/// The roles the account's RoleBindings grant, after the connection's
-/// policy (allowed and denied roles, allowed scopes), with each grant's
-/// scope made explicit.
-pub fn desired_roles<'a>(
-    account: &IntegrationAccount,
-    bindings: impl IntoIterator<Item = &'a crate::api::RoleBinding>,
-    connection: &ResolvedConnection,
-    default_scope: Option<String>,
-) -> BTreeSet<RoleGrant> {
-    let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());
-    let namespace = account.namespace();
-    let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), namespace.as_deref().unwrap_or_default());
-    bindings
-        .into_iter()
-        .filter(|b| b.namespace() == namespace && b.spec.account_ref.name == account.name_any())
-        .filter(|b| b.meta().deletion_timestamp.is_none())
-        .flat_map(|b| {
-            let scope = b.spec.scope.clone().filter(|s| !s.is_empty()).or_else(|| default_scope.clone());
-            b.spec
-                .roles
-                .iter()
-                .map(move |role| RoleGrant { role: role.clone(), scope: scope.clone() })
-                .collect::<Vec<_>>()
-        })
-        .filter(|grant| policy.check(&grant.role).is_allowed())
-        .filter(|grant| grant.scope.as_deref().is_none_or(|s| scopes.allows(s)))
-        .collect()
-}
-
-/// Why the account may not be (or stay) where its spec and connection put
-/// it: a name other than the one it was created under, or (kubernetes) a
-/// ServiceAccount namespace the connection's allowedScopes does not allow.
-fn naming_problem(
-    account: &IntegrationAccount,
-    connection: &ResolvedConnection,
-    provider: &dyn Provider,
-    request: &AccountRequest,
-) -> Option<ConnectionProblem> {
-    let requested = requested_name(account);
-    let recorded = account.status.as_ref().and_then(|s| s.account.as_ref()).and_then(|a| a.requested_name.clone());
-    if let Some(recorded) = recorded.filter(|r| *r != requested) {
-        return Some(ConnectionProblem {
-            reason: "AccountNameChanged",
-            message: format!(
-                "the account was created in the target app as {:?} for the name {recorded:?}; providerOptions.name now asks for {requested:?}. An account is never renamed: restore providerOptions.name, or create a new IntegrationAccount",
-                request.name
-            ),
-        });
-    }
-    let home = provider.default_scope(request)?;
-    let scopes = ScopePolicy::new(connection.spec.policy.as_ref(), &request.namespace);
-    (!scopes.allows(&home)).then(|| ConnectionProblem {
-        reason: "NamespaceNotAllowed",
-        message: format!(
-            "the account would live in namespace {home:?} (providerOptions.namespace), which {}'s policy.allowedScopes does not allow; only the IntegrationAccount's own namespace {} and the namespaces listed there may be used",
-            connection.display(),
-            request.namespace
-        ),
-    })
-}
-
-/// What the target app says of an account: the account, and, when keysmith
-/// owns it, its roles and keys. The operator and `keysmith plan` observe
-/// through this one step.
-#[derive(Debug, Clone, Default)]
-pub struct TargetObservation {
-    /// The account, if it exists.
-    pub account: Option<ObservedAccount>,
-    /// Its roles (none read unless keysmith owns it).
-    pub roles: BTreeSet<RoleGrant>,
-    /// Its keys (none read unless keysmith owns it).
-    pub keys: Vec<ObservedKey>,
-}
-
-/// Observes the account in the target app; a failure names the condition
-/// it concerns (AccountReady, RolesSynced or KeyReady).
-pub async fn observe_target(
-    provider: &dyn Provider,
-    request: &AccountRequest,
-) -> Result<TargetObservation, (&'static str, ProviderError)> {
-    let account = provider.observe_account(request).await.map_err(|e| (ACCOUNT_READY, e))?;
-    if !account.as_ref().is_some_and(|a| a.owned) {
-        return Ok(TargetObservation { account, ..TargetObservation::default() });
-    }
-    let roles = provider.list_roles(request).await.map_err(|e| (ROLES_SYNCED, e))?;
-    let keys = provider.list_keys(request).await.map_err(|e| (KEY_READY, e))?;
-    Ok(TargetObservation { account, roles: roles.into_iter().collect(), keys })
-}
-
-/// The planner's input from an account, its status and what was observed:
-/// the operator and `keysmith plan` decide from the same facts.
-#[allow(clippy::too_many_arguments)]
-pub fn plan_input<'a>(
-    now: Timestamp,
-    account: &'a IntegrationAccount,
-    status: &'a IntegrationAccountStatus,
-    target: &'a TargetObservation,
-    desired_roles: &'a BTreeSet<RoleGrant>,
-    secret_key_id: Option<&'a str>,
-    schedule: Option<&'a RotationSchedule>,
-    max_keys: usize,
-) -> PlanInput<'a> {
-    PlanInput {
-        now,
-        account: target.account.as_ref(),
-        desired_roles,
-        observed_roles: &target.roles,
-        observed_keys: &target.keys,
-        records: &status.keys,
-        current: status.current_key.as_ref(),
-        secret_key_id,
-        schedule,
-        seed: account.metadata.uid.as_deref().unwrap_or_default(),
-        rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
-        last_rotation_request: status.last_rotation_request.as_deref(),
-        max_keys,
-    }
-}
-
-/// Everything between "the object exists" and "status is written".
+/// Everything between "the object exists" and "status is written": observe
+/// (gather, then the target app), plan, apply, status.
 async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) -> Result<Requeue, Error> {
-    // connectionRef is immutable: the CRD's CEL rule has the apiserver
-    // refuse any change (tests/api.rs), so the connection is the one the
-    // account was provisioned under.
-    let connection = match resolve_connection(account, ctx).await? {
-        Ok(connection) => connection,
-        Err(problem) => {
-            run.condition(ConditionUpdate::falsy(ACCOUNT_READY, problem.reason, problem.message));
+    let gathered = match observe::gather(account, ctx).await? {
+        Ok(gathered) => gathered,
+        Err(Halt::Problem(problem)) => {
+            run.condition(ConditionUpdate::falsy(problem.condition, problem.reason, problem.message));
             return Ok(Requeue::await_change());
         }
+        Err(Halt::Suspended) => return Ok(Requeue::await_change()),
+        Err(Halt::Provider(error)) => return provider_failed(run, ACCOUNT_READY, error),
     };
-    if account.spec.suspend {
-        return Ok(Requeue::await_change());
+    let Gathered { connection, provider, request, schedule, .. } = &gathered;
+    if let Some(problem) = &gathered.policy_problem {
+        run.condition(ConditionUpdate::falsy(problem.condition, problem.reason, problem.message.clone()));
     }
-    let provider = match provider_for(ctx, &connection).await {
-        Ok(provider) => provider,
-        Err(error) => return provider_failed(run, ACCOUNT_READY, error),
-    };
-    let request = account_request(account, &connection);
-    if let Some(problem) = naming_problem(account, &connection, provider.as_ref(), &request) {
-        run.condition(ConditionUpdate::falsy(ACCOUNT_READY, problem.reason, problem.message));
-        return Ok(Requeue::await_change());
-    }
-
-    // The rotation policy, if any.
-    let schedule = match &account.spec.rotation_policy_ref {
-        None => None,
-        Some(reference) => {
-            let key = ObjectRef::new(&reference.name).within(&request.namespace);
-            match ctx.stores.policies.get(&key) {
-                None => {
-                    run.condition(ConditionUpdate::falsy(
-                        KEY_READY,
-                        "RotationPolicyNotFound",
-                        format!("KeyRotationPolicy {} does not exist", reference.name),
-                    ));
-                    None
-                }
-                Some(policy) => match RotationSchedule::from_spec(&policy.spec) {
-                    Ok(schedule) => Some(schedule),
-                    Err(problems) => {
-                        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                        run.condition(ConditionUpdate::falsy(
-                            KEY_READY,
-                            "RotationPolicyInvalid",
-                            format!("KeyRotationPolicy {}: {}", reference.name, messages.join("; ")),
-                        ));
-                        None
-                    }
-                },
-            }
-        }
-    };
-    let keys_blocked = run.conditions.iter().any(|c| c.type_ == KEY_READY && !c.status);
-
-    // The output Secret.
-    let secret_meta = ctx.stores.secrets.get(&ObjectRef::new(&account.spec.secret.name).within(&request.namespace));
-    let ownership = output::ownership(secret_meta.as_ref().map(|m| &m.metadata), &request.owner_uid);
-    let secret_key_id = match &ownership {
-        SecretOwnership::Ours { key_id } => key_id.clone(),
-        SecretOwnership::Absent => None,
-        SecretOwnership::Foreign => None,
-    };
-    let secret_foreign = ownership == SecretOwnership::Foreign
-        || (ownership == SecretOwnership::Absent && secret_exists_unlabelled(ctx, account).await?);
-    if secret_foreign {
+    if gathered.secret.foreign {
         run.condition(ConditionUpdate::falsy(
             KEY_READY,
             "SecretNotOwned",
@@ -594,13 +306,6 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         ));
     }
 
-    let desired = desired_roles(
-        account,
-        ctx.stores.bindings.state().iter().map(|b| b.as_ref()),
-        &connection,
-        provider.default_scope(&request),
-    );
-
     // A reconcile right after one that converged (triggered by its own
     // status and Secret writes, or by a change that does not concern this
     // account) has nothing to learn from the target app: skip it until the
@@ -608,8 +313,8 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // A changed rotation policy alone needs no look either: the next
     // rotation is recomputed from the current key, and a rotation now due
     // takes the full path.
-    let inputs = inputs_hash(account, &connection, &desired, secret_foreign);
-    let current = fingerprint(inputs, &run.status, secret_key_id.as_deref());
+    let inputs = inputs_hash(account, connection, &gathered.desired, gathered.secret.foreign);
+    let current = fingerprint(inputs, &run.status, gathered.secret.key_id.as_deref());
     let next_rotation = run
         .status
         .current_key
@@ -617,7 +322,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         .and_then(|c| plan::next_rotation(schedule.as_ref(), c, &request.owner_uid).map(whole_seconds));
     let rotation_in = next_rotation.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO));
     match ctx.converged_for(&run.key, current) {
-        Some(left) if !keys_blocked && rotation_in.is_none_or(|d| !d.is_zero()) => {
+        Some(left) if gathered.policy_problem.is_none() && rotation_in.is_none_or(|d| !d.is_zero()) => {
             for type_ in [ACCOUNT_READY, ROLES_SYNCED, KEY_READY] {
                 if let Some(c) = run.status.common.conditions.iter().find(|c| c.type_ == type_) {
                     let kept = ConditionUpdate::truthy(type_, c.reason.clone(), c.message.clone());
@@ -634,124 +339,66 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     }
 
     // Observe the target app, then decide.
-    let target = match observe_target(provider.as_ref(), &request).await {
+    let target = match observe::observe_target(provider.as_ref(), request).await {
         Ok(target) => target,
         Err((condition, error)) => return provider_failed(run, condition, error),
     };
-    let max_keys = max_keys(&connection, provider.as_ref());
     let status = run.status.clone();
-    let plan = plan::plan(&plan_input(
-        run.now,
-        account,
-        &status,
-        &target,
-        &desired,
-        secret_key_id.as_deref(),
-        schedule.as_ref(),
-        max_keys,
-    ));
-    let TargetObservation { account: observed, roles: observed_roles, keys: observed_keys } = target;
+    let plan = plan::plan(&observe::plan_input(run.now, account, &status, &gathered, &target));
     if let Some(blocked) = &plan.blocked {
         run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
     }
 
+    // Apply, then status from what is now true.
     let mut apply = Apply {
         account,
         ctx,
         provider: provider.as_ref(),
-        request: &request,
-        connection: &connection,
+        request,
+        connection,
         schedule: schedule.as_ref(),
-        target_account: observed.clone(),
-        roles: observed_roles,
-        keys: observed_keys,
+        target_account: target.account,
+        roles: target.roles,
+        keys: target.keys,
         role_problem: None,
     };
-    let result = apply.run(&plan, run, keys_blocked || secret_foreign).await;
-    let roles_now = apply.roles.clone();
-    let account_now = apply.target_account.clone();
-    let role_problem = apply.role_problem.take();
-    let live_keys: BTreeSet<String> = apply.keys.iter().map(|k| k.id.clone()).collect();
-
-    // Status from what is now true.
-    if let Some(current) = account_now.filter(|a| a.owned) {
-        run.status.account = Some(ExternalAccount {
-            provider: provider.name().to_owned(),
-            id: current.id,
-            name: Some(current.name),
-            account_name: Some(request.name.clone()),
-            requested_name: Some(requested_name(account)),
-            disabled: current.disabled,
-            connection: Some(connection.display()),
-        });
-    }
-    run.status.roles =
-        roles_now.iter().map(|g| crate::api::GrantedRole { role: g.role.clone(), scope: g.scope.clone() }).collect();
-    if run.status.account.is_some()
-        && !result.as_ref().is_err_and(|e| matches!(e, Error::Provider(ProviderError::Transient { .. })))
-    {
-        run.condition(ConditionUpdate::truthy(
-            ACCOUNT_READY,
-            "Created",
-            format!("{} account {} exists", provider.name(), request.name),
-        ));
-    }
-    match role_problem {
-        Some(problem) => run.condition(ConditionUpdate::falsy(ROLES_SYNCED, "RoleNotGranted", problem)),
-        None if roles_now == desired => run.condition(ConditionUpdate::truthy(
-            ROLES_SYNCED,
-            "Synced",
-            format!("the account holds exactly the {} declared role(s)", desired.len()),
-        )),
-        None => {}
-    }
-    for record in &mut run.status.keys {
-        if matches!(record.state, KeyState::Published | KeyState::Retiring) && !live_keys.contains(&record.id) {
-            record.state = KeyState::Revoked;
-            record.revoked_at.get_or_insert(Time(run.now));
-            record.reason.get_or_insert_with(|| "GoneFromTarget".into());
-        }
-    }
-    prune_records(&mut run.status.keys);
-    let current = run.status.current_key.clone().filter(|c| live_keys.contains(&c.id));
-    run.status.next_rotation_at = current
-        .as_ref()
-        .and_then(|c| plan::next_rotation(schedule.as_ref(), c, &request.owner_uid).map(|t| Time(whole_seconds(t))));
-    if !run.conditions.iter().any(|c| c.type_ == KEY_READY) {
-        match &current {
-            Some(key) => run.condition(ConditionUpdate::truthy(
-                KEY_READY,
-                "Published",
-                format!("key {} is published in Secret {}", key.id, account.spec.secret.name),
-            )),
-            None => run.condition(ConditionUpdate::falsy(KEY_READY, "NoKey", "no key has been published yet")),
-        }
+    let result = apply.run(&plan, run, gathered.keys_blocked()).await;
+    let applied = Applied {
+        account: apply.target_account,
+        roles: apply.roles,
+        live_keys: apply.keys.iter().map(|k| k.id.clone()).collect(),
+        role_problem: apply.role_problem,
+        transient_failure: result
+            .as_ref()
+            .is_err_and(|e| matches!(e, Error::Provider(ProviderError::Transient { .. }))),
+    };
+    let requested = observe::requested_name(account);
+    let connection_name = connection.display();
+    let facts = status::Facts {
+        provider: provider.name(),
+        account_name: &request.name,
+        requested_name: &requested,
+        connection: &connection_name,
+        secret_name: &account.spec.secret.name,
+        desired: &gathered.desired,
+        schedule: schedule.as_ref(),
+        seed: &request.owner_uid,
+    };
+    let (status, conditions) = status::after_apply(run.status.clone(), &facts, &applied, &run.conditions, run.now);
+    run.status = status;
+    for condition in conditions {
+        run.condition(condition);
     }
     result?;
 
     // Come back when something is due, or for a drift check. The memo
     // stands until the next revocation or drift check; the next rotation is
     // recomputed on every skip (the policy may change).
-    let revoke_wake = [plan.wake_at]
-        .into_iter()
-        .flatten()
-        .chain(
-            run.status
-                .keys
-                .iter()
-                .filter(|k| k.state == KeyState::Retiring)
-                .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
-        )
-        .min();
-    let wake = [revoke_wake, run.status.next_rotation_at.as_ref().map(|t| t.0)].into_iter().flatten().min();
-    let until = |wake: Option<Timestamp>| {
-        wake.map(|t| Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO) + Duration::from_secs(1))
-            .unwrap_or(ctx.drift_check_interval)
-            .min(ctx.drift_check_interval)
-    };
-    run.memo = Memo::Observed { inputs, delay: until(revoke_wake) };
-    Ok(Requeue::requeue(until(wake)))
+    let wake = lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0));
+    let interval = ctx.drift_check_interval;
+    run.memo = Memo::Observed { inputs, delay: lifecycle::delay_until(wake.revocation, now(), interval) };
+    Ok(Requeue::requeue(lifecycle::delay_until(wake.next, now(), interval)))
 }
 
 /// Hashes what a reconcile acts on besides its own status, the output
@@ -796,35 +443,6 @@ fn provider_failed(run: &mut Run, condition: &'static str, error: ProviderError)
         ProviderError::Transient { .. } | ProviderError::Unauthorized(_) => Err(Error::Provider(error)),
         _ => Ok(Requeue::await_change()),
     }
-}
-
-/// The most keys an account may hold: the connection's limit, or the
-/// provider's if lower.
-pub fn max_keys(connection: &ResolvedConnection, provider: &dyn Provider) -> usize {
-    let ours = usize::try_from(connection.spec.max_keys_per_account.max(1)).unwrap_or(2);
-    match provider.capabilities().max_keys_per_account {
-        Some(theirs) => ours.min(usize::try_from(theirs).unwrap_or(ours)),
-        None => ours,
-    }
-}
-
-/// A Secret by that name that the label-selected cache cannot see is not ours.
-async fn secret_exists_unlabelled(ctx: &Context, account: &IntegrationAccount) -> Result<bool, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &account.namespace().unwrap_or_default());
-    Ok(api.get_metadata_opt(&account.spec.secret.name).await?.is_some())
-}
-
-fn prune_records(records: &mut Vec<KeyRecord>) {
-    records.sort_by_key(|r| std::cmp::Reverse(r.created_at.0));
-    let mut revoked_seen = 0;
-    records.retain(|r| {
-        if r.state == KeyState::Revoked {
-            revoked_seen += 1;
-            revoked_seen <= REVOKED_RECORDS_KEPT
-        } else {
-            true
-        }
-    });
 }
 
 /// Carries out a plan.
@@ -980,29 +598,7 @@ impl Apply<'_> {
             }
         }
         self.keys.retain(|k| k.id != id);
-        let now = Time(run.now);
-        match run.status.keys.iter_mut().find(|r| r.id == id) {
-            Some(record) => {
-                record.state = KeyState::Revoked;
-                record.revoked_at = Some(now);
-                record.reason = Some(reason.into());
-            }
-            None => run.status.keys.push(KeyRecord {
-                id: id.into(),
-                state: KeyState::Revoked,
-                created_at: now.clone(),
-                published_at: None,
-                retiring_at: None,
-                revoke_at: None,
-                revoked_at: Some(now),
-                expires_at: None,
-                restarted_at: None,
-                reason: Some(reason.into()),
-            }),
-        }
-        if run.status.pending.as_ref().is_some_and(|p| p.token == id) {
-            run.status.pending = None;
-        }
+        lifecycle::record(&mut run.status, KeyEvent::Revoked { id, reason }, run.now);
         self.changed("KeyRevoked", "RevokeKey", format!("revoked key {id} ({reason})"), Some(id)).await;
         Ok(())
     }
@@ -1032,20 +628,7 @@ impl Apply<'_> {
         let now = run.now;
         // Record the intent before the external create, so a crash between
         // issuing and publishing leaves a key the next reconcile can find.
-        run.status.pending =
-            Some(PendingOperation { operation: "IssueKey".into(), token: key_id.clone(), started_at: Time(now) });
-        run.status.keys.push(KeyRecord {
-            id: key_id.clone(),
-            state: KeyState::Pending,
-            created_at: Time(now),
-            published_at: None,
-            retiring_at: None,
-            revoke_at: None,
-            revoked_at: None,
-            expires_at: None,
-            restarted_at: None,
-            reason: Some(reason.as_str().into()),
-        });
+        lifecycle::record(&mut run.status, KeyEvent::Issuing { id: &key_id, reason }, now);
         let api: Api<IntegrationAccount> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
         run.write_status(&api, self.account, self.ctx).await?;
 
@@ -1066,14 +649,14 @@ impl Apply<'_> {
         };
         self.ctx.failpoints.hit("after-issue");
         self.keys.push(ObservedKey { id: issued.id.clone(), created_at: Some(now) });
-        if let Some(record) = run.status.keys.iter_mut().find(|r| r.id == key_id) {
-            record.id = issued.id.clone();
-            record.state = KeyState::Issued;
-            record.expires_at = issued.expires_at.map(|t| Time(whole_seconds(t)));
-        }
+        lifecycle::record(
+            &mut run.status,
+            KeyEvent::Issued { pending: &key_id, id: &issued.id, expires_at: issued.expires_at },
+            now,
+        );
         if let Err(error) = self.provider.verify_key(self.request, &issued).await {
             self.revoke_key(run, &issued.id, "VerificationFailed").await?;
-            run.status.pending = None;
+            lifecycle::record(&mut run.status, KeyEvent::Abandoned, now);
             return provider_failed(run, KEY_READY, error).map(|_| false);
         }
 
@@ -1082,7 +665,7 @@ impl Apply<'_> {
             Ok(secret) => secret,
             Err(invalid) => {
                 self.revoke_key(run, &issued.id, "NotPublishable").await?;
-                run.status.pending = None;
+                lifecycle::record(&mut run.status, KeyEvent::Abandoned, now);
                 run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", invalid.to_string()));
                 return Ok(false);
             }
@@ -1135,27 +718,13 @@ impl Apply<'_> {
         expires_at: Option<Timestamp>,
         revoke_previous_at_once: bool,
     ) -> Timestamp {
-        let now = run.now;
-        let grace = self.schedule.map(RotationSchedule::grace_period).unwrap_or(DEFAULT_GRACE_PERIOD);
-        let revoke_at = if revoke_previous_at_once { now } else { whole_seconds(plan::saturating_add(now, grace)) };
-        for record in &mut run.status.keys {
-            if record.id == id {
-                record.state = KeyState::Published;
-                record.published_at = Some(Time(now));
-            } else if matches!(record.state, KeyState::Published) {
-                record.state = KeyState::Retiring;
-                record.retiring_at = Some(Time(now));
-                record.revoke_at = Some(Time(revoke_at));
-                record.reason = Some("Rotated".into());
-            }
-        }
-        run.status.current_key = Some(CurrentKey {
-            id: id.to_owned(),
-            issued_at: Time(whole_seconds(issued_at)),
-            expires_at: expires_at.map(|t| Time(whole_seconds(t))),
-        });
-        run.status.pending = None;
-        revoke_at
+        let revoke_previous_at = lifecycle::revoke_previous_at(run.now, self.schedule, revoke_previous_at_once);
+        lifecycle::record(
+            &mut run.status,
+            KeyEvent::Published { id, issued_at, expires_at, revoke_previous_at },
+            run.now,
+        );
+        revoke_previous_at
     }
 
     /// The output Secret already holds a key status still calls pending:
@@ -1241,9 +810,7 @@ impl Apply<'_> {
                 }
             }
         }
-        if let Some(record) = run.status.keys.iter_mut().find(|r| r.id == key_id) {
-            record.restarted_at = Some(Time(run.now));
-        }
+        lifecycle::record(&mut run.status, KeyEvent::Restarted { id: key_id }, run.now);
     }
 }
 
@@ -1291,7 +858,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
         .await;
         return Ok(());
     }
-    let connection = match resolve_connection(account, ctx).await? {
+    let connection = match observe::resolve_connection(account, ctx).await? {
         Ok(connection) => connection,
         Err(problem) => {
             ctx.event(
@@ -1305,7 +872,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
             return Ok(());
         }
     };
-    let provider = match provider_for(ctx, &connection).await {
+    let provider = match Source::provider(ctx, &connection).await {
         Ok(provider) => provider,
         Err(ProviderError::Invalid(message)) => {
             ctx.event(
@@ -1320,7 +887,7 @@ async fn deprovision(account: &IntegrationAccount, ctx: &Context) -> Result<(), 
         }
         Err(error) => return Err(error.into()),
     };
-    let request = account_request(account, &connection);
+    let request = observe::account_request(account, &connection);
     match provider.observe_account(&request).await? {
         Some(observed) if observed.owned => {}
         _ => return Ok(()),
@@ -1395,6 +962,7 @@ fn audit(account: &IntegrationAccount, provider: &str, action: &str, key_id: Opt
 mod tests {
     use super::*;
     use crate::api::{ClusterAppConnection, IntegrationAccountSpec};
+    use crate::{api::ExternalAccount, controller::observe::account_request};
 
     fn integration_account(
         options: &[(&str, &str)],

@@ -14,8 +14,9 @@ use kube::{
 use serde_json::json;
 
 use super::{
-    account::{now, resolve_connection},
+    account::now,
     conditions::{merge_conditions, ConditionUpdate},
+    observe::resolve_connection,
     stream::{generation, hash_of},
     succeeded, Context, Error, Stores,
 };
@@ -119,7 +120,7 @@ pub async fn reconcile(binding: Arc<RoleBinding>, ctx: Arc<Context>) -> Result<R
         {
             return Ok(Requeue::await_change());
         }
-        Some(account) => match resolve_connection(&account, &ctx).await? {
+        Some(account) => match resolve_connection(&account, ctx.as_ref()).await? {
             Err(problem) => updates.push(ConditionUpdate::falsy(READY, problem.reason, problem.message)),
             Ok(connection) => {
                 let policy = RolePolicy::for_connection(connection.kind, connection.spec.policy.as_ref());

@@ -10,9 +10,11 @@ pub mod conditions;
 pub mod connection;
 mod context;
 mod error;
+pub mod observe;
 pub mod plan;
 pub mod rotation;
 pub mod secret;
+pub mod status;
 pub mod stream;
 
 use std::{
@@ -60,6 +62,11 @@ pub struct RunOptions {
     pub drift_check_interval: Duration,
     /// Who keysmith acts as for namespaced connections (see [`crate::tenancy`]).
     pub tenancy: crate::tenancy::Tenancy,
+    /// In-process tests only: the provider connections marked for the no-op
+    /// provider get instead (see [`crate::provider::noop`]; the same two
+    /// switches apply). Not in the operator's build.
+    #[cfg(feature = "dev")]
+    pub fake_provider: Option<crate::provider::FakeProvider>,
 }
 
 impl Default for RunOptions {
@@ -70,6 +77,8 @@ impl Default for RunOptions {
             namespace: None,
             drift_check_interval: account::DRIFT_CHECK_INTERVAL,
             tenancy: crate::tenancy::Tenancy::default(),
+            #[cfg(feature = "dev")]
+            fake_provider: None,
         }
     }
 }
@@ -146,11 +155,17 @@ pub async fn run_with(
         secrets: secrets.store.clone(),
     };
     let reporter = Reporter { controller: options.controller_name.clone(), instance: std::env::var("POD_NAME").ok() };
+    let registry = ProviderRegistry::new(client.clone(), config)
+        .with_metrics(metrics.clone())
+        .with_tenancy(options.tenancy.clone());
+    #[cfg(feature = "dev")]
+    let registry = match options.fake_provider.clone() {
+        Some(fake) => registry.with_fake(fake),
+        None => registry,
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
-        ProviderRegistry::new(client.clone(), config)
-            .with_metrics(metrics.clone())
-            .with_tenancy(options.tenancy.clone()),
+        registry,
         Recorder::new(client.clone(), reporter),
         stores.clone(),
         metrics.clone(),

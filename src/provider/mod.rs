@@ -240,3 +240,16 @@ pub trait Provider: Send + Sync {
     /// Proves a freshly issued key works by using it against the target.
     async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError>;
 }
+
+/// A provider an in-process test hands the operator (see
+/// [`crate::controller::RunOptions::fake_provider`]).
+#[cfg(feature = "dev")]
+#[derive(Clone)]
+pub struct FakeProvider(pub std::sync::Arc<dyn Provider>);
+
+#[cfg(feature = "dev")]
+impl std::fmt::Debug for FakeProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("FakeProvider").field(&self.0.name()).finish()
+    }
+}

@@ -139,6 +139,9 @@ pub struct ProviderRegistry {
     /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1`: connections annotated
     /// `keysmith.dev/noop-provider: "true"` get the no-op provider.
     noop_enabled: bool,
+    /// In-process tests: what a connection marked for the no-op provider gets.
+    #[cfg(feature = "dev")]
+    fake: Option<super::FakeProvider>,
 }
 
 impl ProviderRegistry {
@@ -166,7 +169,29 @@ impl ProviderRegistry {
             observer: None,
             tenancy: tenancy::Tenancy::default(),
             noop_enabled,
+            #[cfg(feature = "dev")]
+            fake: None,
         }
+    }
+
+    /// In-process tests: connections marked for the no-op provider (both
+    /// switches still apply) get `fake` instead.
+    #[cfg(feature = "dev")]
+    pub fn with_fake(mut self, fake: super::FakeProvider) -> Self {
+        self.fake = Some(fake);
+        self
+    }
+
+    /// The no-op provider for `connection`, or the test's fake.
+    async fn noop_for(&self, connection: &ResolvedConnection) -> Result<Arc<dyn Provider>, ProviderError> {
+        #[cfg(feature = "dev")]
+        if let Some(fake) = &self.fake {
+            return Ok(fake.0.clone());
+        }
+        self.cached(format!("noop/{}", connection.uid), || async {
+            Ok(Arc::new(NoopProvider::new()) as Arc<dyn Provider>)
+        })
+        .await
     }
 
     /// Acts for namespaced connections as `tenancy` says (flags).
@@ -201,10 +226,7 @@ impl ProviderRegistry {
         annotations: &std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<dyn Provider>, ProviderError> {
         let provider = if self.noop_enabled && noop::requested(annotations) {
-            self.cached(format!("noop/{}", connection.uid), || async {
-                Ok(Arc::new(NoopProvider::new()) as Arc<dyn Provider>)
-            })
-            .await?
+            self.noop_for(connection).await?
         } else {
             self.build(connection).await?
         };

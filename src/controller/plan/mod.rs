@@ -2,6 +2,8 @@
 //! was observed in the target app, the status and the clock, decide what to
 //! do. No I/O here, so every timing and diff rule is unit-tested.
 
+pub mod lifecycle;
+
 use std::{collections::BTreeSet, time::Duration};
 
 use jiff::Timestamp;
