@@ -313,7 +313,7 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         let target =
             observe::observe_target(gathered.provider.as_ref(), &gathered.request).await.map_err(|(_, error)| error)?;
         let status = account.status.clone().unwrap_or_default();
-        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target));
+        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target, None));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);
         }
@@ -404,6 +404,7 @@ fn describe(action: &Action, provider: &str, account: &str) -> String {
         Action::Revoke(grant) => format!("- revoke {grant}"),
         Action::RevokeKey { id, reason } => format!("- revoke key {id} ({})", reason.as_str()),
         Action::AdoptPublished { id } => format!("~ record key {id}, already in the Secret, as published"),
+        Action::Publish { id } => format!("~ publish key {id}, issued earlier"),
         Action::Rotate { reason, .. } => format!("+ issue and publish a new key ({})", reason.as_str()),
     }
 }

@@ -80,7 +80,8 @@ const AUDIT_LOG_MAX_SIZE_MB: u32 = 1024 * 1024;
 const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
                            serviceaccount-token-controller,root-ca-certificate-publisher-controller,\
                            legacy-serviceaccount-token-cleaner-controller,clusterrole-aggregation-controller,\
-                           deployment-controller,replicaset-controller,statefulset-controller,daemonset-controller";
+                           deployment-controller,replicaset-controller,statefulset-controller,daemonset-controller,\
+                           resourcequota-controller";
 
 /// Watches `$1` (our pid); once it is gone, kills every pid listed in
 /// `$2/pids` and removes the directory `$2`.

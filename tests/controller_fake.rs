@@ -8,124 +8,19 @@
 
 mod common;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use common::{apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account, TestNamespace};
+use common::{
+    apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account, recording::Recording,
+    TestNamespace,
+};
 use k8s_openapi::api::core::v1::Secret;
 use keysmith::{
     api::{IntegrationAccount, KeyState},
     controller::{self, RunOptions, Telemetry},
-    provider::{
-        noop::NoopProvider, AccountRequest, Capabilities, FakeProvider, IssuedKey, KeyRequest, ObservedAccount,
-        ObservedKey, Provider, ProviderError, RoleGrant,
-    },
+    provider::FakeProvider,
 };
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-
-/// The no-op provider's in-memory target app, with a journal of every call
-/// (`operation account args`) and one-shot faults by operation.
-#[derive(Default)]
-struct Recording {
-    inner: NoopProvider,
-    journal: Mutex<Vec<String>>,
-    faults: Mutex<HashMap<&'static str, String>>,
-}
-
-impl Recording {
-    fn note(&self, operation: &'static str, account: &AccountRequest, args: &str) -> Result<(), ProviderError> {
-        self.journal.lock().unwrap().push(format!("{operation} {} {args}", account.account_name).trim_end().to_owned());
-        match self.faults.lock().unwrap().remove(operation) {
-            Some(message) => Err(ProviderError::Invalid(message)),
-            None => Ok(()),
-        }
-    }
-
-    fn fail_next(&self, operation: &'static str, message: &str) {
-        self.faults.lock().unwrap().insert(operation, message.into());
-    }
-
-    /// The calls so far that change something, for `account`.
-    fn changes(&self, account: &str) -> Vec<String> {
-        self.journal
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.split(' ').nth(1) == Some(account))
-            .filter(|c| !c.starts_with("observe_") && !c.starts_with("list_"))
-            .cloned()
-            .collect()
-    }
-
-    fn count(&self, prefix: &str) -> usize {
-        self.journal.lock().unwrap().iter().filter(|c| c.starts_with(prefix)).count()
-    }
-}
-
-#[async_trait]
-impl Provider for Recording {
-    fn name(&self) -> &'static str {
-        "noop"
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn verify_connection(&self) -> Result<(), ProviderError> {
-        self.inner.verify_connection().await
-    }
-    async fn observe_account(&self, account: &AccountRequest) -> Result<Option<ObservedAccount>, ProviderError> {
-        self.note("observe_account", account, "")?;
-        self.inner.observe_account(account).await
-    }
-    async fn create_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.note("create_account", account, &format!("name={}", account.name))?;
-        self.inner.create_account(account).await
-    }
-    async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
-        self.note("update_account", account, "")?;
-        self.inner.update_account(account).await
-    }
-    async fn disable_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.note("disable_account", account, "")?;
-        self.inner.disable_account(account).await
-    }
-    async fn delete_account(&self, account: &AccountRequest) -> Result<(), ProviderError> {
-        self.note("delete_account", account, "")?;
-        self.inner.delete_account(account).await
-    }
-    async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        self.note("list_roles", account, "")?;
-        self.inner.list_roles(account).await
-    }
-    async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.note("grant_role", account, &grant.role)?;
-        self.inner.grant_role(account, grant).await
-    }
-    async fn revoke_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
-        self.note("revoke_role", account, &grant.role)?;
-        self.inner.revoke_role(account, grant).await
-    }
-    async fn issue_key(&self, account: &AccountRequest, request: &KeyRequest) -> Result<IssuedKey, ProviderError> {
-        self.note("issue_key", account, &request.key_id)?;
-        self.inner.issue_key(account, request).await
-    }
-    async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
-        self.note("list_keys", account, "")?;
-        self.inner.list_keys(account).await
-    }
-    async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
-        self.note("revoke_key", account, key_id)?;
-        self.inner.revoke_key(account, key_id).await
-    }
-    async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError> {
-        self.note("verify_key", account, &key.id)?;
-        self.inner.verify_key(account, key).await
-    }
-}
 
 fn account_yaml(name: &str, deletion_policy: &str) -> String {
     format!(

@@ -42,7 +42,7 @@ use super::{
     secret as output,
     status::{self, Applied},
     stream::{generation, hash_of},
-    succeeded, Context, Error, Stores,
+    succeeded, Context, Error, Held, Stores,
 };
 use crate::{
     api::{
@@ -50,7 +50,9 @@ use crate::{
         RestartTargetKind,
     },
     ownership::FIELD_MANAGER,
-    provider::{AccountRequest, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
+    provider::{
+        AccountRequest, IssuedKey, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant,
+    },
     schedule::RotationSchedule,
 };
 
@@ -160,6 +162,7 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
 
     if account.meta().deletion_timestamp.is_some() {
         ctx.forget_converged(&key);
+        ctx.release(&key);
         if has_finalizer {
             deprovision(&account, &ctx).await?;
             remove_finalizer(&api, &account).await?;
@@ -344,7 +347,8 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         Err((condition, error)) => return provider_failed(run, condition, error),
     };
     let status = run.status.clone();
-    let plan = plan::plan(&observe::plan_input(run.now, account, &status, &gathered, &target));
+    let held = ctx.held(&run.key).map(|h| h.key.id);
+    let plan = plan::plan(&observe::plan_input(run.now, account, &status, &gathered, &target, held.as_deref()));
     if let Some(blocked) = &plan.blocked {
         run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
@@ -564,6 +568,12 @@ impl Apply<'_> {
                     self.revoke_key(run, id, reason.as_str()).await?;
                 }
                 Action::AdoptPublished { id } => self.adopt_published(run, id).await,
+                Action::Publish { id } => {
+                    if keys_blocked {
+                        continue;
+                    }
+                    self.publish_held(run, id).await?;
+                }
                 Action::Rotate { reason, revoke_previous_at_once } => {
                     if keys_blocked {
                         continue;
@@ -610,10 +620,47 @@ impl Apply<'_> {
         reason: RotationReason,
         revoke_previous_at_once: bool,
     ) -> Result<(), Error> {
+        // A rotation replaces whatever key was held back.
+        self.ctx.release(&run.key);
         let result = self.issue_and_publish(run, reason, revoke_previous_at_once).await;
         let published = matches!(result, Ok(true));
         self.ctx.metrics.rotation(published, reason.as_str());
         result.map(|_| ())
+    }
+
+    /// Publishes the key this process issued earlier and still holds.
+    async fn publish_held(&mut self, run: &mut Run, id: &str) -> Result<(), Error> {
+        let Some(held) = self.ctx.held(&run.key).filter(|h| h.key.id == id) else {
+            return Ok(());
+        };
+        let issued_at = run.status.keys.iter().find(|r| r.id == id).map_or(run.now, |r| r.created_at.0);
+        let result = self.publish(run, held.key, held.reason, held.revoke_previous_at_once, issued_at).await;
+        self.ctx.metrics.rotation(matches!(result, Ok(true)), held.reason.as_str());
+        result.map(|_| ())
+    }
+
+    /// Asks the apiserver whether the output Secret can be written (a dry
+    /// run, as keysmith, of the Secret without its data): admission
+    /// webhooks, quotas, invalid labels or annotations, a namespace being
+    /// deleted. If not, no key is issued: the cause becomes KeyReady and an
+    /// event, and the reconcile retries with backoff (the apiserver only).
+    async fn secret_writable(&self, run: &mut Run) -> Result<(), Error> {
+        let secret = output::preflight(self.account, run.now);
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+        match secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.secret_not_writable(run, &apiserver_says(&error), "no key is issued until it can be").await;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn secret_not_writable(&self, run: &mut Run, cause: &str, consequence: &str) {
+        let message = format!("Secret {} cannot be written: {cause}; {consequence}", self.account.spec.secret.name);
+        run.condition(ConditionUpdate::falsy(KEY_READY, "SecretNotWritable", message.clone()));
+        self.ctx.event(self.account, EventType::Warning, "SecretNotWritable", "PublishKey", message).await;
     }
 
     /// Issues, verifies and publishes a new key; `Ok(true)` once it is
@@ -624,6 +671,7 @@ impl Apply<'_> {
         reason: RotationReason,
         revoke_previous_at_once: bool,
     ) -> Result<bool, Error> {
+        self.secret_writable(run).await?;
         let key_id = new_key_id();
         let now = run.now;
         // Record the intent before the external create, so a crash between
@@ -654,30 +702,62 @@ impl Apply<'_> {
             KeyEvent::Issued { pending: &key_id, id: &issued.id, expires_at: issued.expires_at },
             now,
         );
-        if let Err(error) = self.provider.verify_key(self.request, &issued).await {
-            self.revoke_key(run, &issued.id, "VerificationFailed").await?;
-            lifecycle::record(&mut run.status, KeyEvent::Abandoned, now);
-            return provider_failed(run, KEY_READY, error).map(|_| false);
+        self.publish(run, issued, reason, revoke_previous_at_once, now).await
+    }
+
+    /// Verifies and publishes an issued key. From here on a failure never
+    /// leads to issuing again: a key the target refuses is revoked and the
+    /// account waits for a change; any other failure holds the key (in this
+    /// process's memory) for the next attempt to publish.
+    async fn publish(
+        &mut self,
+        run: &mut Run,
+        issued: IssuedKey,
+        reason: RotationReason,
+        revoke_previous_at_once: bool,
+        issued_at: Timestamp,
+    ) -> Result<bool, Error> {
+        let now = run.now;
+        let hold = |ctx: &Context, key: &str, issued: &IssuedKey| {
+            ctx.hold(key, Held { key: issued.clone(), reason, revoke_previous_at_once });
+        };
+        match self.provider.verify_key(self.request, &issued).await {
+            Ok(()) => {}
+            Err(error @ ProviderError::Transient { .. }) => {
+                hold(self.ctx, &run.key, &issued);
+                return provider_failed(run, KEY_READY, error).map(|_| false);
+            }
+            Err(error) => {
+                self.ctx.release(&run.key);
+                self.revoke_key(run, &issued.id, "VerificationFailed").await?;
+                lifecycle::record(&mut run.status, KeyEvent::Abandoned, now);
+                return provider_failed(run, KEY_READY, error).map(|_| false);
+            }
         }
 
-        // Publish.
-        let secret = match output::render(self.account, &issued, now) {
+        let secret = match output::render(self.account, &issued, issued_at) {
             Ok(secret) => secret,
             Err(invalid) => {
-                self.revoke_key(run, &issued.id, "NotPublishable").await?;
-                lifecycle::record(&mut run.status, KeyEvent::Abandoned, now);
-                run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", invalid.to_string()));
+                hold(self.ctx, &run.key, &issued);
+                let message = format!("{invalid}; key {} is kept until it can be published", issued.id);
+                run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", message));
                 return Ok(false);
             }
         };
         let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
-        secrets
-            .patch(&self.account.spec.secret.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
-            .await?;
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(error) = secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await {
+            hold(self.ctx, &run.key, &issued);
+            let cause = issued.material.redact(&apiserver_says(&error));
+            let consequence = format!("key {} is kept until it can be published", issued.id);
+            self.secret_not_writable(run, &cause, &consequence).await;
+            return Err(Error::Provider(ProviderError::transient(cause)));
+        }
+        self.ctx.release(&run.key);
         self.ctx.failpoints.hit("after-publish");
 
         let previous = run.status.current_key.clone();
-        let revoke_at = self.record_published(run, &issued.id, now, issued.expires_at, revoke_previous_at_once);
+        let revoke_at = self.record_published(run, &issued.id, issued_at, issued.expires_at, revoke_previous_at_once);
         if reason == RotationReason::Manual {
             run.status.last_rotation_request = self.account.annotations().get(ROTATE_NOW_ANNOTATION).cloned();
         }
@@ -811,6 +891,14 @@ impl Apply<'_> {
             }
         }
         lifecycle::record(&mut run.status, KeyEvent::Restarted { id: key_id }, run.now);
+    }
+}
+
+/// What the apiserver said, without the client's wrapping.
+fn apiserver_says(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -82,6 +82,22 @@ impl Failpoints {
     }
 }
 
+/// The apiserver refuses an event whose note is longer than this (bytes).
+pub const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// `note` cut to [`EVENT_NOTE_LIMIT`] on a character boundary, ending in
+/// `...` when cut: a longer one would be refused, and the event lost.
+pub fn fit_note(note: String) -> String {
+    if note.len() <= EVENT_NOTE_LIMIT {
+        return note;
+    }
+    let mut end = EVENT_NOTE_LIMIT - 3;
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &note[..end])
+}
+
 /// What every reconcile shares.
 pub struct Context {
     /// The operator's client.
@@ -104,8 +120,23 @@ pub struct Context {
     /// Accounts whose last reconcile observed the target app and left them
     /// Ready: what that reconcile acted on, and until when it stands.
     converged: Mutex<HashMap<String, Converged>>,
+    /// Keys issued but not yet published, by account: kept (in memory
+    /// only, never in status or logs) until they are published or replaced,
+    /// so a failure after issuing never leads to issuing again.
+    held: Mutex<HashMap<String, Held>>,
     /// How often an unchanged account is checked for drift.
     pub drift_check_interval: Duration,
+}
+
+/// A key issued for an account that could not be published yet.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The key, with its material.
+    pub key: crate::provider::IssuedKey,
+    /// Why it was issued.
+    pub reason: super::plan::RotationReason,
+    /// Whether the key it replaces is revoked as soon as it is published.
+    pub revoke_previous_at_once: bool,
 }
 
 /// An account's last full reconcile: the fingerprint of everything it acted
@@ -139,8 +170,24 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
             converged: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             drift_check_interval: drift_check_interval.max(Duration::from_secs(1)),
         }
+    }
+
+    /// Keeps `held` for the account `key` until it is published.
+    pub fn hold(&self, key: &str, held: Held) {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.to_owned(), held);
+    }
+
+    /// The key held for the account `key`, if any.
+    pub fn held(&self, key: &str) -> Option<Held> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+    }
+
+    /// Forgets the key held for the account `key` (published, or replaced).
+    pub fn release(&self, key: &str) {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
     }
 
     /// Publishes an event about `obj`; a failure to publish is logged, not fatal.
@@ -152,8 +199,8 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event =
-            KubeEvent { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        let note = Some(fit_note(note));
+        let event = KubeEvent { type_, reason: reason.into(), note, action: action.into(), secondary: None };
         if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(%error, reason, "could not publish event");
         }
@@ -236,4 +283,20 @@ pub fn succeeded<K: Resource<DynamicType = ()>>(obj: &K, ctx: &Context) {
 /// The namespace and name of a namespaced object, for messages.
 pub fn key_of<K: Resource>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notes_fit_what_the_apiserver_accepts() {
+        assert_eq!(fit_note("short".into()), "short");
+        let exact = "x".repeat(EVENT_NOTE_LIMIT);
+        assert_eq!(fit_note(exact.clone()), exact);
+        let long = "é".repeat(EVENT_NOTE_LIMIT);
+        let fitted = fit_note(long);
+        assert!(fitted.len() <= EVENT_NOTE_LIMIT, "{}", fitted.len());
+        assert!(fitted.ends_with("..."));
+    }
 }

@@ -37,7 +37,7 @@ use kube::{
 };
 use tracing::Instrument;
 
-pub use context::{error_policy, key_of, succeeded, Context, Failpoints, Stores};
+pub use context::{error_policy, key_of, succeeded, Context, Failpoints, Held, Stores};
 pub use error::{backoff, retry_delay, Error};
 
 use crate::{

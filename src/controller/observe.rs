@@ -459,6 +459,7 @@ pub fn plan_input<'a>(
     status: &'a IntegrationAccountStatus,
     gathered: &'a Gathered,
     target: &'a TargetObservation,
+    held: Option<&'a str>,
 ) -> PlanInput<'a> {
     PlanInput {
         now,
@@ -474,5 +475,6 @@ pub fn plan_input<'a>(
         rotate_request: account.annotations().get(ROTATE_NOW_ANNOTATION).map(String::as_str),
         last_rotation_request: status.last_rotation_request.as_deref(),
         max_keys: gathered.max_keys,
+        held,
     }
 }

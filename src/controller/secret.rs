@@ -74,16 +74,30 @@ pub fn render(account: &IntegrationAccount, key: &IssuedKey, issued_at: Timestam
             ));
         }
     }
+    Ok(Secret { data: Some(data), ..shape(account, &key.id, issued_at, key.expires_at) })
+}
+
+/// The Secret [`render`] would write for `account`, without data: what
+/// keysmith asks the apiserver to accept (a dry run) before it issues a key,
+/// so a Secret that cannot be written never costs a key in the target app.
+pub fn preflight(account: &IntegrationAccount, issued_at: Timestamp) -> Secret {
+    let key_id = account.status.as_ref().and_then(|s| s.current_key.as_ref()).map_or("pending", |k| k.id.as_str());
+    shape(account, key_id, issued_at, None)
+}
+
+/// Everything of the output Secret but its data.
+fn shape(account: &IntegrationAccount, key_id: &str, issued_at: Timestamp, expires_at: Option<Timestamp>) -> Secret {
+    let spec = &account.spec.secret;
     let mut labels = spec.labels.clone();
     labels.insert(ownership::MANAGED_BY_KEY.into(), ownership::MANAGED_BY.into());
     labels.insert(ownership::INTEGRATION_ACCOUNT.into(), account.name_any());
     let mut annotations = spec.annotations.clone();
-    annotations.insert(ownership::KEY_ID.into(), key.id.clone());
+    annotations.insert(ownership::KEY_ID.into(), key_id.to_owned());
     annotations.insert(ISSUED_AT_ANNOTATION.into(), issued_at.to_string());
-    if let Some(expires) = key.expires_at {
+    if let Some(expires) = expires_at {
         annotations.insert(EXPIRES_AT_ANNOTATION.into(), expires.to_string());
     }
-    Ok(Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some(spec.name.clone()),
             namespace: account.namespace(),
@@ -93,9 +107,8 @@ pub fn render(account: &IntegrationAccount, key: &IssuedKey, issued_at: Timestam
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(data),
         ..Secret::default()
-    })
+    }
 }
 
 /// A controller owner reference to the IntegrationAccount.

@@ -166,6 +166,19 @@ impl KeyMaterial {
     pub fn expose(&self) -> &BTreeMap<String, String> {
         &self.0
     }
+
+    /// `text` with every value (and its base64 form, as an apiserver would
+    /// echo a Secret's data) replaced by `<redacted>`: for messages about a
+    /// failure to write them.
+    pub fn redact(&self, text: &str) -> String {
+        use base64::Engine as _;
+        let mut out = text.to_owned();
+        for value in self.0.values().filter(|v| !v.is_empty()) {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
+            out = out.replace(value.as_str(), "<redacted>").replace(&encoded, "<redacted>");
+        }
+        out
+    }
 }
 
 impl fmt::Debug for KeyMaterial {

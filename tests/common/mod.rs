@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod recording;
 
 use std::{path::Path, process::Output, time::Duration};
 

@@ -104,6 +104,12 @@ pub enum Action {
         /// The key's id.
         id: String,
     },
+    /// Verify and publish a key issued earlier whose publication failed
+    /// (this process still holds it): never issue another in its place.
+    Publish {
+        /// The key's id.
+        id: String,
+    },
     /// Issue, verify and publish a new key; the current one starts retiring.
     Rotate {
         /// Why.
@@ -143,6 +149,9 @@ pub struct PlanInput<'a> {
     pub last_rotation_request: Option<&'a str>,
     /// The most keys the account may hold.
     pub max_keys: usize,
+    /// The id of a key this process issued but could not publish yet, and
+    /// still holds.
+    pub held: Option<&'a str>,
 }
 
 /// The decision.
@@ -227,6 +236,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     });
     if let Some(record) = published_unrecorded {
         actions.push(Action::AdoptPublished { id: record.id.clone() });
+        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None };
+    }
+    // A key issued, still held, not yet published: publish it rather than
+    // revoke it as untracked and issue another (whatever stopped it, a
+    // Secret that cannot be written, say, would stop the next one too).
+    let held = input.held.filter(|held| {
+        input.records.iter().any(|r| r.id == *held && r.state == KeyState::Issued) && observed_ids.contains(held)
+    });
+    if let Some(held) = held {
+        actions.push(Action::Publish { id: held.to_owned() });
         return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None };
     }
     let retiring: Vec<&KeyRecord> = input
@@ -513,6 +532,7 @@ mod tests {
         last_request: Option<String>,
         max_keys: usize,
         now: Timestamp,
+        held: Option<String>,
     }
 
     impl Case {
@@ -531,6 +551,7 @@ mod tests {
                 last_request: None,
                 max_keys: 2,
                 now: t(60),
+                held: None,
             }
         }
 
@@ -549,12 +570,34 @@ mod tests {
                 rotate_request: self.request.as_deref(),
                 last_rotation_request: self.last_request.as_deref(),
                 max_keys: self.max_keys,
+                held: self.held.as_deref(),
             })
         }
     }
 
     fn grant(role: &str) -> RoleGrant {
         RoleGrant { role: role.into(), scope: Some("ns".into()) }
+    }
+
+    /// A key issued in an earlier pass that could not be published, still
+    /// held by this process: published, never revoked as untracked nor
+    /// replaced by another.
+    #[test]
+    fn a_held_key_is_published_not_replaced() {
+        let mut case = Case::steady();
+        case.keys.push(key("k2"));
+        case.records.push(record("k2", KeyState::Issued, None, None));
+        case.held = Some("k2".into());
+        assert_eq!(case.run().actions, [Action::Publish { id: "k2".into() }]);
+
+        // This process no longer holds it (it restarted): untracked.
+        case.held = None;
+        assert_eq!(case.run().actions, [Action::RevokeKey { id: "k2".into(), reason: RevokeReason::Untracked }]);
+
+        // Held, but gone from the target app: nothing to publish.
+        case.held = Some("k2".into());
+        case.keys.retain(|k| k.id != "k2");
+        assert!(case.run().actions.iter().all(|a| !matches!(a, Action::Publish { .. })));
     }
 
     #[test]
