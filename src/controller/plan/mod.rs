@@ -256,10 +256,15 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
 
     // Keys nobody tracks: revoke. Retiring keys past their grace: revoke.
+    // But the key the output Secret holds is what workloads read: where the
+    // key limit leaves room for a successor beside it, it stays until one is
+    // published (a rotation is always planned then: the Secret does not hold
+    // the current key), and goes on a later pass.
+    let in_secret = |id: &str| input.secret_key_id == Some(id) && input.max_keys >= 2;
     let mut revoked: BTreeSet<String> = BTreeSet::new();
     for key in input.observed_keys {
         let tracked = current.is_some_and(|c| c.id == key.id) || retiring.iter().any(|r| r.id == key.id);
-        if !tracked {
+        if !tracked && !in_secret(&key.id) {
             revoked.insert(key.id.clone());
             actions.push(Action::RevokeKey { id: key.id.clone(), reason: RevokeReason::Untracked });
         }
@@ -269,6 +274,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     for record in &retiring {
         match record.revoke_at.as_ref().map(|t| t.0) {
             Some(at) if at > input.now => wake(at),
+            _ if in_secret(&record.id) => {}
             _ => {
                 revoked.insert(record.id.clone());
                 actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::GracePeriodEnded });
@@ -295,18 +301,27 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     if let Some(reason) = reason {
-        // Make room under the key limit: oldest retiring keys first, never the
-        // current one.
+        // Make room under the key limit: oldest retiring keys first, never
+        // the key the Secret holds. Should the Secret hold a key other than
+        // the current one (an older copy of it put back), the current key,
+        // which no workload reads from it, goes before that one.
         let live_after =
             |revoked: &BTreeSet<String>| input.observed_keys.iter().filter(|k| !revoked.contains(&k.id)).count();
-        let mut by_age = retiring.clone();
-        by_age.sort_by_key(|r| r.retiring_at.as_ref().map(|t| t.0));
-        for record in by_age {
+        let mut by_age: Vec<&str> = retiring.iter().filter(|r| !in_secret(&r.id)).map(|r| r.id.as_str()).collect();
+        by_age
+            .sort_by_key(|id| retiring.iter().find(|r| r.id == *id).and_then(|r| r.retiring_at.as_ref().map(|t| t.0)));
+        let secret_holds_another = input
+            .secret_key_id
+            .is_some_and(|s| in_secret(s) && observed_ids.contains(s) && current.is_some_and(|c| c.id != s));
+        if secret_holds_another {
+            by_age.extend(current.filter(|c| observed_ids.contains(c.id.as_str())).map(|c| c.id.as_str()));
+        }
+        for id in by_age {
             if live_after(&revoked) < input.max_keys {
                 break;
             }
-            if revoked.insert(record.id.clone()) {
-                actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::KeyLimit });
+            if revoked.insert(id.to_owned()) {
+                actions.push(Action::RevokeKey { id: id.to_owned(), reason: RevokeReason::KeyLimit });
             }
         }
         let revoke_previous_at_once = live_after(&revoked) + 1 > input.max_keys;
