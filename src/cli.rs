@@ -313,7 +313,7 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         let target =
             observe::observe_target(gathered.provider.as_ref(), &gathered.request).await.map_err(|(_, error)| error)?;
         let status = account.status.clone().unwrap_or_default();
-        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target, None));
+        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target, None, None));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);
         }

@@ -40,6 +40,7 @@ pub struct RotationSchedule {
     jitter: Duration,
     grace: Duration,
     max_key_age: Option<Duration>,
+    confirm_rollout: Option<Duration>,
 }
 
 impl RotationSchedule {
@@ -72,6 +73,16 @@ impl RotationSchedule {
         let jitter = duration(&mut errors, "spec.jitter", spec.jitter.as_deref()).unwrap_or_default();
         let grace = duration(&mut errors, "spec.gracePeriod", Some(&spec.grace_period)).unwrap_or_default();
         let max_key_age = interval(&mut errors, "spec.maxKeyAge", spec.max_key_age.as_deref());
+        let confirm_rollout = spec
+            .confirm_rollout
+            .as_ref()
+            .and_then(|c| duration(&mut errors, "spec.confirmRollout.maxWait", Some(&c.max_wait)));
+        if spec.confirm_rollout.is_some() && spec.restart_targets.is_empty() {
+            errors.push(InvalidField::new(
+                "spec.confirmRollout",
+                "confirmRollout waits for restartTargets to roll out; list at least one restart target",
+            ));
+        }
 
         if spec.rotate_every.is_none() && spec.schedule.is_none() {
             errors.push(InvalidField::new("spec", "set rotateEvery, schedule, or both"));
@@ -87,7 +98,14 @@ impl RotationSchedule {
             jitter,
             grace,
             max_key_age,
+            confirm_rollout,
         })
+    }
+
+    /// With confirmed rollover, the longest a replaced key stays valid
+    /// after the new one is published while its rollout is not complete.
+    pub fn confirm_rollout(&self) -> Option<Duration> {
+        self.confirm_rollout
     }
 
     /// How long a replaced key stays valid after the new one is published.

@@ -21,7 +21,7 @@ use keysmith::{
     controller::plan::{
         self,
         lifecycle::{self, KeyEvent},
-        Action, PlanInput,
+        Action, PlanInput, Rollout,
     },
     provider::{ObservedAccount, ObservedKey, RoleGrant},
     schedule::RotationSchedule,
@@ -67,6 +67,8 @@ fn schedule() -> impl Strategy<Value = Option<RotationSchedule>> {
         serde_json::json!({"rotateEvery": "24h", "gracePeriod": "1h", "maxKeyAge": "2h"}),
         serde_json::json!({"schedule": "0 3 * * *", "timeZone": "Europe/Paris", "gracePeriod": "0s"}),
         serde_json::json!({"rotateEvery": "720h", "jitter": "1h"}),
+        serde_json::json!({"rotateEvery": "1h", "gracePeriod": "5m",
+            "restartTargets": [{"kind": "Deployment", "name": "app"}], "confirmRollout": {"maxWait": "20m"}}),
     ];
     proptest::option::of(proptest::sample::select(specs.to_vec())).prop_map(|spec| {
         spec.map(|spec| {
@@ -98,6 +100,7 @@ struct Input {
     last_request: Option<String>,
     max_keys: usize,
     held: Option<String>,
+    rollout: Option<Rollout>,
 }
 
 fn input() -> impl Strategy<Value = Input> {
@@ -125,13 +128,14 @@ fn input() -> impl Strategy<Value = Input> {
             proptest::option::of(proptest::sample::select(vec!["a", "b"])),
             1usize..4,
             proptest::option::of(ids),
+            proptest::option::of(any::<bool>()),
         ),
     )
         .prop_map(
             |(
                 (now, account, desired, observed_roles),
                 (keys, mut records, current, secret_key),
-                (schedule, request, last_request, max_keys, held),
+                (schedule, request, last_request, max_keys, held, rollout),
             )| {
                 // What observe_target can return: roles and keys only for an
                 // account keysmith owns.
@@ -163,6 +167,8 @@ fn input() -> impl Strategy<Value = Input> {
                     last_request: last_request.map(Into::into),
                     max_keys,
                     held: held.map(Into::into),
+                    rollout: rollout
+                        .map(|done| Rollout { waiting_on: if done { vec![] } else { vec!["Deployment/app".into()] } }),
                 }
             },
         )
@@ -184,6 +190,7 @@ fn decide(input: &Input) -> plan::Plan {
         last_rotation_request: input.last_request.as_deref(),
         max_keys: input.max_keys,
         held: input.held.as_deref(),
+        rollout: input.rollout.as_ref(),
     })
 }
 

@@ -27,6 +27,9 @@ pub mod condition_types {
     pub const KEY_READY: &str = "KeyReady";
     /// A role was refused by the connection's policy.
     pub const POLICY_VIOLATION: &str = "PolicyViolation";
+    /// Confirmed rollover: the replaced key was revoked once the restart
+    /// targets rolled out with the new key (not part of Ready).
+    pub const ROLLOUT_CONFIRMED: &str = "RolloutConfirmed";
 }
 
 /// A reference to an object in the same namespace.

@@ -89,6 +89,30 @@ pub struct KeyRotationPolicySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub restart_targets: Vec<RestartTarget>,
+    /// Confirmed rollover: the replaced key is revoked only once every
+    /// restart target has rolled out with the new key (its rollout
+    /// complete), never before `gracePeriod` ends, and at the latest
+    /// `maxWait` after the new key was published, when a stuck rollout
+    /// shows as the account's `RolloutConfirmed=False` condition and a
+    /// Warning event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_rollout: Option<ConfirmRollout>,
+}
+
+/// How long keysmith waits for restart targets to roll out before it
+/// revokes the replaced key anyway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfirmRollout {
+    /// The longest the replaced key stays valid after the new one is
+    /// published while a rollout is not complete, as a duration (`30m`).
+    #[serde(default = "default_max_wait")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_wait: String,
+}
+
+fn default_max_wait() -> String {
+    "30m".to_owned()
 }
 
 fn default_time_zone() -> String {

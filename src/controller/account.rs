@@ -21,7 +21,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
         core::v1::Secret,
     },
-    apimachinery::pkg::apis::meta::v1::Time,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::{
     api::{Patch, PatchParams},
@@ -37,7 +37,7 @@ use super::{
     plan::{
         self,
         lifecycle::{self, whole_seconds, KeyEvent},
-        Action, Plan, RotationReason, DEFAULT_KEY_LIFETIME,
+        Action, Plan, Rollout, RolloutDecision, RotationReason, DEFAULT_KEY_LIFETIME,
     },
     secret as output,
     status::{self, Applied},
@@ -46,8 +46,8 @@ use super::{
 };
 use crate::{
     api::{
-        condition_types::*, ConnectionKind, DeletionPolicy, IntegrationAccount, IntegrationAccountStatus,
-        RestartTargetKind,
+        condition_types::*, ConnectionKind, DeletionPolicy, IntegrationAccount, IntegrationAccountStatus, KeyState,
+        RestartTarget, RestartTargetKind,
     },
     ownership::FIELD_MANAGER,
     provider::{
@@ -348,7 +348,21 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     };
     let status = run.status.clone();
     let held = ctx.held(&run.key).map(|h| h.key.id);
-    let plan = plan::plan(&observe::plan_input(run.now, account, &status, &gathered, &target, held.as_deref()));
+    let rollout = match schedule.as_ref().and_then(RotationSchedule::confirm_rollout) {
+        Some(_) if rollout_due(&status, run.now) => {
+            Some(observe_rollout(ctx, connection, &gathered.restart_targets, &request.namespace, &status).await)
+        }
+        _ => None,
+    };
+    let plan = plan::plan(&observe::plan_input(
+        run.now,
+        account,
+        &status,
+        &gathered,
+        &target,
+        held.as_deref(),
+        rollout.as_ref(),
+    ));
     if let Some(blocked) = &plan.blocked {
         run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
@@ -393,6 +407,21 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     run.status = status;
     for condition in conditions {
         run.condition(condition);
+    }
+    if let Some(decision) = &plan.rollout {
+        let revoked = |key: &str| run.status.keys.iter().any(|k| k.id == key && k.state == KeyState::Revoked);
+        let settled = match decision {
+            RolloutDecision::Waiting { .. } => true,
+            RolloutDecision::Confirmed { key } | RolloutDecision::TimedOut { key, .. } => revoked(key),
+        };
+        if settled {
+            let current = run.status.current_key.as_ref().map(|c| c.id.clone());
+            let condition = rollout_condition(decision, current.as_deref());
+            if let RolloutDecision::TimedOut { .. } = decision {
+                ctx.event(account, EventType::Warning, "RolloutStuck", "RevokeKey", condition.message.clone()).await;
+            }
+            run.condition(condition);
+        }
     }
     result?;
 
@@ -891,6 +920,140 @@ impl Apply<'_> {
             }
         }
         lifecycle::record(&mut run.status, KeyEvent::Restarted { id: key_id }, run.now);
+    }
+}
+
+/// Whether a replaced key's grace period is over, so that confirmed
+/// rollover needs to know how the restart targets' rollouts stand.
+fn rollout_due(status: &IntegrationAccountStatus, now: Timestamp) -> bool {
+    status.keys.iter().any(|k| k.state == KeyState::Retiring && k.revoke_at.as_ref().is_none_or(|t| t.0 <= now))
+}
+
+/// How the restart targets' rollouts stand for the current key, read as the
+/// connection's identity (a tenant learns nothing of workloads it could not
+/// read itself). A workload is rolled out when it carries the restart
+/// stamp of the current key's publication and its rollout is complete, as
+/// `kubectl rollout status` judges it.
+async fn observe_rollout(
+    ctx: &Context,
+    connection: &ResolvedConnection,
+    targets: &[RestartTarget],
+    namespace: &str,
+    status: &IntegrationAccountStatus,
+) -> Rollout {
+    let published = status
+        .current_key
+        .as_ref()
+        .and_then(|c| status.keys.iter().find(|k| k.id == c.id))
+        .and_then(|k| k.published_at.as_ref().map(|t| t.0));
+    let client = match ctx.providers.client_for(&connection.identity).await {
+        Ok(client) => client,
+        Err(error) => {
+            return Rollout {
+                waiting_on: vec![format!("the restart targets (cannot act as the connection's identity: {error})")],
+            }
+        }
+    };
+    let mut waiting_on = Vec::new();
+    for target in targets {
+        let name = format!("{:?}/{}", target.kind, target.name);
+        let stamped = |template: Option<&ObjectMeta>| {
+            let stamp = template
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(RESTARTED_AT_ANNOTATION))
+                .and_then(|s| s.parse::<Timestamp>().ok());
+            matches!((stamp, published), (Some(stamp), Some(published)) if stamp >= published)
+        };
+        let verdict: Result<Option<String>, kube::Error> = match target.kind {
+            RestartTargetKind::Deployment => {
+                Api::<Deployment>::namespaced(client.clone(), namespace).get(&target.name).await.map(|d| {
+                    let spec = d.spec.unwrap_or_default();
+                    let st = d.status.unwrap_or_default();
+                    let want = spec.replicas.unwrap_or(1);
+                    let available = st.available_replicas.unwrap_or(0);
+                    let updated = st.updated_replicas.unwrap_or(0);
+                    if !stamped(spec.template.metadata.as_ref()) {
+                        Some("not restarted for the current key".to_owned())
+                    } else if st.observed_generation < d.metadata.generation
+                        || updated < want
+                        || st.replicas.unwrap_or(0) > updated
+                        || available < updated
+                    {
+                        Some(format!("{available} of {want} updated replicas available"))
+                    } else {
+                        None
+                    }
+                })
+            }
+            RestartTargetKind::StatefulSet => {
+                Api::<StatefulSet>::namespaced(client.clone(), namespace).get(&target.name).await.map(|s| {
+                    let spec = s.spec.unwrap_or_default();
+                    let st = s.status.unwrap_or_default();
+                    let want = spec.replicas.unwrap_or(1);
+                    let ready = st.ready_replicas.unwrap_or(0);
+                    if !stamped(spec.template.metadata.as_ref()) {
+                        Some("not restarted for the current key".to_owned())
+                    } else if st.observed_generation < s.metadata.generation
+                        || st.updated_replicas.unwrap_or(0) < want
+                        || ready < want
+                        || st.current_revision != st.update_revision
+                    {
+                        Some(format!("{ready} of {want} updated replicas ready"))
+                    } else {
+                        None
+                    }
+                })
+            }
+            RestartTargetKind::DaemonSet => {
+                Api::<DaemonSet>::namespaced(client.clone(), namespace).get(&target.name).await.map(|d| {
+                    let spec = d.spec.unwrap_or_default();
+                    let st = d.status.unwrap_or_default();
+                    let want = st.desired_number_scheduled;
+                    let available = st.number_available.unwrap_or(0);
+                    if !stamped(spec.template.metadata.as_ref()) {
+                        Some("not restarted for the current key".to_owned())
+                    } else if st.observed_generation < d.metadata.generation
+                        || st.updated_number_scheduled.unwrap_or(0) < want
+                        || available < want
+                    {
+                        Some(format!("{available} of {want} updated pods available"))
+                    } else {
+                        None
+                    }
+                })
+            }
+        };
+        match verdict {
+            Ok(None) => {}
+            Ok(Some(why)) => waiting_on.push(format!("{name}: {why}")),
+            Err(error) => waiting_on.push(format!("{name}: {}", apiserver_says(&error))),
+        }
+    }
+    Rollout { waiting_on }
+}
+
+/// The RolloutConfirmed condition for confirmed rollover's decision.
+fn rollout_condition(decision: &RolloutDecision, current: Option<&str>) -> ConditionUpdate {
+    match decision {
+        RolloutDecision::Waiting { key, until, on } => ConditionUpdate::falsy(
+            ROLLOUT_CONFIRMED,
+            "WaitingForRollout",
+            format!(
+                "key {key} stays valid until the restart targets have rolled out with key {}, at the latest until {until}; waiting on {}",
+                current.unwrap_or("?"),
+                on.join("; ")
+            ),
+        ),
+        RolloutDecision::Confirmed { key } => ConditionUpdate::truthy(
+            ROLLOUT_CONFIRMED,
+            "RolloutConfirmed",
+            format!("every restart target rolled out with key {}; key {key} was revoked", current.unwrap_or("?")),
+        ),
+        RolloutDecision::TimedOut { key, on } => ConditionUpdate::falsy(
+            ROLLOUT_CONFIRMED,
+            "RolloutStuck",
+            format!("key {key} was revoked at confirmRollout.maxWait, before the restart targets rolled out: {}", on.join("; ")),
+        ),
     }
 }
 

@@ -32,9 +32,9 @@ use crate::{
     api::{
         condition_types::{ACCOUNT_READY, KEY_READY, ROLES_SYNCED},
         AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount, IntegrationAccountStatus,
-        KeyRotationPolicy, RoleBinding,
+        KeyRotationPolicy, RestartTarget, RoleBinding,
     },
-    controller::plan::PlanInput,
+    controller::plan::{PlanInput, Rollout},
     policy::{RolePolicy, Verdict},
     provider::{AccountRequest, ObservedAccount, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
@@ -167,6 +167,8 @@ pub struct Gathered {
     pub request: AccountRequest,
     /// The parsed rotation policy, if the account names one that exists and is valid.
     pub schedule: Option<RotationSchedule>,
+    /// Its restart targets.
+    pub restart_targets: Vec<RestartTarget>,
     /// The rotation policy is missing or invalid: no key may be issued.
     pub policy_problem: Option<Problem>,
     /// The output Secret.
@@ -219,9 +221,14 @@ pub async fn gather(account: &IntegrationAccount, source: &dyn Source) -> Result
         })));
     }
 
+    let policy = match &account.spec.rotation_policy_ref {
+        None => None,
+        Some(reference) => source.rotation_policy(&request.namespace, &reference.name).await?,
+    };
+    let restart_targets = policy.as_ref().map(|p| p.spec.restart_targets.clone()).unwrap_or_default();
     let (schedule, policy_problem) = match &account.spec.rotation_policy_ref {
         None => (None, None),
-        Some(reference) => match source.rotation_policy(&request.namespace, &reference.name).await? {
+        Some(reference) => match policy {
             None => (
                 None,
                 Some(Problem {
@@ -266,7 +273,18 @@ pub async fn gather(account: &IntegrationAccount, source: &dyn Source) -> Result
         .cloned()
         .collect();
     let max_keys = max_keys(&connection, provider.as_ref());
-    Ok(Ok(Gathered { connection, provider, request, schedule, policy_problem, secret, desired, denied, max_keys }))
+    Ok(Ok(Gathered {
+        connection,
+        provider,
+        request,
+        schedule,
+        restart_targets,
+        policy_problem,
+        secret,
+        desired,
+        denied,
+        max_keys,
+    }))
 }
 
 /// Finds the account's connection and checks the account may use it.
@@ -460,6 +478,7 @@ pub fn plan_input<'a>(
     gathered: &'a Gathered,
     target: &'a TargetObservation,
     held: Option<&'a str>,
+    rollout: Option<&'a Rollout>,
 ) -> PlanInput<'a> {
     PlanInput {
         now,
@@ -476,5 +495,6 @@ pub fn plan_input<'a>(
         last_rotation_request: status.last_rotation_request.as_deref(),
         max_keys: gathered.max_keys,
         held,
+        rollout,
     }
 }

@@ -124,7 +124,12 @@ pub fn ready(suspended: bool, conditions: &[ConditionUpdate]) -> ConditionUpdate
         ConditionUpdate::falsy(READY, "Suspended", "spec.suspend is true: keysmith makes no changes in the target app")
     } else if let Some(first) = failing {
         ConditionUpdate::falsy(READY, first.reason.clone(), first.message.clone())
-    } else if conditions.iter().filter(|c| c.status).count() >= 3 {
+    } else if conditions
+        .iter()
+        .filter(|c| [ACCOUNT_READY, ROLES_SYNCED, KEY_READY].contains(&c.type_) && c.status)
+        .count()
+        >= 3
+    {
         ConditionUpdate::truthy(READY, "Ready", "the account, its roles and its key are in place")
     } else {
         ConditionUpdate::falsy(READY, "Reconciling", "keysmith is still working on this account")
@@ -195,6 +200,11 @@ mod tests {
         assert_eq!(find(&conditions, KEY_READY).reason, "Published");
         assert!(ready(false, &conditions).status);
         assert_eq!(ready(true, &conditions).reason, "Suspended");
+        // Only the three conditions Ready summarises count towards it.
+        let mut two = conditions.clone();
+        two.retain(|c| c.type_ != ROLES_SYNCED);
+        two.push(ConditionUpdate::truthy("RolloutConfirmed", "RolloutConfirmed", "rolled out"));
+        assert_eq!(ready(false, &two).reason, "Reconciling");
     }
 
     #[test]

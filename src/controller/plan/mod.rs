@@ -66,6 +66,10 @@ pub enum RevokeReason {
     Untracked,
     /// Room is needed for a new key under the key limit.
     KeyLimit,
+    /// Confirmed rollover: every restart target rolled out with the new key.
+    RolloutConfirmed,
+    /// Confirmed rollover: `maxWait` passed and a rollout is not complete.
+    RolloutTimedOut,
 }
 
 impl RevokeReason {
@@ -75,6 +79,8 @@ impl RevokeReason {
             RevokeReason::GracePeriodEnded => "GracePeriodEnded",
             RevokeReason::Untracked => "Untracked",
             RevokeReason::KeyLimit => "KeyLimit",
+            RevokeReason::RolloutConfirmed => "RolloutConfirmed",
+            RevokeReason::RolloutTimedOut => "RolloutTimedOut",
         }
     }
 }
@@ -152,6 +158,47 @@ pub struct PlanInput<'a> {
     /// The id of a key this process issued but could not publish yet, and
     /// still holds.
     pub held: Option<&'a str>,
+    /// With confirmed rollover, whether the restart targets have rolled out
+    /// with the current key (observed only once a replaced key's grace
+    /// period is over).
+    pub rollout: Option<&'a Rollout>,
+}
+
+/// What the restart targets' rollouts say, for confirmed rollover.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rollout {
+    /// The workloads (`Kind/name`) not yet rolled out with the current key,
+    /// and why; empty when every rollout is complete.
+    pub waiting_on: Vec<String>,
+}
+
+/// How often a rollout is looked at while a replaced key waits for it.
+pub const ROLLOUT_POLL: Duration = Duration::from_secs(5);
+
+/// What confirmed rollover decided about a replaced key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutDecision {
+    /// Kept past its grace period: the rollout is not complete yet.
+    Waiting {
+        /// The replaced key.
+        key: String,
+        /// When it is revoked anyway.
+        until: Timestamp,
+        /// What is not rolled out yet.
+        on: Vec<String>,
+    },
+    /// Revoked: every rollout is complete.
+    Confirmed {
+        /// The replaced key.
+        key: String,
+    },
+    /// Revoked at `maxWait` with a rollout not complete.
+    TimedOut {
+        /// The replaced key.
+        key: String,
+        /// What had not rolled out.
+        on: Vec<String>,
+    },
 }
 
 /// The decision.
@@ -165,6 +212,8 @@ pub struct Plan {
     pub wake_at: Option<Timestamp>,
     /// A reason the account cannot be managed at all (it belongs to someone else).
     pub blocked: Option<String>,
+    /// Confirmed rollover's decision about a replaced key, if it made one.
+    pub rollout: Option<RolloutDecision>,
 }
 
 /// When a key issued at `issued_at` is due for rotation.
@@ -206,6 +255,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 actions,
                 next_rotation: None,
                 wake_at: None,
+                rollout: None,
                 blocked: Some(format!(
                     "an account named {:?} already exists in the target app and was not created by keysmith for this IntegrationAccount",
                     account.name
@@ -236,7 +286,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     });
     if let Some(record) = published_unrecorded {
         actions.push(Action::AdoptPublished { id: record.id.clone() });
-        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None };
+        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None, rollout: None };
     }
     // A key issued, still held, not yet published: publish it rather than
     // revoke it as untracked and issue another (whatever stopped it, a
@@ -246,7 +296,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     });
     if let Some(held) = held {
         actions.push(Action::Publish { id: held.to_owned() });
-        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None };
+        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None, rollout: None };
     }
     let retiring: Vec<&KeyRecord> = input
         .records
@@ -271,13 +321,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
     let mut wake_at: Option<Timestamp> = None;
     let mut wake = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
+    let mut rollout = None;
     for record in &retiring {
         match record.revoke_at.as_ref().map(|t| t.0) {
             Some(at) if at > input.now => wake(at),
             _ if in_secret(&record.id) => {}
             _ => {
+                let unobserved = Rollout { waiting_on: vec!["the restart targets (not observed)".into()] };
+                let reason = match input.schedule.and_then(RotationSchedule::confirm_rollout) {
+                    Some(max_wait) => {
+                        let facts = input.rollout.unwrap_or(&unobserved);
+                        let published = record.retiring_at.as_ref().map_or(input.now, |t| t.0);
+                        let until = saturating_add(published, max_wait);
+                        let key = record.id.clone();
+                        if facts.waiting_on.is_empty() {
+                            rollout = Some(RolloutDecision::Confirmed { key });
+                            RevokeReason::RolloutConfirmed
+                        } else if input.now < until {
+                            wake(saturating_add(input.now, ROLLOUT_POLL).min(until));
+                            rollout = Some(RolloutDecision::Waiting { key, until, on: facts.waiting_on.clone() });
+                            continue;
+                        } else {
+                            rollout = Some(RolloutDecision::TimedOut { key, on: facts.waiting_on.clone() });
+                            RevokeReason::RolloutTimedOut
+                        }
+                    }
+                    None => RevokeReason::GracePeriodEnded,
+                };
                 revoked.insert(record.id.clone());
-                actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::GracePeriodEnded });
+                actions.push(Action::RevokeKey { id: record.id.clone(), reason });
             }
         }
     }
@@ -328,7 +400,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         actions.push(Action::Rotate { reason, revoke_previous_at_once });
     }
 
-    Plan { actions, next_rotation, wake_at, blocked: None }
+    Plan { actions, next_rotation, wake_at, blocked: None, rollout }
 }
 
 /// When `key` is next due for rotation: the one place this is decided (the
@@ -548,6 +620,7 @@ mod tests {
         max_keys: usize,
         now: Timestamp,
         held: Option<String>,
+        rollout: Option<Rollout>,
     }
 
     impl Case {
@@ -567,6 +640,7 @@ mod tests {
                 max_keys: 2,
                 now: t(60),
                 held: None,
+                rollout: None,
             }
         }
 
@@ -586,6 +660,7 @@ mod tests {
                 last_rotation_request: self.last_request.as_deref(),
                 max_keys: self.max_keys,
                 held: self.held.as_deref(),
+                rollout: self.rollout.as_ref(),
             })
         }
     }
@@ -597,6 +672,59 @@ mod tests {
     /// A key issued in an earlier pass that could not be published, still
     /// held by this process: published, never revoked as untracked nor
     /// replaced by another.
+    /// Confirmed rollover as a table: facts → decision about the replaced key.
+    #[test]
+    fn a_replaced_key_waits_for_the_rollout_within_max_wait() {
+        let confirm = |max_wait: &str| {
+            let spec: KeyRotationPolicySpec = serde_json::from_value(serde_json::json!({
+                "rotateEvery": "24h", "gracePeriod": "10m",
+                "restartTargets": [{"kind": "Deployment", "name": "app"}],
+                "confirmRollout": {"maxWait": max_wait}
+            }))
+            .unwrap();
+            RotationSchedule::from_spec(&spec).unwrap()
+        };
+        let waiting = Rollout { waiting_on: vec!["Deployment/app: 0 of 1 updated replicas available".into()] };
+        let done = Rollout::default();
+        // k0 retiring since t(0), grace over at t(600).
+        let case = |now: i64, max_wait: &str, rollout: Option<Rollout>| {
+            let mut case = Case::steady();
+            case.keys.push(key("k0"));
+            case.records.push(record("k0", KeyState::Retiring, Some(600), Some(0)));
+            case.schedule = Some(confirm(max_wait));
+            case.now = t(now);
+            case.rollout = rollout;
+            case.run()
+        };
+        let revoke = |reason| vec![Action::RevokeKey { id: "k0".into(), reason }];
+
+        // Within the grace period: nothing to ask yet.
+        let plan = case(300, "30m", None);
+        assert!(plan.actions.is_empty());
+        assert_eq!((plan.wake_at, plan.rollout), (Some(t(600)), None));
+        // Grace over, rollout not complete: kept, looked at again shortly.
+        let plan = case(700, "30m", Some(waiting.clone()));
+        assert!(plan.actions.is_empty(), "{plan:?}");
+        assert_eq!(plan.wake_at, Some(t(705)));
+        assert_eq!(
+            plan.rollout,
+            Some(RolloutDecision::Waiting { key: "k0".into(), until: t(1800), on: waiting.waiting_on.clone() })
+        );
+        // Not observed: as not complete.
+        assert!(case(700, "30m", None).actions.is_empty());
+        // Complete: revoked, confirmed.
+        let plan = case(700, "30m", Some(done));
+        assert_eq!(plan.actions, revoke(RevokeReason::RolloutConfirmed));
+        assert_eq!(plan.rollout, Some(RolloutDecision::Confirmed { key: "k0".into() }));
+        // maxWait passed: revoked anyway.
+        let plan = case(1800, "30m", Some(waiting.clone()));
+        assert_eq!(plan.actions, revoke(RevokeReason::RolloutTimedOut));
+        assert_eq!(plan.rollout, Some(RolloutDecision::TimedOut { key: "k0".into(), on: waiting.waiting_on.clone() }));
+        // maxWait shorter than the grace period: the grace period is the minimum.
+        assert!(case(300, "1m", Some(waiting.clone())).actions.is_empty());
+        assert_eq!(case(600, "1m", Some(waiting)).actions, revoke(RevokeReason::RolloutTimedOut));
+    }
+
     #[test]
     fn a_held_key_is_published_not_replaced() {
         let mut case = Case::steady();
