@@ -403,7 +403,9 @@ fn describe(action: &Action, provider: &str, account: &str) -> String {
         Action::Grant(grant) => format!("+ grant {grant}"),
         Action::Revoke(grant) => format!("- revoke {grant}"),
         Action::RevokeKey { id, reason } => format!("- revoke key {id} ({})", reason.as_str()),
-        Action::AdoptPublished { id } => format!("~ record key {id}, already in the Secret, as published"),
+        Action::AdoptPublished { id } | Action::AdoptPublishedAs { id, .. } => {
+            format!("~ record key {id}, already in the Secret, as published")
+        }
         Action::Publish { id } => format!("~ publish key {id}, issued earlier"),
         Action::Rotate { reason, .. } => format!("+ issue and publish a new key ({})", reason.as_str()),
     }

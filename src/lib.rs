@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 #[cfg(feature = "dev")]
 pub mod controlplane;
+pub mod failpoints;
 pub mod install;
 pub mod leader;
 pub mod manifest;

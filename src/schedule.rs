@@ -509,6 +509,22 @@ mod tests {
         errors[0].to_string()
     }
 
+    #[test]
+    fn confirmed_rollover_needs_restart_targets_and_a_duration() {
+        let targets = serde_json::json!([{"kind": "Deployment", "name": "app"}]);
+        let ok = schedule(serde_json::json!({"rotateEvery": "1h", "restartTargets": targets, "confirmRollout": {}}));
+        assert_eq!(ok.confirm_rollout(), Some(Duration::from_secs(1800)), "maxWait defaults to 30m");
+        assert_eq!(schedule(serde_json::json!({"rotateEvery": "1h"})).confirm_rollout(), None);
+        assert_eq!(
+            error(serde_json::json!({"rotateEvery": "1h", "confirmRollout": {"maxWait": "5m"}})),
+            "spec.confirmRollout: confirmRollout waits for restartTargets to roll out; list at least one restart target"
+        );
+        let bad = error(
+            serde_json::json!({"rotateEvery": "1h", "restartTargets": targets, "confirmRollout": {"maxWait": "soon"}}),
+        );
+        assert!(bad.starts_with("spec.confirmRollout.maxWait"), "{bad}");
+    }
+
     /// The next rotation without jitter for a schedule in a time zone.
     fn next(cron: &str, tz: &str, issued_at: &str) -> Timestamp {
         schedule(serde_json::json!({"schedule": cron, "timeZone": tz})).next_rotation(ts(issued_at), "seed")

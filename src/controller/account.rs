@@ -165,13 +165,19 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
         ctx.release(&key);
         if has_finalizer {
             deprovision(&account, &ctx).await?;
-            remove_finalizer(&api, &account).await?;
+            ctx.failpoints.before("finalizer");
+            let removed = remove_finalizer(&api, &account).await;
+            ctx.failpoints.after("finalizer");
+            removed?;
         }
         return Ok(Requeue::await_change());
     }
     let mut run = Run::new(&account, &key);
     if !has_finalizer {
-        let updated = add_finalizer(&api, &account).await?;
+        ctx.failpoints.before("finalizer");
+        let updated = add_finalizer(&api, &account).await;
+        ctx.failpoints.after("finalizer");
+        let updated = updated?;
         run.resource_version = updated.metadata.resource_version;
         ctx.wrote(&key, run.resource_version.as_deref());
     }
@@ -258,9 +264,12 @@ impl Run {
             "metadata": {"name": account.name_any(), "resourceVersion": self.resource_version},
             "status": self.status,
         });
+        ctx.failpoints.before("status");
         let updated = api
             .patch_status(&account.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await?;
+            .await;
+        ctx.failpoints.after("status");
+        let updated = updated?;
         self.resource_version = updated.metadata.resource_version;
         ctx.wrote(&self.key, self.resource_version.as_deref());
         Ok(())
@@ -597,6 +606,11 @@ impl Apply<'_> {
                     self.revoke_key(run, id, reason.as_str()).await?;
                 }
                 Action::AdoptPublished { id } => self.adopt_published(run, id).await,
+                Action::AdoptPublishedAs { id, record } => {
+                    let issued = KeyEvent::Issued { pending: record, id, expires_at: None };
+                    lifecycle::record(&mut run.status, issued, run.now);
+                    self.adopt_published(run, id).await;
+                }
                 Action::Publish { id } => {
                     if keys_blocked {
                         continue;
@@ -724,7 +738,6 @@ impl Apply<'_> {
                 return Ok(false);
             }
         };
-        self.ctx.failpoints.hit("after-issue");
         self.keys.push(ObservedKey { id: issued.id.clone(), created_at: Some(now) });
         lifecycle::record(
             &mut run.status,
@@ -775,7 +788,10 @@ impl Apply<'_> {
         };
         let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        if let Err(error) = secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await {
+        self.ctx.failpoints.before("publish");
+        let written = secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await;
+        self.ctx.failpoints.after("publish");
+        if let Err(error) = written {
             hold(self.ctx, &run.key, &issued);
             let cause = issued.material.redact(&apiserver_says(&error));
             let consequence = format!("key {} is kept until it can be published", issued.id);
@@ -783,12 +799,14 @@ impl Apply<'_> {
             return Err(Error::Provider(ProviderError::transient(cause)));
         }
         self.ctx.release(&run.key);
-        self.ctx.failpoints.hit("after-publish");
 
         let previous = run.status.current_key.clone();
         let revoke_at = self.record_published(run, &issued.id, issued_at, issued.expires_at, revoke_previous_at_once);
-        if reason == RotationReason::Manual {
-            run.status.last_rotation_request = self.account.annotations().get(ROTATE_NOW_ANNOTATION).cloned();
+        // Any new key answers a rotate-now request made before it, whatever
+        // else made this rotation happen (a key gone from the target, say):
+        // otherwise the request would wait for the next look at the target.
+        if let Some(request) = self.account.annotations().get(ROTATE_NOW_ANNOTATION) {
+            run.status.last_rotation_request = Some(request.clone());
         }
         let note = match &previous {
             Some(old) => format!(
@@ -872,6 +890,7 @@ impl Apply<'_> {
         };
         let ns = &self.request.namespace;
         for target in &policy.spec.restart_targets {
+            self.ctx.failpoints.before("restart");
             let result = match target.kind {
                 RestartTargetKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
                     .patch(&target.name, &params, &Patch::Merge(&patch))
@@ -886,6 +905,7 @@ impl Apply<'_> {
                     .await
                     .map(|_| ()),
             };
+            self.ctx.failpoints.after("restart");
             match result {
                 Ok(()) => {
                     tracing::info!(

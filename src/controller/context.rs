@@ -58,30 +58,6 @@ impl Stores {
     }
 }
 
-/// Test-only crash points, set with the KEYSMITH_FAILPOINT environment
-/// variable: the process exits at that point, as a crash would. Only with
-/// the `dev` feature: the image's operator ignores the variable.
-#[derive(Debug, Clone, Default)]
-pub struct Failpoints(Option<String>);
-
-impl Failpoints {
-    /// Reads KEYSMITH_FAILPOINT.
-    pub fn from_env() -> Self {
-        if cfg!(feature = "dev") {
-            Self(std::env::var("KEYSMITH_FAILPOINT").ok().filter(|v| !v.is_empty()))
-        } else {
-            Self(None)
-        }
-    }
-    /// Exits the process (code 86) if `name` is armed.
-    pub fn hit(&self, name: &str) {
-        if self.0.as_deref() == Some(name) {
-            tracing::error!(failpoint = name, "failpoint hit; exiting");
-            std::process::exit(86);
-        }
-    }
-}
-
 /// The apiserver refuses an event whose note is longer than this (bytes).
 pub const EVENT_NOTE_LIMIT: usize = 1024;
 
@@ -109,7 +85,7 @@ pub struct Context {
     /// The caches.
     pub stores: Stores,
     /// Crash points for tests.
-    pub failpoints: Failpoints,
+    pub failpoints: crate::failpoints::Failpoints,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for backoff.
@@ -165,7 +141,7 @@ impl Context {
             providers,
             recorder,
             stores,
-            failpoints: Failpoints::from_env(),
+            failpoints: crate::failpoints::Failpoints::from_env(),
             metrics,
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),

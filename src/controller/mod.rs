@@ -37,7 +37,8 @@ use kube::{
 };
 use tracing::Instrument;
 
-pub use context::{error_policy, key_of, succeeded, Context, Failpoints, Held, Stores};
+pub use crate::failpoints::Failpoints;
+pub use context::{error_policy, key_of, succeeded, Context, Held, Stores};
 pub use error::{backoff, retry_delay, Error};
 
 use crate::{

@@ -29,12 +29,20 @@ pub struct Guarded {
     inner: Arc<dyn Provider>,
     bucket: Arc<TokenBucket>,
     observer: Option<Arc<dyn CallObserver>>,
+    failpoints: crate::failpoints::Failpoints,
 }
 
 impl Guarded {
     /// Wraps `inner`, spending `bucket`'s tokens.
     pub fn new(inner: Arc<dyn Provider>, bucket: Arc<TokenBucket>) -> Self {
-        Self { inner, bucket, observer: None }
+        Self { inner, bucket, observer: None, failpoints: crate::failpoints::Failpoints::default() }
+    }
+
+    /// Crashes at the armed step, before or after a call (tests only, see
+    /// [`crate::failpoints`]).
+    pub fn with_failpoints(mut self, failpoints: crate::failpoints::Failpoints) -> Self {
+        self.failpoints = failpoints;
+        self
     }
 
     /// Reports every call to `observer`.
@@ -49,9 +57,11 @@ impl Guarded {
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, ProviderError> {
         self.bucket.acquire().await;
+        self.failpoints.before(operation);
         let started = Instant::now();
         let span = tracing::debug_span!("provider_call", provider = self.inner.name(), operation);
         let result = call.instrument(span).await;
+        self.failpoints.after(operation);
         if let Some(observer) = &self.observer {
             let outcome = match &result {
                 Ok(_) => "ok",

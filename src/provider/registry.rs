@@ -139,6 +139,8 @@ pub struct ProviderRegistry {
     /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1`: connections annotated
     /// `keysmith.dev/noop-provider: "true"` get the no-op provider.
     noop_enabled: bool,
+    /// Crash points for the tests (inert without the `dev` feature).
+    failpoints: crate::failpoints::Failpoints,
     /// In-process tests: what a connection marked for the no-op provider gets.
     #[cfg(feature = "dev")]
     fake: Option<super::FakeProvider>,
@@ -169,6 +171,7 @@ impl ProviderRegistry {
             observer: None,
             tenancy: tenancy::Tenancy::default(),
             noop_enabled,
+            failpoints: crate::failpoints::Failpoints::from_env(),
             #[cfg(feature = "dev")]
             fake: None,
         }
@@ -230,7 +233,8 @@ impl ProviderRegistry {
         } else {
             self.build(connection).await?
         };
-        let guarded = Guarded::new(provider, self.bucket_for(connection).await);
+        let guarded =
+            Guarded::new(provider, self.bucket_for(connection).await).with_failpoints(self.failpoints.clone());
         Ok(Arc::new(match &self.observer {
             Some(observer) => guarded.observed_by(observer.clone()),
             None => guarded,

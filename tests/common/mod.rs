@@ -165,6 +165,18 @@ impl Operator {
         None
     }
 
+    /// Waits until the operator ends by itself (an exit or a signal).
+    pub async fn wait_end(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// SIGTERM, then waits for a graceful exit (SIGKILL after 10 s).
     pub async fn stop(mut self) -> String {
         self.terminate();

@@ -72,8 +72,9 @@ pub enum KeyEvent<'a> {
         /// The key.
         id: &'a str,
     },
-    /// The target app now holds exactly these keys: a published or retiring
-    /// key it no longer holds was revoked by someone else.
+    /// The target app now holds exactly these keys: a published, retiring or
+    /// issued key it no longer holds was revoked by someone else, and a key
+    /// recorded as about to be issued that it does not hold never was.
     Observed {
         /// The ids of the keys the target holds.
         live: &'a BTreeSet<String>,
@@ -159,11 +160,26 @@ pub fn record(status: &mut IntegrationAccountStatus, event: KeyEvent<'_>, now: T
         }
         KeyEvent::Observed { live } => {
             for record in &mut status.keys {
-                if matches!(record.state, KeyState::Published | KeyState::Retiring) && !live.contains(&record.id) {
-                    record.state = KeyState::Revoked;
-                    record.revoked_at.get_or_insert(Time(now));
-                    record.reason.get_or_insert_with(|| "GoneFromTarget".into());
+                if live.contains(&record.id) {
+                    continue;
                 }
+                match record.state {
+                    KeyState::Published | KeyState::Retiring | KeyState::Issued => {
+                        record.reason.get_or_insert_with(|| "GoneFromTarget".into());
+                    }
+                    // Recorded before an issue that never happened (the
+                    // process stopped first, or the call failed).
+                    KeyState::Pending => record.reason = Some("NotIssued".into()),
+                    KeyState::Revoked => continue,
+                }
+                record.state = KeyState::Revoked;
+                record.revoked_at.get_or_insert(Time(now));
+            }
+            let token_live = |token: &str| {
+                status.keys.iter().any(|r| r.id == token && matches!(r.state, KeyState::Pending | KeyState::Issued))
+            };
+            if status.pending.as_ref().is_some_and(|p| !token_live(&p.token)) {
+                status.pending = None;
             }
             prune(&mut status.keys);
         }
@@ -307,12 +323,12 @@ mod tests {
                 false,
             ),
             (
-                "observed: a published key gone from the target is revoked, a pending one is not",
+                "observed: keys gone from the target are revoked; a pending one never issued too",
                 vec![rec("k0", Published), rec("k1", Retiring), rec("k2", Pending)],
                 KeyEvent::Observed { live: &live },
-                vec![("k0", Revoked), ("k1", Retiring), ("k2", Pending)],
+                vec![("k0", Revoked), ("k1", Retiring), ("k2", Revoked)],
                 None,
-                true,
+                false,
             ),
         ];
         for (name, before, event, after, current, pending_after) in rows {
@@ -358,6 +374,19 @@ mod tests {
         record(&mut status, KeyEvent::Issuing { id: "k3", reason: RotationReason::Initial }, t(0));
         record(&mut status, KeyEvent::Revoked { id: "k3", reason: "VerificationFailed" }, t(1));
         assert!(status.pending.is_none());
+    }
+
+    #[test]
+    fn an_intent_whose_key_is_live_is_kept_and_one_never_issued_is_closed() {
+        let live: BTreeSet<String> = ["k2".to_string()].into();
+        let mut status = IntegrationAccountStatus::default();
+        record(&mut status, KeyEvent::Issuing { id: "k2", reason: RotationReason::Initial }, t(0));
+        record(&mut status, KeyEvent::Observed { live: &live }, t(1));
+        assert!(status.pending.is_some(), "issued, not yet published: still pending");
+        assert_eq!(status.keys[0].state, KeyState::Pending);
+        record(&mut status, KeyEvent::Observed { live: &BTreeSet::new() }, t(2));
+        assert!(status.pending.is_none());
+        assert_eq!((status.keys[0].state, status.keys[0].reason.as_deref()), (KeyState::Revoked, Some("NotIssued")));
     }
 
     #[test]

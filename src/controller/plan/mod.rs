@@ -110,6 +110,14 @@ pub enum Action {
         /// The key's id.
         id: String,
     },
+    /// [`Action::AdoptPublished`] for a key the target named itself: the
+    /// Secret holds key `id`, issued for the pending record `record`.
+    AdoptPublishedAs {
+        /// The key's id in the target (and the Secret).
+        id: String,
+        /// The id of the pending record.
+        record: String,
+    },
     /// Verify and publish a key issued earlier whose publication failed
     /// (this process still holds it): never issue another in its place.
     Publish {
@@ -287,6 +295,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     if let Some(record) = published_unrecorded {
         actions.push(Action::AdoptPublished { id: record.id.clone() });
         return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None, rollout: None };
+    }
+    // The same where the target names keys itself (an AWS access key id):
+    // the pending record has keysmith's id, the Secret the target's. Only
+    // keysmith writes the Secret, so a key it holds that the target has and
+    // nothing tracks, while exactly one key is recorded as pending, is that
+    // key.
+    let pending: Vec<&KeyRecord> = input.records.iter().filter(|r| r.state == KeyState::Pending).collect();
+    if let (Some(secret), [record]) = (input.secret_key_id, pending.as_slice()) {
+        let tracked = current.is_some_and(|c| c.id == secret) || input.records.iter().any(|r| r.id == secret);
+        if observed_ids.contains(secret) && !tracked {
+            actions.push(Action::AdoptPublishedAs { id: secret.to_owned(), record: record.id.clone() });
+            return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None, rollout: None };
+        }
     }
     // A key issued, still held, not yet published: publish it rather than
     // revoke it as untracked and issue another (whatever stopped it, a
@@ -723,6 +744,25 @@ mod tests {
         // maxWait shorter than the grace period: the grace period is the minimum.
         assert!(case(300, "1m", Some(waiting.clone())).actions.is_empty());
         assert_eq!(case(600, "1m", Some(waiting)).actions, revoke(RevokeReason::RolloutTimedOut));
+    }
+
+    /// A crash after publishing a key the target named itself: the pending
+    /// record has keysmith's id, the Secret the target's.
+    #[test]
+    fn a_published_key_the_target_named_is_adopted() {
+        let mut case = Case::steady();
+        case.keys = vec![key("AKIA1")];
+        case.records = vec![record("k1", KeyState::Pending, None, None)];
+        case.current = None;
+        case.secret_key = Some("AKIA1".into());
+        assert_eq!(
+            case.run().actions,
+            [Action::AdoptPublishedAs { id: "AKIA1".into(), record: "k1".into() }],
+            "not revoked as untracked"
+        );
+        // Two pending records: which one is unknowable; the key is not adopted.
+        case.records.push(record("k2", KeyState::Pending, None, None));
+        assert!(case.run().actions.iter().all(|a| !matches!(a, Action::AdoptPublishedAs { .. })));
     }
 
     #[test]
