@@ -19,14 +19,11 @@ use std::time::Duration;
 
 use common::{
     apply_yaml, control_plane, eventually, kubectl_ok, kubernetes_connection_identity, ready_account,
-    recording::Recording, TestNamespace,
+    recording::{fake_connection, InProcess, Recording},
+    TestNamespace,
 };
 use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
-use keysmith::{
-    api::IntegrationAccount,
-    controller::{self, RunOptions, Telemetry},
-    provider::FakeProvider,
-};
+use keysmith::api::IntegrationAccount;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 
 fn key_ready(account: &IntegrationAccount) -> Option<(String, String)> {
@@ -87,15 +84,7 @@ async fn inputs_keysmith_cannot_act_on_never_cost_a_second_key() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "badinput").await;
     apply_yaml(&client, &ns.name, &kubernetes_connection_identity(&[])).await;
-    apply_yaml(
-        &client,
-        &ns.name,
-        &format!(
-            "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: fake, annotations: {{\"{}\": \"true\"}}}}\nspec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith}}\n",
-            keysmith::provider::noop::ANNOTATION
-        ),
-    )
-    .await;
+    apply_yaml(&client, &ns.name, &fake_connection("")).await;
     // Refused only for real: dry runs pass, so keysmith issues, then cannot publish.
     let gate = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
@@ -131,23 +120,7 @@ spec:
     refused_from_now_on(&client, &ns.name, "gated-key", false).await;
 
     let fake = Recording::new();
-    let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = RunOptions {
-        namespace: Some(ns.name.clone()),
-        fake_provider: Some(FakeProvider(fake.clone())),
-        ..RunOptions::default()
-    };
-    let operator = tokio::spawn(controller::run_with(
-        client.clone(),
-        config,
-        options,
-        Telemetry::default(),
-        std::future::ready(()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = InProcess::start(cp, &ns.name, &fake).await;
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
     let issued = |name: &str| fake.changes(name).iter().filter(|c| c.starts_with("issue_key ")).count();
     let revoked = |name: &str| fake.changes(name).iter().filter(|c| c.starts_with("revoke_key ")).count();
@@ -235,8 +208,7 @@ spec:
         }
     }
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    operator.stop().await;
     kubectl_ok(cp, &["delete", "validatingadmissionpolicy", &format!("gate-{}", ns.name)]);
     ns.delete().await;
 }

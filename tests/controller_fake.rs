@@ -8,18 +8,15 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use common::{
-    apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account, recording::Recording,
+    apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account,
+    recording::{fake_connection, InProcess, Recording},
     TestNamespace,
 };
 use k8s_openapi::api::core::v1::Secret;
-use keysmith::{
-    api::{IntegrationAccount, KeyState},
-    controller::{self, RunOptions, Telemetry},
-    provider::FakeProvider,
-};
+use keysmith::api::{IntegrationAccount, KeyState};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 fn account_yaml(name: &str, deletion_policy: &str) -> String {
@@ -52,42 +49,13 @@ async fn the_account_controller_makes_exactly_the_calls_each_case_needs() {
     let client = cp.client().await.unwrap();
     let ns = TestNamespace::create(&client, "fake").await;
     apply_yaml(&client, &ns.name, &kubernetes_connection_identity(&["view"])).await;
-    apply_yaml(
-        &client,
-        &ns.name,
-        &format!(
-            r#"
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: fake, annotations: {{"{annotation}": "true"}}}}
-spec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith, policy: {{deniedRoles: [edit]}}}}
-"#,
-            annotation = keysmith::provider::noop::ANNOTATION
-        ),
-    )
-    .await;
+    apply_yaml(&client, &ns.name, &fake_connection(", policy: {deniedRoles: [edit]}")).await;
     for (name, policy) in [("robot", "Delete"), ("keeper", "Orphan"), ("retired", "Disable")] {
         apply_yaml(&client, &ns.name, &account_yaml(name, policy)).await;
     }
 
-    let fake = Arc::new(Recording::default());
-    let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = RunOptions {
-        namespace: Some(ns.name.clone()),
-        fake_provider: Some(FakeProvider(fake.clone())),
-        ..RunOptions::default()
-    };
-    let operator = tokio::spawn(controller::run_with(
-        client.clone(),
-        config,
-        options,
-        Telemetry::default(),
-        std::future::ready(()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let fake = Recording::new();
+    let operator = InProcess::start(cp, &ns.name, &fake).await;
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
 
@@ -187,7 +155,6 @@ spec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith, policy: {{
     assert!(retired_key.starts_with("revoke_key retired "), "{retired:?}");
     assert_eq!(retired[1..], ["disable_account retired".to_string()], "Disable: keys revoked, account kept, disabled");
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    operator.stop().await;
     ns.delete().await;
 }

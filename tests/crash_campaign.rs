@@ -60,6 +60,8 @@ const CONVERGE: Duration = Duration::from_secs(90);
 enum Scenario {
     Create,
     Rotate,
+    /// The account's description changes: the account is updated in the target.
+    Update,
     Delete(&'static str),
 }
 
@@ -70,6 +72,7 @@ fn steps(scenario: Scenario) -> Vec<String> {
             &["finalizer", "create_account", "grant_role", "issue_key", "verify_key", "publish", "status"]
         }
         Scenario::Rotate => &["issue_key", "verify_key", "publish", "status", "restart", "revoke_key"],
+        Scenario::Update => &["update_account", "status"],
         Scenario::Delete("Disable") => &["revoke_key", "disable_account", "finalizer"],
         Scenario::Delete("Orphan") => &["finalizer"],
         Scenario::Delete(_) => &["revoke_key", "revoke_role", "delete_account", "finalizer"],
@@ -315,6 +318,7 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
         let parts: Vec<&str> = r.split_whitespace().collect();
         let scenario = match parts.get(1).copied() {
             Some("Rotate") => Scenario::Rotate,
+            Some("Update") => Scenario::Update,
             Some(s) if s.starts_with("Delete") => Scenario::Delete(if s.contains("Disable") {
                 "Disable"
             } else if s.contains("Orphan") {
@@ -355,9 +359,10 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
     let mut not_reached = 0;
     for trial in 0..trials {
         let provider = providers[rng.random_range(0..providers.len())].clone();
-        let scenario = match rng.random_range(0..4) {
+        let scenario = match rng.random_range(0..5) {
             0 | 1 => Scenario::Create,
             2 => Scenario::Rotate,
+            3 => Scenario::Update,
             _ => Scenario::Delete(["Delete", "Disable", "Orphan"][rng.random_range(0..3)]),
         };
         let candidates = steps(scenario);
@@ -415,6 +420,10 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
             }
             Scenario::Rotate => {
                 let patch = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "crash"}}});
+                accounts.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            }
+            Scenario::Update => {
+                let patch = json!({"spec": {"description": "changed during the crash campaign"}});
                 accounts.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
             }
             Scenario::Delete(_) => {

@@ -14,12 +14,12 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{apply_yaml, control_plane, kubernetes_connection_identity, recording::Recording, TestNamespace};
-use keysmith::{
-    api::{IntegrationAccount, RoleBinding},
-    controller::{self, RunOptions, Telemetry},
-    provider::FakeProvider,
+use common::{
+    apply_yaml, control_plane, kubernetes_connection_identity,
+    recording::{fake_connection, InProcess, Recording},
+    TestNamespace,
 };
+use keysmith::api::{IntegrationAccount, RoleBinding};
 use kube::{
     api::{Api, ApiResource, DynamicObject, PostParams},
     Resource,
@@ -131,46 +131,23 @@ async fn every_accepted_manifest_gets_an_answer_and_no_churn() {
     apply_yaml(
         &client,
         &ns.name,
-        &format!(
-            r#"
+        &(fake_connection(", policy: {deniedRoles: [admin]}")
+            + r#"---
 apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: fake, annotations: {{"{}": "true"}}}}
-spec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith, policy: {{deniedRoles: [admin]}}}}
+kind: KeyRotationPolicy
+metadata: {name: hourly}
+spec: {rotateEvery: 1h, gracePeriod: 10m}
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
-metadata: {{name: hourly}}
-spec: {{rotateEvery: 1h, gracePeriod: 10m}}
----
-apiVersion: keysmith.dev/v1alpha1
-kind: KeyRotationPolicy
-metadata: {{name: broken}}
-spec: {{schedule: "61 * * * *"}}
-"#,
-            keysmith::provider::noop::ANNOTATION
-        ),
+metadata: {name: broken}
+spec: {schedule: "61 * * * *"}
+"#),
     )
     .await;
 
     let fake = Recording::new();
-    let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = RunOptions {
-        namespace: Some(ns.name.clone()),
-        fake_provider: Some(FakeProvider(fake.clone())),
-        ..RunOptions::default()
-    };
-    let operator = tokio::spawn(controller::run_with(
-        client.clone(),
-        config,
-        options,
-        Telemetry::default(),
-        std::future::ready(()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = InProcess::start(cp, &ns.name, &fake).await;
 
     let dynamic = |resource: ApiResource| Api::<DynamicObject>::namespaced_with(client.clone(), &ns.name, &resource);
     let account_api = dynamic(ApiResource::erase::<IntegrationAccount>(&()));
@@ -197,7 +174,7 @@ spec: {{schedule: "61 * * * *"}}
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     let mut answers: BTreeMap<String, (String, String)> = BTreeMap::new();
     loop {
-        assert!(!operator.is_finished(), "seed {seed}: the operator stopped (a panic?)");
+        assert!(operator.is_running(), "seed {seed}: the operator stopped (a panic?)");
         answers.clear();
         for name in &accepted {
             let Ok(account) = accounts.get(name).await else { continue };
@@ -223,7 +200,7 @@ spec: {{schedule: "61 * * * *"}}
     // Settled: a few more seconds change nothing in the target app.
     let before = fake.count("issue_key");
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(!operator.is_finished(), "seed {seed}: the operator stopped (a panic?)");
+    assert!(operator.is_running(), "seed {seed}: the operator stopped (a panic?)");
     let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
     for (name, (status, reason)) in &answers {
         *by_reason.entry(format!("{status}/{reason}")).or_default() += 1;
@@ -242,7 +219,6 @@ spec: {{schedule: "61 * * * *"}}
     );
     println!("answers: {by_reason:?}");
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    operator.stop().await;
     ns.delete().await;
 }

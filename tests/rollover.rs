@@ -12,15 +12,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account, recording::Recording,
+    apply_yaml, control_plane, eventually, kubernetes_connection_identity, ready_account,
+    recording::{fake_connection, InProcess, Recording},
     TestNamespace,
 };
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
-use keysmith::{
-    api::{IntegrationAccount, KeyState},
-    controller::{self, RunOptions, Telemetry},
-    provider::FakeProvider,
-};
+use keysmith::api::{IntegrationAccount, KeyState};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -81,11 +78,7 @@ metadata: {{name: keysmith-rollouts}}
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-rollouts}}
 subjects: [{{kind: ServiceAccount, name: keysmith}}]
 ---
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: fake, annotations: {{"{}": "true"}}}}
-spec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith}}
----
+{}---
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
 metadata: {{name: confirmed}}
@@ -100,7 +93,7 @@ kind: IntegrationAccount
 metadata: {{name: robot}}
 spec: {{connectionRef: {{name: fake}}, secret: {{name: robot-key}}, rotationPolicyRef: {{name: confirmed}}}}
 "#,
-            keysmith::provider::noop::ANNOTATION
+            fake_connection("")
         ),
     )
     .await;
@@ -116,23 +109,7 @@ spec: {{connectionRef: {{name: fake}}, secret: {{name: robot-key}}, rotationPoli
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
 
     let fake = Recording::new();
-    let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = RunOptions {
-        namespace: Some(ns.name.clone()),
-        fake_provider: Some(FakeProvider(fake.clone())),
-        ..RunOptions::default()
-    };
-    let operator = tokio::spawn(controller::run_with(
-        client.clone(),
-        config,
-        options,
-        Telemetry::default(),
-        std::future::ready(()),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = InProcess::start(cp, &ns.name, &fake).await;
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
     let first = ready_account(&client, &ns.name, "robot").await.status.unwrap().current_key.unwrap().id;
     let revocations = || fake.changes("robot").into_iter().filter(|c| c.starts_with("revoke_key ")).collect::<Vec<_>>();
@@ -217,7 +194,6 @@ spec: {{connectionRef: {{name: fake}}, secret: {{name: robot-key}}, rotationPoli
         "a stuck rollout does not make the account not Ready"
     );
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), operator).await;
+    operator.stop().await;
     ns.delete().await;
 }

@@ -117,3 +117,60 @@ impl Provider for Recording {
         self.inner.verify_key(account, key).await
     }
 }
+
+/// The controllers in this test's process (`controller::run_with`),
+/// watching one namespace, with `fake` standing in for the target app of
+/// every connection marked for the no-op provider ([`fake_connection`]).
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts them. The test binary must have set
+    /// `KEYSMITH_ENABLE_NOOP_PROVIDER=1` before any thread read the
+    /// environment.
+    pub async fn start(cp: &keysmith::controlplane::ControlPlane, namespace: &str, fake: &Arc<Recording>) -> Self {
+        let client = cp.client().await.expect("admin client");
+        let config = kube::Config::from_custom_kubeconfig(cp.kubeconfig(), &Default::default()).await.expect("config");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let options = keysmith::controller::RunOptions {
+            namespace: Some(namespace.to_owned()),
+            fake_provider: Some(keysmith::provider::FakeProvider(fake.clone())),
+            ..Default::default()
+        };
+        let handle = tokio::spawn(keysmith::controller::run_with(
+            client,
+            config,
+            options,
+            keysmith::controller::Telemetry::default(),
+            std::future::ready(()),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self { stop: Some(stop), handle }
+    }
+
+    /// Whether they still run (a panic would have ended them).
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
+    /// Stops them gracefully (in-flight reconciles finish).
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), &mut self.handle).await;
+    }
+}
+
+/// An AppConnection `fake` for the kubernetes provider that keysmith
+/// replaces with the test's fake; `spec` adds to its spec (`, policy: ...`).
+pub fn fake_connection(spec: &str) -> String {
+    format!(
+        "apiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: fake, annotations: {{\"{}\": \"true\"}}}}\nspec: {{provider: {{kubernetes: {{}}}}, serviceAccountName: keysmith{spec}}}\n",
+        keysmith::provider::noop::ANNOTATION
+    )
+}
