@@ -152,6 +152,8 @@ spec:
     assert_eq!((issued("labelled"), revoked("labelled")), (0, 0), "{:?}", fake.changes("labelled"));
     assert_eq!((issued("gated"), revoked("gated")), (1, 0), "{:?}", fake.changes("gated"));
     assert_eq!((issued("renamed"), revoked("renamed")), (1, 0), "{:?}", fake.changes("renamed"));
+    let verified = fake.changes("renamed").iter().filter(|c| c.starts_with("verify_key ")).count();
+    assert_eq!(verified, 1, "the held key is not verified again and again: {:?}", fake.changes("renamed"));
     let notes = event_notes(&client, &ns.name, "SecretNotWritable").await;
     assert!(notes.iter().any(|n| n.contains("labelled-key")), "{notes:?}");
     assert!(notes.iter().any(|n| n.contains("gated-key")), "{notes:?}");

@@ -21,7 +21,7 @@ use keysmith::{
     controller::plan::{
         self,
         lifecycle::{self, KeyEvent},
-        Action, PlanInput, Rollout,
+        Action, HeldKey, PlanInput, Rollout,
     },
     provider::{ObservedAccount, ObservedKey, RoleGrant},
     schedule::RotationSchedule,
@@ -100,6 +100,7 @@ struct Input {
     last_request: Option<String>,
     max_keys: usize,
     held: Option<String>,
+    keys_blocked: bool,
     rollout: Option<Rollout>,
 }
 
@@ -129,13 +130,14 @@ fn input() -> impl Strategy<Value = Input> {
             1usize..4,
             proptest::option::of(ids),
             proptest::option::of(any::<bool>()),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (now, account, desired, observed_roles),
                 (keys, mut records, current, secret_key),
-                (schedule, request, last_request, max_keys, held, rollout),
+                (schedule, request, last_request, max_keys, held, rollout, keys_blocked),
             )| {
                 // What observe_target can return: roles and keys only for an
                 // account keysmith owns.
@@ -167,6 +169,7 @@ fn input() -> impl Strategy<Value = Input> {
                     last_request: last_request.map(Into::into),
                     max_keys,
                     held: held.map(Into::into),
+                    keys_blocked,
                     rollout: rollout
                         .map(|done| Rollout { waiting_on: if done { vec![] } else { vec!["Deployment/app".into()] } }),
                 }
@@ -189,7 +192,8 @@ fn decide(input: &Input) -> plan::Plan {
         rotate_request: input.request.as_deref(),
         last_rotation_request: input.last_request.as_deref(),
         max_keys: input.max_keys,
-        held: input.held.as_deref(),
+        held: input.held.as_deref().map(|id| HeldKey { id, record: id }),
+        keys_blocked: input.keys_blocked,
         rollout: input.rollout.as_ref(),
     })
 }
@@ -215,14 +219,16 @@ proptest! {
                     .as_deref()
                     .is_some_and(|s| in_target(s) && input.current.as_ref().is_some_and(|c| c.id != s));
                 if let Some(current) = input.current.as_ref().filter(|_| input.account.is_some()) {
-                    if !(secret_holds_another && input.max_keys >= 2) {
+                    if !(secret_holds_another && input.max_keys >= 2 && !input.keys_blocked) {
                         prop_assert_ne!(id, &current.id, "revoked the current key ({:?}): {:?}", reason, plan);
                     }
                 }
                 // With a limit of one key a rotation replaces the key in
                 // place (the oauth2 provider's client secret): no successor
                 // can exist beside it.
-                if input.secret_key.as_deref() == Some(id.as_str()) && in_target(id) && input.max_keys >= 2 {
+                // While keys are blocked no successor can come, and the key
+                // is revoked on schedule as before.
+                if input.secret_key.as_deref() == Some(id.as_str()) && in_target(id) && input.max_keys >= 2 && !input.keys_blocked {
                     prop_assert!(
                         false,
                         "revoked {} ({:?}), the key the Secret holds, before a successor is published: {:?}",

@@ -37,7 +37,7 @@ use super::{
     plan::{
         self,
         lifecycle::{self, whole_seconds, KeyEvent},
-        Action, Plan, Rollout, RolloutDecision, RotationReason, DEFAULT_KEY_LIFETIME,
+        Action, HeldKey, Plan, Rollout, RolloutDecision, RotationReason, DEFAULT_KEY_LIFETIME,
     },
     secret as output,
     status::{self, Applied},
@@ -356,7 +356,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         Err((condition, error)) => return provider_failed(run, condition, error),
     };
     let status = run.status.clone();
-    let held = ctx.held(&run.key).map(|h| h.key.id);
+    let held = ctx.held(&run.key);
     let rollout = match schedule.as_ref().and_then(RotationSchedule::confirm_rollout) {
         Some(_) if rollout_due(&status, run.now) => {
             Some(observe_rollout(ctx, connection, &gathered.restart_targets, &request.namespace, &status).await)
@@ -369,7 +369,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         &status,
         &gathered,
         &target,
-        held.as_deref(),
+        held.as_ref().map(|h| HeldKey { id: &h.key.id, record: &h.record }),
         rollout.as_ref(),
     ));
     if let Some(blocked) = &plan.blocked {
@@ -420,7 +420,8 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     if let Some(decision) = &plan.rollout {
         let revoked = |key: &str| run.status.keys.iter().any(|k| k.id == key && k.state == KeyState::Revoked);
         let settled = match decision {
-            RolloutDecision::Waiting { .. } => true,
+            // Unless this pass revoked it after all (room for a new key).
+            RolloutDecision::Waiting { key, .. } => !revoked(key),
             RolloutDecision::Confirmed { key } | RolloutDecision::TimedOut { key, .. } => revoked(key),
         };
         if settled {
@@ -437,7 +438,8 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // Come back when something is due, or for a drift check. The memo
     // stands until the next revocation or drift check; the next rotation is
     // recomputed on every skip (the policy may change).
-    let wake = lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0));
+    let wake =
+        lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0), now());
     let interval = ctx.drift_check_interval;
     run.memo = Memo::Observed { inputs, delay: lifecycle::delay_until(wake.revocation, now(), interval) };
     Ok(Requeue::requeue(lifecycle::delay_until(wake.next, now(), interval)))
@@ -676,22 +678,47 @@ impl Apply<'_> {
         let Some(held) = self.ctx.held(&run.key).filter(|h| h.key.id == id) else {
             return Ok(());
         };
+        // The spec that could not publish it has not changed: nothing to try.
+        if let Some((generation, message)) = &held.unpublishable {
+            if *generation == self.account.metadata.generation {
+                run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", message.clone()));
+                return Ok(());
+            }
+        }
+        // Its record may still be the Pending one, under keysmith's id.
+        let issued = KeyEvent::Issued { pending: &held.record, id, expires_at: held.key.expires_at };
+        lifecycle::record(&mut run.status, issued, run.now);
         let issued_at = run.status.keys.iter().find(|r| r.id == id).map_or(run.now, |r| r.created_at.0);
-        let result = self.publish(run, held.key, held.reason, held.revoke_previous_at_once, issued_at).await;
+        let result =
+            self.publish(run, held.key, &held.record, held.reason, held.revoke_previous_at_once, issued_at).await;
         self.ctx.metrics.rotation(matches!(result, Ok(true)), held.reason.as_str());
         result.map(|_| ())
     }
 
     /// Asks the apiserver whether the output Secret can be written (a dry
-    /// run, as keysmith, of the Secret without its data): admission
+    /// run, as keysmith, of the Secret's metadata): admission
     /// webhooks, quotas, invalid labels or annotations, a namespace being
     /// deleted. If not, no key is issued: the cause becomes KeyReady and an
     /// event, and the reconcile retries with backoff (the apiserver only).
     async fn secret_writable(&self, run: &mut Run) -> Result<(), Error> {
         let secret = output::preflight(self.account, run.now);
         let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.request.namespace);
-        let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
-        match secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await {
+        let name = &self.account.spec.secret.name;
+        let exists = self.ctx.stores.secrets.get(&ObjectRef::new(name).within(&self.request.namespace)).is_some();
+        // An existing Secret: its metadata as a merge patch, so the dry run
+        // leaves its data as it is (an admission policy may look at it). A
+        // new one: created without data, as no key exists yet.
+        let written = if exists {
+            let metadata = json!({"metadata": {
+                "labels": secret.metadata.labels,
+                "annotations": secret.metadata.annotations,
+                "ownerReferences": secret.metadata.owner_references,
+            }});
+            secrets.patch(name, &PatchParams::default().dry_run(), &Patch::Merge(&metadata)).await
+        } else {
+            secrets.patch(name, &PatchParams::apply(FIELD_MANAGER).force().dry_run(), &Patch::Apply(&secret)).await
+        };
+        match written {
             Ok(_) => Ok(()),
             Err(error) => {
                 self.secret_not_writable(run, &apiserver_says(&error), "no key is issued until it can be").await;
@@ -744,7 +771,7 @@ impl Apply<'_> {
             KeyEvent::Issued { pending: &key_id, id: &issued.id, expires_at: issued.expires_at },
             now,
         );
-        self.publish(run, issued, reason, revoke_previous_at_once, now).await
+        self.publish(run, issued, &key_id, reason, revoke_previous_at_once, now).await
     }
 
     /// Verifies and publishes an issued key. From here on a failure never
@@ -755,18 +782,21 @@ impl Apply<'_> {
         &mut self,
         run: &mut Run,
         issued: IssuedKey,
+        record: &str,
         reason: RotationReason,
         revoke_previous_at_once: bool,
         issued_at: Timestamp,
     ) -> Result<bool, Error> {
         let now = run.now;
-        let hold = |ctx: &Context, key: &str, issued: &IssuedKey| {
-            ctx.hold(key, Held { key: issued.clone(), reason, revoke_previous_at_once });
+        let hold = |ctx: &Context, key: &str, issued: &IssuedKey, unpublishable: Option<(Option<i64>, String)>| {
+            let held =
+                Held { key: issued.clone(), record: record.to_owned(), unpublishable, reason, revoke_previous_at_once };
+            ctx.hold(key, held);
         };
         match self.provider.verify_key(self.request, &issued).await {
             Ok(()) => {}
             Err(error @ ProviderError::Transient { .. }) => {
-                hold(self.ctx, &run.key, &issued);
+                hold(self.ctx, &run.key, &issued, None);
                 return provider_failed(run, KEY_READY, error).map(|_| false);
             }
             Err(error) => {
@@ -780,8 +810,9 @@ impl Apply<'_> {
         let secret = match output::render(self.account, &issued, issued_at) {
             Ok(secret) => secret,
             Err(invalid) => {
-                hold(self.ctx, &run.key, &issued);
                 let message = format!("{invalid}; key {} is kept until it can be published", issued.id);
+                let unpublishable = Some((self.account.metadata.generation, message.clone()));
+                hold(self.ctx, &run.key, &issued, unpublishable);
                 run.condition(ConditionUpdate::falsy(KEY_READY, "InvalidSecretSpec", message));
                 return Ok(false);
             }
@@ -792,7 +823,7 @@ impl Apply<'_> {
         let written = secrets.patch(&self.account.spec.secret.name, &params, &Patch::Apply(&secret)).await;
         self.ctx.failpoints.after("publish");
         if let Err(error) = written {
-            hold(self.ctx, &run.key, &issued);
+            hold(self.ctx, &run.key, &issued, None);
             let cause = issued.material.redact(&apiserver_says(&error));
             let consequence = format!("key {} is kept until it can be published", issued.id);
             self.secret_not_writable(run, &cause, &consequence).await;
@@ -858,6 +889,9 @@ impl Apply<'_> {
     /// the process stopped after publishing it. Record it as published.
     async fn adopt_published(&mut self, run: &mut Run, id: &str) {
         let Some(record) = run.status.keys.iter().find(|r| r.id == id).cloned() else { return };
+        // Published after all (a write that timed out but landed): nothing
+        // to hold any more.
+        self.ctx.release(&run.key);
         let previous = run.status.current_key.clone();
         self.record_published(run, id, record.created_at.0, record.expires_at.as_ref().map(|t| t.0), false);
         let note = format!("key {id} was already published; recorded it after a restart");

@@ -109,6 +109,12 @@ pub struct Context {
 pub struct Held {
     /// The key, with its material.
     pub key: crate::provider::IssuedKey,
+    /// The id of the record made when it was issued.
+    pub record: String,
+    /// The spec cannot publish it (a rename of a data key the provider does
+    /// not write): the generation that said so, and why. It waits for
+    /// another generation.
+    pub unpublishable: Option<(Option<i64>, String)>,
     /// Why it was issued.
     pub reason: super::plan::RotationReason,
     /// Whether the key it replaces is revoked as soon as it is published.

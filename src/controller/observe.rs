@@ -34,7 +34,7 @@ use crate::{
         AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount, IntegrationAccountStatus,
         KeyRotationPolicy, RestartTarget, RoleBinding,
     },
-    controller::plan::{PlanInput, Rollout},
+    controller::plan::{HeldKey, PlanInput, Rollout},
     policy::{RolePolicy, Verdict},
     provider::{AccountRequest, ObservedAccount, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant},
     schedule::RotationSchedule,
@@ -477,7 +477,7 @@ pub fn plan_input<'a>(
     status: &'a IntegrationAccountStatus,
     gathered: &'a Gathered,
     target: &'a TargetObservation,
-    held: Option<&'a str>,
+    held: Option<HeldKey<'a>>,
     rollout: Option<&'a Rollout>,
 ) -> PlanInput<'a> {
     PlanInput {
@@ -495,6 +495,7 @@ pub fn plan_input<'a>(
         last_rotation_request: status.last_rotation_request.as_deref(),
         max_keys: gathered.max_keys,
         held,
+        keys_blocked: gathered.keys_blocked(),
         rollout,
     }
 }

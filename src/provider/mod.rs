@@ -152,6 +152,9 @@ pub struct KeyRequest {
     pub lifetime: Option<Duration>,
 }
 
+/// The shortest value [`KeyMaterial::redact`] replaces.
+pub const REDACT_MIN_LEN: usize = 8;
+
 /// Secret values. Its `Debug` and `Display` never show the values, so key
 /// material cannot leak into logs, events or error messages by accident.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -170,14 +173,19 @@ impl KeyMaterial {
     /// `text` with every value (and its base64 form, as an apiserver would
     /// echo a Secret's data) replaced by `<redacted>`: for messages about a
     /// failure to write them.
+    /// Values shorter than [`REDACT_MIN_LEN`] (a port, a database name) are
+    /// left alone; the rest go longest first, base64 forms before plain
+    /// ones, so no replacement cuts into another secret's text.
     pub fn redact(&self, text: &str) -> String {
         use base64::Engine as _;
-        let mut out = text.to_owned();
-        for value in self.0.values().filter(|v| !v.is_empty()) {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(value.as_bytes());
-            out = out.replace(value.as_str(), "<redacted>").replace(&encoded, "<redacted>");
-        }
-        out
+        let mut needles: Vec<String> = self
+            .0
+            .values()
+            .filter(|v| v.len() >= REDACT_MIN_LEN)
+            .flat_map(|v| [base64::engine::general_purpose::STANDARD.encode(v.as_bytes()), v.clone()])
+            .collect();
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        needles.iter().fold(text.to_owned(), |out, needle| out.replace(needle.as_str(), "<redacted>"))
     }
 }
 
@@ -264,5 +272,30 @@ pub struct FakeProvider(pub std::sync::Arc<dyn Provider>);
 impl std::fmt::Debug for FakeProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("FakeProvider").field(&self.0.name()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_removes_every_secret_and_its_base64_but_not_short_values() {
+        use base64::Engine as _;
+        let secret = "s3cr3t-p4ssw0rd-value";
+        let token = "eyJhbGciOiJSUzI1NiJ9.payload.signature";
+        let material = KeyMaterial::new(BTreeMap::from([
+            ("dbname".to_owned(), "ledger".to_owned()),
+            ("password".to_owned(), secret.to_owned()),
+            ("port".to_owned(), "5432".to_owned()),
+            ("token".to_owned(), token.to_owned()),
+        ]));
+        let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v.as_bytes());
+        let text = format!("refused {secret} and {token}; data {} {}; db ledger on 5432", b64(secret), b64(token));
+        let redacted = material.redact(&text);
+        for leaked in [secret.to_owned(), token.to_owned(), b64(secret), b64(token)] {
+            assert!(!redacted.contains(&leaked), "{redacted}");
+        }
+        assert!(redacted.contains("db ledger on 5432"), "short values are not secrets: {redacted}");
     }
 }

@@ -220,13 +220,24 @@ pub struct Wake {
     pub next: Option<Timestamp>,
 }
 
-/// The next wake-up: the plan's own, the next revocation of a retiring key,
-/// and the next rotation.
-pub fn wake(plan_wake: Option<Timestamp>, records: &[KeyRecord], next_rotation: Option<Timestamp>) -> Wake {
+/// The next wake-up: the plan's own, the next revocation of a retiring key
+/// (one retired by this pass included), and the next rotation. A revocation
+/// time already past is not one: the plan either revoked that key or kept
+/// it on purpose (a rollout to wait for) and said when to look again.
+pub fn wake(
+    plan_wake: Option<Timestamp>,
+    records: &[KeyRecord],
+    next_rotation: Option<Timestamp>,
+    now: Timestamp,
+) -> Wake {
     let revocation = plan_wake
         .into_iter()
         .chain(
-            records.iter().filter(|k| k.state == KeyState::Retiring).filter_map(|k| k.revoke_at.as_ref().map(|t| t.0)),
+            records
+                .iter()
+                .filter(|k| k.state == KeyState::Retiring)
+                .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0))
+                .filter(|at| *at > now),
         )
         .min();
     Wake { revocation, next: revocation.into_iter().chain(next_rotation).min() }
@@ -411,11 +422,15 @@ mod tests {
     #[test]
     fn wake_is_the_earliest_of_plan_revocation_and_rotation() {
         let retiring = KeyRecord { revoke_at: Some(Time(t(300))), ..rec("k1", KeyState::Retiring) };
-        let w = wake(None, std::slice::from_ref(&retiring), Some(t(200)));
+        let w = wake(None, std::slice::from_ref(&retiring), Some(t(200)), t(0));
         assert_eq!(w, Wake { revocation: Some(t(300)), next: Some(t(200)) });
-        let w = wake(Some(t(100)), &[retiring], None);
+        let w = wake(Some(t(100)), std::slice::from_ref(&retiring), None, t(0));
         assert_eq!(w, Wake { revocation: Some(t(100)), next: Some(t(100)) });
-        assert_eq!(wake(None, &[], None), Wake { revocation: None, next: None });
+        assert_eq!(wake(None, &[], None, t(0)), Wake { revocation: None, next: None });
+        // Past its revocation time and still retiring (kept for a rollout):
+        // the plan's own wake-up decides, not a busy loop.
+        let w = wake(Some(t(305)), std::slice::from_ref(&retiring), None, t(301));
+        assert_eq!(w.revocation, Some(t(305)));
         let ceiling = Duration::from_secs(600);
         assert_eq!(delay_until(None, t(0), ceiling), ceiling);
         assert_eq!(delay_until(Some(t(10)), t(0), ceiling), Duration::from_secs(11));

@@ -163,13 +163,26 @@ pub struct PlanInput<'a> {
     pub last_rotation_request: Option<&'a str>,
     /// The most keys the account may hold.
     pub max_keys: usize,
-    /// The id of a key this process issued but could not publish yet, and
-    /// still holds.
-    pub held: Option<&'a str>,
+    /// A key this process issued but could not publish yet, and still holds.
+    pub held: Option<HeldKey<'a>>,
+    /// No key may be issued now (the rotation policy is missing or invalid,
+    /// or the output Secret is someone else's): a rotation planned would
+    /// not run.
+    pub keys_blocked: bool,
     /// With confirmed rollover, whether the restart targets have rolled out
     /// with the current key (observed only once a replaced key's grace
     /// period is over).
     pub rollout: Option<&'a Rollout>,
+}
+
+/// A key issued but not yet published, held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldKey<'a> {
+    /// Its id in the target app.
+    pub id: &'a str,
+    /// The id of the record made when it was issued (keysmith's own id; the
+    /// target may have named the key otherwise).
+    pub record: &'a str,
 }
 
 /// What the restart targets' rollouts say, for confirmed rollover.
@@ -312,12 +325,20 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // A key issued, still held, not yet published: publish it rather than
     // revoke it as untracked and issue another (whatever stopped it, a
     // Secret that cannot be written, say, would stop the next one too).
+    // Its record may still be the Pending one, should the status write
+    // that recorded the issue have failed. No wake-up of its own: a failed
+    // publication retries with backoff, or waits for the change that fixes
+    // it, and never loops.
     let held = input.held.filter(|held| {
-        input.records.iter().any(|r| r.id == *held && r.state == KeyState::Issued) && observed_ids.contains(held)
+        observed_ids.contains(held.id)
+            && input.records.iter().any(|r| {
+                (r.id == held.id && r.state == KeyState::Issued)
+                    || (r.id == held.record && r.state == KeyState::Pending)
+            })
     });
     if let Some(held) = held {
-        actions.push(Action::Publish { id: held.to_owned() });
-        return Plan { actions, next_rotation: None, wake_at: Some(input.now), blocked: None, rollout: None };
+        actions.push(Action::Publish { id: held.id.to_owned() });
+        return Plan { actions, next_rotation: None, wake_at: None, blocked: None, rollout: None };
     }
     let retiring: Vec<&KeyRecord> = input
         .records
@@ -331,7 +352,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // key limit leaves room for a successor beside it, it stays until one is
     // published (a rotation is always planned then: the Secret does not hold
     // the current key), and goes on a later pass.
-    let in_secret = |id: &str| input.secret_key_id == Some(id) && input.max_keys >= 2;
+    // Not while keys are blocked: no successor would come, and the Secret's
+    // annotation (which a namespace editor can change) must not keep a
+    // retired key alive.
+    let in_secret = |id: &str| input.secret_key_id == Some(id) && input.max_keys >= 2 && !input.keys_blocked;
     let mut revoked: BTreeSet<String> = BTreeSet::new();
     for key in input.observed_keys {
         let tracked = current.is_some_and(|c| c.id == key.id) || retiring.iter().any(|r| r.id == key.id);
@@ -641,6 +665,7 @@ mod tests {
         max_keys: usize,
         now: Timestamp,
         held: Option<String>,
+        keys_blocked: bool,
         rollout: Option<Rollout>,
     }
 
@@ -661,12 +686,17 @@ mod tests {
                 max_keys: 2,
                 now: t(60),
                 held: None,
+                keys_blocked: false,
                 rollout: None,
             }
         }
 
         fn run(&self) -> Plan {
-            plan(&PlanInput {
+            plan(&self.input())
+        }
+
+        fn input(&self) -> PlanInput<'_> {
+            PlanInput {
                 now: self.now,
                 account: self.account.as_ref(),
                 desired_roles: &self.desired,
@@ -680,9 +710,10 @@ mod tests {
                 rotate_request: self.request.as_deref(),
                 last_rotation_request: self.last_request.as_deref(),
                 max_keys: self.max_keys,
-                held: self.held.as_deref(),
+                held: self.held.as_deref().map(|id| HeldKey { id, record: id }),
+                keys_blocked: self.keys_blocked,
                 rollout: self.rollout.as_ref(),
-            })
+            }
         }
     }
 
@@ -746,6 +777,19 @@ mod tests {
         assert_eq!(case(600, "1m", Some(waiting)).actions, revoke(RevokeReason::RolloutTimedOut));
     }
 
+    /// The key the Secret holds is kept only while a successor can come.
+    #[test]
+    fn the_secrets_key_is_kept_for_a_successor_unless_keys_are_blocked() {
+        let mut case = Case::steady();
+        case.keys.push(key("k0"));
+        case.secret_key = Some("k0".into());
+        let actions = case.run().actions;
+        assert!(!actions.iter().any(|a| matches!(a, Action::RevokeKey { id, .. } if id == "k0")), "{actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::Rotate { .. })), "{actions:?}");
+        case.keys_blocked = true;
+        assert!(case.run().actions.contains(&Action::RevokeKey { id: "k0".into(), reason: RevokeReason::Untracked }));
+    }
+
     /// A crash after publishing a key the target named itself: the pending
     /// record has keysmith's id, the Secret the target's.
     #[test]
@@ -776,6 +820,13 @@ mod tests {
         // This process no longer holds it (it restarted): untracked.
         case.held = None;
         assert_eq!(case.run().actions, [Action::RevokeKey { id: "k2".into(), reason: RevokeReason::Untracked }]);
+
+        // Held, its record still the Pending one (the status write after the
+        // issue failed), under keysmith's id: published all the same.
+        case.records = vec![record("k1", KeyState::Published, None, None), record("p2", KeyState::Pending, None, None)];
+        let plan = plan(&PlanInput { held: Some(HeldKey { id: "k2", record: "p2" }), ..case.input() });
+        assert_eq!(plan.actions, [Action::Publish { id: "k2".into() }]);
+        assert_eq!(plan.wake_at, None, "no wake-up of its own: a failed publication must not loop");
 
         // Held, but gone from the target app: nothing to publish.
         case.held = Some("k2".into());
