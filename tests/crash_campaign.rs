@@ -100,80 +100,46 @@ fn kubernetes_target(cp: &ControlPlane, client: &Client) -> Target {
     }
 }
 
+/// A connection named `target` whose admin credential is the Secret
+/// `secret` (`string_data`, YAML), read by the connection's ServiceAccount.
+fn credentialed(secret: &str, string_data: &str, provider: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}}}\nstringData: {string_data}\n---\n{}---\napiVersion: keysmith.dev/v1alpha1\nkind: AppConnection\nmetadata: {{name: target}}\nspec:\n  provider: {provider}\n  serviceAccountName: keysmith\n",
+        common::credential_reader_identity(secret)
+    )
+}
+
 fn postgres_target(pg: &PgServer) -> Target {
+    let provider = format!(
+        "{{postgres: {{host: 127.0.0.1, port: {}, database: postgres, sslMode: disable, credentialsSecretRef: {{name: pg-admin}}}}}}",
+        pg.port
+    );
     Target {
         provider: Arc::new(pg.provider()),
-        connection: format!(
-            r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: pg-admin}}
-stringData: {{username: {ADMIN}, password: {ADMIN_PASSWORD}}}
----
-{}---
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: target}}
-spec:
-  provider: {{postgres: {{host: 127.0.0.1, port: {}, database: postgres, sslMode: disable, credentialsSecretRef: {{name: pg-admin}}}}}}
-  serviceAccountName: keysmith
-"#,
-            common::credential_reader_identity("pg-admin"),
-            pg.port
-        ),
+        connection: credentialed("pg-admin", &format!("{{username: {ADMIN}, password: {ADMIN_PASSWORD}}}"), &provider),
         role: "crash_reader".into(),
     }
 }
 
 fn scim_target(scim: &ScimServer) -> Target {
+    let provider = format!("{{scim: {{baseUrl: \"{}\", tokenSecretRef: {{name: scim-admin}}}}}}", scim.base_url);
     Target {
         provider: Arc::new(scim.provider()),
-        connection: format!(
-            r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: scim-admin}}
-stringData: {{token: "{}"}}
----
-{}---
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: target}}
-spec:
-  provider: {{scim: {{baseUrl: "{}", tokenSecretRef: {{name: scim-admin}}}}}}
-  serviceAccountName: keysmith
-"#,
-            scim.token,
-            common::credential_reader_identity("scim-admin"),
-            scim.base_url
-        ),
+        connection: credentialed("scim-admin", &format!("{{token: \"{}\"}}", scim.token), &provider),
         role: "Crash Readers".into(),
     }
 }
 
 fn aws_target(moto: &MotoServer) -> Target {
+    let provider = format!(
+        "{{awsIam: {{region: eu-west-1, endpoint: \"{}\", path: /keysmith/, credentialsSecretRef: {{name: aws-admin}}}}}}",
+        moto.endpoint
+    );
+    let key =
+        format!("{{AWS_ACCESS_KEY_ID: \"{}\", AWS_SECRET_ACCESS_KEY: \"{}\"}}", moto.admin_key.0, moto.admin_key.1);
     Target {
         provider: Arc::new(moto.provider()),
-        connection: format!(
-            r#"
-apiVersion: v1
-kind: Secret
-metadata: {{name: aws-admin}}
-stringData: {{AWS_ACCESS_KEY_ID: "{}", AWS_SECRET_ACCESS_KEY: "{}"}}
----
-{}---
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: target}}
-spec:
-  provider: {{awsIam: {{region: eu-west-1, endpoint: "{}", path: /keysmith/, credentialsSecretRef: {{name: aws-admin}}}}}}
-  serviceAccountName: keysmith
-"#,
-            moto.admin_key.0,
-            moto.admin_key.1,
-            common::credential_reader_identity("aws-admin"),
-            moto.endpoint
-        ),
+        connection: credentialed("aws-admin", &key, &provider),
         role: moto.policy_arn("ks-read"),
     }
 }
