@@ -50,6 +50,7 @@ use crate::{
         RestartTarget, RestartTargetKind,
     },
     ownership::FIELD_MANAGER,
+    provider::http::kube_error_message,
     provider::{
         AccountRequest, IssuedKey, KeyRequest, ObservedKey, Provider, ProviderError, ResolvedConnection, RoleGrant,
     },
@@ -721,7 +722,7 @@ impl Apply<'_> {
         match written {
             Ok(_) => Ok(()),
             Err(error) => {
-                self.secret_not_writable(run, &apiserver_says(&error), "no key is issued until it can be").await;
+                self.secret_not_writable(run, &kube_error_message(&error), "no key is issued until it can be").await;
                 Err(error.into())
             }
         }
@@ -824,7 +825,7 @@ impl Apply<'_> {
         self.ctx.failpoints.after("publish");
         if let Err(error) = written {
             hold(self.ctx, &run.key, &issued, None);
-            let cause = issued.material.redact(&apiserver_says(&error));
+            let cause = issued.material.redact(&kube_error_message(&error));
             let consequence = format!("key {} is kept until it can be published", issued.id);
             self.secret_not_writable(run, &cause, &consequence).await;
             return Err(Error::Provider(ProviderError::transient(cause)));
@@ -1080,7 +1081,7 @@ async fn observe_rollout(
         match verdict {
             Ok(None) => {}
             Ok(Some(why)) => waiting_on.push(format!("{name}: {why}")),
-            Err(error) => waiting_on.push(format!("{name}: {}", apiserver_says(&error))),
+            Err(error) => waiting_on.push(format!("{name}: {}", kube_error_message(&error))),
         }
     }
     Rollout { waiting_on }
@@ -1108,14 +1109,6 @@ fn rollout_condition(decision: &RolloutDecision, current: Option<&str>) -> Condi
             "RolloutStuck",
             format!("key {key} was revoked at confirmRollout.maxWait, before the restart targets rolled out: {}", on.join("; ")),
         ),
-    }
-}
-
-/// What the apiserver said, without the client's wrapping.
-fn apiserver_says(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => status.message.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -52,32 +52,36 @@ pub fn transport_error(what: &str, error: reqwest::Error) -> ProviderError {
     }
 }
 
+/// What the apiserver said, with its HTTP code and reason, without the
+/// client's wrapping (and without the request, which may carry data).
+pub fn kube_error_message(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) if status.reason.is_empty() => format!("{} (HTTP {})", status.message, status.code),
+        kube::Error::Api(status) => format!("{} (HTTP {} {})", status.message, status.code, status.reason),
+        other => other.to_string(),
+    }
+}
+
 /// The class of a Kubernetes API error (the apiserver's status, or a
 /// failure to reach it): what the caller should do about it.
 pub fn classify_kube_error(err: kube::Error) -> ProviderError {
+    let message = kube_error_message(&err);
     match err {
-        kube::Error::Api(status) => {
-            let message = if status.reason.is_empty() {
-                format!("{} (HTTP {})", status.message, status.code)
-            } else {
-                format!("{} (HTTP {} {})", status.message, status.code, status.reason)
-            };
-            match status.code {
-                401 | 403 => ProviderError::Unauthorized(message),
-                404 => ProviderError::NotFound(message),
-                409 => ProviderError::Conflict(message),
-                400 | 405 | 406 | 413 | 415 | 422 => ProviderError::Invalid(message),
-                _ => ProviderError::Transient {
-                    message,
-                    retry_after: status
-                        .details
-                        .as_ref()
-                        .map(|d| d.retry_after_seconds)
-                        .filter(|s| *s > 0)
-                        .map(|s| Duration::from_secs(u64::from(s))),
-                },
-            }
-        }
+        kube::Error::Api(status) => match status.code {
+            401 | 403 => ProviderError::Unauthorized(message),
+            404 => ProviderError::NotFound(message),
+            409 => ProviderError::Conflict(message),
+            400 | 405 | 406 | 413 | 415 | 422 => ProviderError::Invalid(message),
+            _ => ProviderError::Transient {
+                message,
+                retry_after: status
+                    .details
+                    .as_ref()
+                    .map(|d| d.retry_after_seconds)
+                    .filter(|s| *s > 0)
+                    .map(|s| Duration::from_secs(u64::from(s))),
+            },
+        },
         kube::Error::Auth(e) => ProviderError::Unauthorized(e.to_string()),
         e @ (kube::Error::BuildRequest(_)
         | kube::Error::HttpError(_)
