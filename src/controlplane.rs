@@ -164,6 +164,9 @@ pub enum ControlPlaneError {
     /// The apiserver audit log could not be parsed.
     #[error("reading the apiserver audit log: {0}")]
     Audit(String),
+    /// [`ControlPlane::restart_apiserver`] found no apiserver it started.
+    #[error("cannot restart the apiserver: {0}")]
+    NoApiserver(&'static str),
     /// The process-wide control plane of [`shared`] failed to start earlier.
     #[error("the shared control plane failed to start: {0}")]
     SharedStartFailed(String),
@@ -209,8 +212,11 @@ pub struct ControlPlane {
     kubectl: Option<PathBuf>,
     /// What has been parsed of the audit log so far.
     audit: Mutex<AuditCache>,
-    /// Components in start order; killed in reverse order.
-    components: Vec<Component>,
+    /// Components in start order; killed in reverse order. Behind a lock
+    /// so that [`ControlPlane::restart_apiserver`] can replace one.
+    components: Mutex<Vec<Component>>,
+    /// The apiserver's program and flags, to start it again the same way.
+    apiserver_argv: Vec<std::ffi::OsString>,
     reaper: Option<Child>,
     /// Removed on drop, after the components are gone.
     dir: tempfile::TempDir,
@@ -284,7 +290,8 @@ impl ControlPlane {
             audit_log_path: dir.path().join("audit.log"),
             kubectl: assets.kubectl.clone(),
             audit: Mutex::new(AuditCache::default()),
-            components: Vec::new(),
+            components: Mutex::new(Vec::new()),
+            apiserver_argv: Vec::new(),
             reaper: None,
             dir,
         };
@@ -338,6 +345,8 @@ impl ControlPlane {
             // Each event is written before its response completes.
             .arg("--audit-log-mode=blocking")
             .arg(format!("--audit-log-maxsize={AUDIT_LOG_MAX_SIZE_MB}"));
+        cp.apiserver_argv =
+            std::iter::once(apiserver.get_program()).chain(apiserver.get_args()).map(ToOwned::to_owned).collect();
         cp.spawn("kube-apiserver", apiserver)?;
 
         let http = reqwest::Client::builder()
@@ -574,6 +583,78 @@ impl ControlPlane {
         drop(self);
     }
 
+    /// Kills kube-apiserver with SIGKILL, as a crashed or evicted apiserver
+    /// goes, waits `down`, then starts it again with the same flags on the
+    /// same port, and returns once `/readyz` is ok. Every client connection
+    /// is cut and every watch ends; what is stored in etcd stays.
+    pub async fn restart_apiserver(&self, down: Duration) -> Result<(), ControlPlaneError> {
+        let (program, args) = self
+            .apiserver_argv
+            .split_first()
+            .ok_or_else(|| ControlPlaneError::NoApiserver("this control plane did not start it"))?;
+        let log = {
+            let mut components = self.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let component = components
+                .iter_mut()
+                .find(|c| c.name == "kube-apiserver")
+                .ok_or_else(|| ControlPlaneError::NoApiserver("no kube-apiserver process"))?;
+            let _ = component.child.kill();
+            let _ = component.child.wait();
+            component.log.clone()
+        };
+        tokio::time::sleep(down).await;
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .map_err(|e| ControlPlaneError::io(format!("opening {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| ControlPlaneError::io(format!("opening {}", log.display()), e))?;
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| ControlPlaneError::io("spawning kube-apiserver again", e))?;
+        let pid = child.id();
+        {
+            let mut components = self.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(component) = components.iter_mut().find(|c| c.name == "kube-apiserver") {
+                component.child = child;
+            }
+        }
+        let pids = self.dir.path().join("pids");
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&pids)
+            .and_then(|mut f| writeln!(f, "{pid}"))
+            .map_err(|e| ControlPlaneError::io(format!("writing {}", pids.display()), e))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).map_err(ControlPlaneError::Http)?,
+            )
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(ControlPlaneError::Http)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let url = format!("{}/readyz", self.server_url);
+        loop {
+            let ready = http.get(&url).bearer_auth(&self.admin_token).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlPlaneError::Timeout {
+                    what: "GET /readyz after a restart".into(),
+                    timeout: READY_TIMEOUT,
+                    component: "kube-apiserver",
+                    log_tail: log_tail(&log),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Start a process that cleans up if this process dies without dropping us.
     fn spawn_reaper(&mut self) -> Result<(), ControlPlaneError> {
         let child = Command::new("sh")
@@ -621,7 +702,11 @@ impl ControlPlane {
             .map_err(|e| ControlPlaneError::io(format!("spawning {name}"), e))?;
         tracing::debug!(component = name, pid = child.id(), log = %log.display(), "spawned");
         let pid = child.id();
-        self.components.push(Component { name, child, log });
+        self.components.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).push(Component {
+            name,
+            child,
+            log,
+        });
         let pids = self.dir.path().join("pids");
         fs::OpenOptions::new()
             .create(true)
@@ -633,7 +718,7 @@ impl ControlPlane {
 
     /// Fail if any component has exited.
     fn check_components(&mut self) -> Result<(), ControlPlaneError> {
-        for component in &mut self.components {
+        for component in self.components.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).iter_mut() {
             let status = component
                 .child
                 .try_wait()
@@ -673,8 +758,14 @@ impl ControlPlane {
                 }
             }
             if Instant::now() >= deadline {
-                let log_tail =
-                    self.components.iter().find(|c| c.name == blame).map(|c| log_tail(&c.log)).unwrap_or_default();
+                let log_tail = self
+                    .components
+                    .get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .find(|c| c.name == blame)
+                    .map(|c| log_tail(&c.log))
+                    .unwrap_or_default();
                 return Err(ControlPlaneError::Timeout {
                     what: format!("GET {path}"),
                     timeout: READY_TIMEOUT,
@@ -693,14 +784,14 @@ impl std::fmt::Debug for ControlPlane {
         f.debug_struct("ControlPlane")
             .field("server_url", &self.server_url)
             .field("dir", &self.dir.path())
-            .field("components", &self.components)
+            .field("components", &*self.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for component in self.components.iter_mut().rev() {
+        for component in self.components.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).iter_mut().rev() {
             let _ = component.child.kill();
             let _ = component.child.wait();
         }

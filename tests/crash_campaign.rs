@@ -23,6 +23,8 @@
 //! Each trial prints one line; the last line sums them up.
 
 mod common;
+#[path = "common/invariants.rs"]
+mod invariants;
 #[path = "common/moto_server.rs"]
 mod moto_server;
 #[path = "common/pg_server.rs"]
@@ -30,23 +32,18 @@ mod pg_server;
 #[path = "common/scim_server.rs"]
 mod scim_server;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    os::unix::process::ExitStatusExt,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, os::unix::process::ExitStatusExt, sync::Arc, time::Duration};
 
 use common::{apply_yaml, control_plane, kubernetes_connection_identity, Operator, TestNamespace};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use k8s_openapi::api::apps::v1::Deployment;
 use keysmith::{
-    api::{IntegrationAccount, KeyState},
+    api::IntegrationAccount,
     controlplane::ControlPlane,
-    provider::{kubernetes::KubernetesProvider, AccountRequest, IssuedKey, KeyMaterial, Provider},
+    provider::{kubernetes::KubernetesProvider, Provider},
 };
 use kube::{
     api::{Api, DeleteParams, Patch, PatchParams, PostParams},
-    Client, ResourceExt,
+    Client,
 };
 use moto_server::MotoServer;
 use pg_server::{PgServer, ADMIN, ADMIN_PASSWORD};
@@ -169,18 +166,6 @@ spec: {{accountRef: {{name: {name}}}, roles: ["{role}"]}}
     )
 }
 
-fn request(account: &IntegrationAccount) -> AccountRequest {
-    AccountRequest {
-        name: account.name_any(),
-        namespace: account.namespace().unwrap_or_default(),
-        account_name: account.name_any(),
-        owner_uid: account.uid().unwrap_or_default(),
-        description: None,
-        owner: None,
-        options: account.spec.provider_options.clone(),
-    }
-}
-
 async fn ready(accounts: &Api<IntegrationAccount>, name: &str, rotation: Option<&str>) -> Option<IntegrationAccount> {
     let account = accounts.get(name).await.ok()?;
     let status = account.status.as_ref()?;
@@ -202,73 +187,6 @@ where
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     None
-}
-
-/// The invariants of a converged account; the violations found.
-async fn converged_violations(client: &Client, ns: &str, target: &Target, account: &IntegrationAccount) -> Vec<String> {
-    let mut violations = Vec::new();
-    let status = account.status.clone().unwrap_or_default();
-    let request = request(account);
-    let in_target: BTreeSet<String> = match target.provider.list_keys(&request).await {
-        Ok(keys) => keys.into_iter().map(|k| k.id).collect(),
-        Err(error) => return vec![format!("cannot list keys: {error}")],
-    };
-    let current = status.current_key.as_ref().map(|c| c.id.clone());
-    let tracked: BTreeSet<String> = status
-        .keys
-        .iter()
-        .filter(|k| k.state == KeyState::Retiring || Some(&k.id) == current.as_ref())
-        .map(|k| k.id.clone())
-        .collect();
-    for id in in_target.difference(&tracked) {
-        violations.push(format!("key {id} is in the target but not tracked in status"));
-    }
-    for id in tracked.difference(&in_target) {
-        violations.push(format!("key {id} is tracked as live but not in the target"));
-    }
-    if in_target.len() > 2 {
-        violations.push(format!("{} keys in the target, limit 2", in_target.len()));
-    }
-    if status.pending.is_some() || status.keys.iter().any(|k| matches!(k.state, KeyState::Pending | KeyState::Issued)) {
-        violations.push("status still has a pending key".into());
-    }
-    match target.provider.observe_account(&request).await {
-        Ok(Some(a)) if a.owned && !a.disabled => {}
-        other => violations.push(format!("the account in the target is {other:?}")),
-    }
-    let secret = Api::<Secret>::namespaced(client.clone(), ns).get("robot-key").await;
-    match secret {
-        Ok(secret) => {
-            let id = secret.metadata.annotations.as_ref().and_then(|a| a.get("keysmith.dev/key-id")).cloned();
-            if id != current {
-                violations.push(format!("the Secret holds {id:?}, status says {current:?}"));
-            }
-            let material: BTreeMap<String, String> = secret
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-                .collect();
-            let key = IssuedKey { id: id.unwrap_or_default(), expires_at: None, material: KeyMaterial::new(material) };
-            if let Err(error) = target.provider.verify_key(&request, &key).await {
-                violations.push(format!("the Secret's key does not work: {error}"));
-            }
-        }
-        Err(error) => violations.push(format!("no output Secret: {error}")),
-    }
-    violations
-}
-
-/// What deletion must leave, per deletionPolicy.
-async fn deleted_violations(target: &Target, request: &AccountRequest, policy: &str) -> Vec<String> {
-    let observed = target.provider.observe_account(request).await;
-    let keys = target.provider.list_keys(request).await.map(|k| k.len()).unwrap_or(0);
-    match (policy, observed) {
-        ("Delete", Ok(None)) if keys == 0 => vec![],
-        ("Disable", Ok(Some(a))) if a.disabled && keys == 0 => vec![],
-        ("Orphan", Ok(Some(a))) if !a.disabled && keys >= 1 => vec![],
-        (policy, observed) => vec![format!("after deletion ({policy}): account {observed:?}, {keys} key(s)")],
-    }
 }
 
 #[tokio::test]
@@ -409,11 +327,11 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
         let operator = Operator::start(cp, &ns.name, &[]);
         let found = match scenario {
             Scenario::Delete(policy) => {
-                let request = request(before.as_ref().expect("the account existed"));
+                let request = invariants::request(before.as_ref().expect("the account existed"));
                 match wait_for(CONVERGE, || async { accounts.get_opt(&name).await.ok()?.is_none().then_some(()) }).await
                 {
                     None => vec!["the IntegrationAccount was never deleted".to_owned()],
-                    Some(()) => deleted_violations(&target, &request, policy).await,
+                    Some(()) => invariants::deleted(target.provider.as_ref(), &request, policy).await,
                 }
             }
             _ => {
@@ -426,7 +344,7 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
                         let mut last = Vec::new();
                         for _ in 0..10 {
                             let account = accounts.get(&name).await.unwrap();
-                            last = converged_violations(&client, &ns.name, &target, &account).await;
+                            last = invariants::converged(&client, target.provider.as_ref(), &account, 2).await;
                             if last.is_empty() {
                                 break;
                             }

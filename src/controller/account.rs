@@ -152,6 +152,9 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
     let namespace = account.namespace().unwrap_or_default();
     let api: Api<IntegrationAccount> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = ObjectRef::from_obj(account.as_ref()).to_string();
+    // One line per reconcile: the fault campaigns count them per account
+    // to find hot loops (RELIABILITY.md).
+    tracing::debug!(account = %key, "reconcile");
     // The cache can lag behind this process's own last write (the watch
     // event is still on its way). Acting on the older copy would undo that
     // write, and could even revoke a key just published as "untracked".

@@ -57,6 +57,9 @@ impl Guarded {
         call: impl std::future::Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, ProviderError> {
         self.bucket.acquire().await;
+        // One line per token taken: the fault campaigns check the budget
+        // against these times (RELIABILITY.md).
+        tracing::debug!(provider = self.inner.name(), operation, "provider call");
         self.failpoints.before(operation);
         let started = Instant::now();
         let span = tracing::debug_span!("provider_call", provider = self.inner.name(), operation);

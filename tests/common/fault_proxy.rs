@@ -1,10 +1,11 @@
 //! A small HTTP proxy in front of a real server that injects faults (429
-//! with Retry-After, 5xx, slow answers) and records every request it passes,
-//! so tests can check retries, backoff and rate budgets against real targets.
+//! with Retry-After, 5xx, slow answers, resets, stalls) and records every
+//! request it passes, so tests can check retries, backoff and rate budgets
+//! against real targets. Faults come from a queue ([`FaultProxy::inject`])
+//! or at random, seeded ([`FaultProxy::chaos`]).
 
 use std::{
     collections::VecDeque,
-    convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,6 +21,52 @@ pub enum Fault {
     Status(u16, Option<u64>),
     /// Wait this long, then forward.
     Delay(Duration),
+    /// Close the connection without an answer.
+    Reset,
+    /// Answer nothing for this long (past the client's timeout), then close.
+    Stall(Duration),
+}
+
+impl Fault {
+    /// A short name for tallies: `429+retry-after`, `429`, `5xx`, `reset`,
+    /// `stall`, `slow`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Status(429, Some(_)) => "429+retry-after",
+            Fault::Status(429, None) => "429",
+            Fault::Status(..) => "5xx",
+            Fault::Delay(_) => "slow",
+            Fault::Reset => "reset",
+            Fault::Stall(_) => "stall",
+        }
+    }
+}
+
+/// Random faults: each request gets one with `probability`, drawn evenly
+/// from 429 with a Retry-After of 1–3 s, 429 without, 500, 503, a reset, a
+/// stall of `stall`, and a slow answer (0.5–3 s).
+struct Chaos {
+    probability: f64,
+    stall: Duration,
+    rng: rand::rngs::StdRng,
+}
+
+impl Chaos {
+    fn draw(&mut self) -> Option<Fault> {
+        use rand::Rng as _;
+        if !self.rng.random_bool(self.probability) {
+            return None;
+        }
+        Some(match self.rng.random_range(0..7) {
+            0 => Fault::Status(429, Some(self.rng.random_range(1..=3))),
+            1 => Fault::Status(429, None),
+            2 => Fault::Status(500, None),
+            3 => Fault::Status(503, None),
+            4 => Fault::Reset,
+            5 => Fault::Stall(self.stall),
+            _ => Fault::Delay(Duration::from_millis(self.rng.random_range(500..3000))),
+        })
+    }
 }
 
 /// One request seen by the proxy.
@@ -28,13 +75,17 @@ pub struct Record {
     pub at: Instant,
     pub method: String,
     pub path: String,
+    /// 0 when nothing was answered (a reset or a stall).
     pub status: u16,
     pub injected: bool,
+    /// The fault it got, if any ([`Fault::kind`]).
+    pub fault: Option<&'static str>,
 }
 
 pub struct FaultProxy {
     pub url: String,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    chaos: Arc<Mutex<Option<Chaos>>>,
     log: Arc<Mutex<Vec<Record>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -43,27 +94,55 @@ impl FaultProxy {
     /// Listens on 127.0.0.1 and forwards to `upstream` with `client`
     /// (give it the upstream's CA for https).
     pub async fn start(upstream: &str, client: reqwest::Client) -> FaultProxy {
+        Self::start_with(upstream, client, false).await
+    }
+
+    /// Like [`FaultProxy::start`], but forwards the client's own `Host`
+    /// header: for targets that check it, as SigV4-signed requests do (the
+    /// client signs the host it connects to, the proxy's).
+    pub async fn start_keeping_host(upstream: &str, client: reqwest::Client) -> FaultProxy {
+        Self::start_with(upstream, client, true).await
+    }
+
+    async fn start_with(upstream: &str, client: reqwest::Client, keep_host: bool) -> FaultProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let faults: Arc<Mutex<VecDeque<Fault>>> = Arc::default();
+        let chaos: Arc<Mutex<Option<Chaos>>> = Arc::default();
         let log: Arc<Mutex<Vec<Record>>> = Arc::default();
         let upstream = upstream.trim_end_matches('/').to_owned();
-        let (f, l) = (faults.clone(), log.clone());
+        let (f, c, l) = (faults.clone(), chaos.clone(), log.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (faults, log, upstream, client) = (f.clone(), l.clone(), upstream.clone(), client.clone());
+                let (faults, chaos, log, upstream, client) =
+                    (f.clone(), c.clone(), l.clone(), upstream.clone(), client.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
-                        let (faults, log, upstream, client) =
-                            (faults.clone(), log.clone(), upstream.clone(), client.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &faults, &log, &upstream, &client).await) }
+                        let (faults, chaos, log, upstream, client) =
+                            (faults.clone(), chaos.clone(), log.clone(), upstream.clone(), client.clone());
+                        async move {
+                            let fault = faults.lock().unwrap().pop_front();
+                            let fault = fault.or_else(|| chaos.lock().unwrap().as_mut().and_then(Chaos::draw));
+                            handle(req, fault, &log, &upstream, &client, keep_host)
+                                .await
+                                .ok_or_else(|| std::io::Error::other("injected reset"))
+                        }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        FaultProxy { url, faults, log, task }
+        FaultProxy { url, faults, chaos, log, task }
+    }
+
+    /// From now on each request gets a random fault with `probability`
+    /// (seeded: the same seed draws the same faults in the same order);
+    /// `None` stops that.
+    pub fn chaos(&self, probability: Option<f64>, seed: u64, stall: Duration) {
+        use rand::SeedableRng as _;
+        *self.chaos.lock().unwrap() =
+            probability.map(|probability| Chaos { probability, stall, rng: rand::rngs::StdRng::seed_from_u64(seed) });
     }
 
     /// The next `times` requests get `fault`.
@@ -86,21 +165,39 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Answers one request; `None` resets the connection.
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    faults: &Mutex<VecDeque<Fault>>,
+    fault: Option<Fault>,
     log: &Mutex<Vec<Record>>,
     upstream: &str,
     client: &reqwest::Client,
-) -> Response<Full<Bytes>> {
+    keep_host: bool,
+) -> Option<Response<Full<Bytes>>> {
     let at = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-    let fault = faults.lock().unwrap().pop_front();
+    let kind = fault.as_ref().map(Fault::kind);
     let record = |status: u16, injected: bool| {
-        log.lock().unwrap().push(Record { at, method: method.clone(), path: path.clone(), status, injected });
+        log.lock().unwrap().push(Record {
+            at,
+            method: method.clone(),
+            path: path.clone(),
+            status,
+            injected,
+            fault: kind,
+        });
     };
     match fault {
+        Some(Fault::Reset) => {
+            record(0, true);
+            return None;
+        }
+        Some(Fault::Stall(duration)) => {
+            record(0, true);
+            tokio::time::sleep(duration).await;
+            return None;
+        }
         Some(Fault::Status(status, retry_after)) => {
             record(status, true);
             let mut response = Response::builder().status(status).header("content-type", "application/json");
@@ -111,7 +208,7 @@ async fn handle(
                 r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"injected {status}","code":{status}{}}}"#,
                 retry_after.map(|s| format!(r#","details":{{"retryAfterSeconds":{s}}}"#)).unwrap_or_default()
             );
-            return response.body(Full::new(Bytes::from(body))).unwrap();
+            return Some(response.body(Full::new(Bytes::from(body))).unwrap());
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
         None => {}
@@ -120,7 +217,7 @@ async fn handle(
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
     for (name, value) in &parts.headers {
-        if name != "host" && name != "content-length" {
+        if (keep_host || name != "host") && name != "content-length" {
             forward = forward.header(name, value);
         }
     }
@@ -135,11 +232,11 @@ async fn handle(
                 }
             }
             let bytes = answer.bytes().await.unwrap_or_default();
-            response.body(Full::new(bytes)).unwrap()
+            Some(response.body(Full::new(bytes)).unwrap())
         }
         Err(_) => {
             record(502, true);
-            Response::builder().status(502).body(Full::new(Bytes::from_static(b"bad gateway"))).unwrap()
+            Some(Response::builder().status(502).body(Full::new(Bytes::from_static(b"bad gateway"))).unwrap())
         }
     }
 }

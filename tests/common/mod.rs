@@ -165,6 +165,16 @@ impl Operator {
         None
     }
 
+    /// How the operator ended, if it has (an exit or a signal); does not wait.
+    pub fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The log file's path.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Waits until the operator ends by itself (an exit or a signal).
     pub async fn wait_end(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + timeout;

@@ -15,7 +15,12 @@
 //!   or pooler that hangs.
 //!
 //! [`TcpFaultProxy::pause`] stops listening altogether, so connections are
-//! refused (ECONNREFUSED), until [`TcpFaultProxy::resume`].
+//! refused (ECONNREFUSED), until [`TcpFaultProxy::resume`];
+//! [`TcpFaultProxy::cut`] closes every open connection (a watch stream or a
+//! request in flight ends mid-way); [`TcpFaultProxy::chaos`] gives new
+//! connections a random fault (seeded). [`TcpFaultProxy::start_raw`] is for
+//! other protocols than PostgreSQL (TLS to a kube-apiserver): nothing is
+//! parsed, only bytes forwarded.
 //!
 //! Test files include it with `#[path = "common/tcp_fault_proxy.rs"] mod tcp_fault_proxy;`.
 #![allow(dead_code)]
@@ -66,6 +71,9 @@ pub struct Statement {
 
 #[derive(Default)]
 struct Shared {
+    /// Forward bytes without reading them as PostgreSQL messages.
+    raw: bool,
+    chaos: Mutex<Option<(f64, Vec<Fault>, rand::rngs::StdRng)>>,
     faults: Mutex<VecDeque<Fault>>,
     connections: Mutex<Vec<Connection>>,
     statements: Mutex<Vec<Statement>>,
@@ -85,12 +93,47 @@ pub struct TcpFaultProxy {
 impl TcpFaultProxy {
     /// Listens on a free port of 127.0.0.1 and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> TcpFaultProxy {
+        Self::start_with(upstream, Shared::default())
+    }
+
+    /// Like [`TcpFaultProxy::start`] for any protocol: bytes are forwarded
+    /// unread (no statements are counted).
+    pub async fn start_raw(upstream: SocketAddr) -> TcpFaultProxy {
+        Self::start_with(upstream, Shared { raw: true, ..Shared::default() })
+    }
+
+    fn start_with(upstream: SocketAddr, shared: Shared) -> TcpFaultProxy {
         let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).expect("listen on 127.0.0.1");
         let addr = listener.local_addr().expect("local address");
-        let proxy =
-            TcpFaultProxy { addr, upstream, shared: Arc::default(), acceptor: Mutex::new(None), tasks: Arc::default() };
+        let proxy = TcpFaultProxy {
+            addr,
+            upstream,
+            shared: Arc::new(shared),
+            acceptor: Mutex::new(None),
+            tasks: Arc::default(),
+        };
         proxy.spawn_acceptor(listener);
         proxy
+    }
+
+    /// From now on each new connection gets one of `faults`, drawn evenly,
+    /// with `probability` (seeded); `None` stops that.
+    pub fn chaos(&self, probability: Option<f64>, faults: Vec<Fault>, seed: u64) {
+        use rand::SeedableRng as _;
+        *self.shared.chaos.lock().expect("chaos lock") =
+            probability.map(|p| (p, faults, rand::rngs::StdRng::seed_from_u64(seed)));
+    }
+
+    /// Closes every open connection now, mid-stream; new ones are accepted
+    /// as before. Returns how many were open.
+    pub fn cut(&self) -> usize {
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        tasks.retain(|t| !t.is_finished());
+        let open = tasks.len();
+        for task in tasks.drain(..) {
+            task.abort();
+        }
+        open
     }
 
     /// The port clients connect to.
@@ -143,7 +186,15 @@ impl TcpFaultProxy {
         let acceptor = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { continue };
-                let fault = shared.faults.lock().expect("faults lock").pop_front();
+                let mut fault = shared.faults.lock().expect("faults lock").pop_front();
+                if fault.is_none() {
+                    use rand::Rng as _;
+                    if let Some((p, faults, rng)) = shared.chaos.lock().expect("chaos lock").as_mut() {
+                        if !faults.is_empty() && rng.random_bool(*p) {
+                            fault = Some(faults[rng.random_range(0..faults.len())].clone());
+                        }
+                    }
+                }
                 shared
                     .connections
                     .lock()
@@ -229,7 +280,7 @@ async fn forward(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let tags = parser.feed(&buf[..n]);
+            let tags = if shared.raw { Vec::new() } else { parser.feed(&buf[..n]) };
             if !tags.is_empty() {
                 let at = Instant::now();
                 let mut statements = shared.statements.lock().expect("statements lock");
