@@ -82,6 +82,8 @@ const STALL: Duration = Duration::from_secs(35);
 const PG_STALL: Duration = Duration::from_secs(12);
 /// How long the apiserver stays down when restarted.
 const APISERVER_DOWN: Duration = Duration::from_secs(3);
+/// The longest an account may stay not Ready, or a rotation be late, while faulted.
+const CONVERGE_BOUND: Duration = Duration::from_secs(360);
 /// More reconciles of one account than this within [`HOT_WINDOW`] is a hot loop.
 const HOT_LIMIT: usize = 20;
 const HOT_WINDOW: Duration = Duration::from_secs(10);
@@ -705,5 +707,14 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     assert_eq!(hot, 0, "hot loops");
     assert!(calls.values().all(|c| *c > 0), "no provider call was logged: {calls:?}");
     assert!(samples.rotations >= count, "too few rotations: {}", samples.rotations);
+    // The convergence bound RELIABILITY.md states for these faults: no
+    // account stays not Ready, and no rotation is late, by more than
+    // CONVERGE_BOUND (the policy rotates at 60–90 s).
+    assert!(samples.longest_not_ready <= CONVERGE_BOUND, "not Ready for {:?}", samples.longest_not_ready);
+    assert!(
+        samples.oldest_key <= 90 + CONVERGE_BOUND.as_secs() as i64,
+        "a key {} s old: its rotation was more than {CONVERGE_BOUND:?} late",
+        samples.oldest_key
+    );
     ns.delete().await;
 }

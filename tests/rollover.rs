@@ -194,6 +194,29 @@ spec: {{connectionRef: {{name: fake}}, secret: {{name: robot-key}}, rotationPoli
         "a stuck rollout does not make the account not Ready"
     );
 
+    // Rotation three, whose pass outlasts the grace period (a verification
+    // that takes 5 s; the grace period is 3 s): the replaced key's
+    // revocation is still due, so the rollout is looked at and the key
+    // revoked once it completes, not at the next drift check.
+    let policy = json!({"spec": {"confirmRollout": {"maxWait": "10m"}}});
+    Api::<keysmith::api::KeyRotationPolicy>::namespaced(client.clone(), &ns.name)
+        .patch("confirmed", &PatchParams::default(), &Patch::Merge(&policy))
+        .await
+        .unwrap();
+    let third = accounts.get("robot").await.unwrap().status.unwrap().current_key.unwrap().id;
+    fake.slow_next("verify_key", Duration::from_secs(5));
+    rotate("three").await;
+    let revoked = eventually("the third key revoked after the rollout", Duration::from_secs(60), || async {
+        play_kubelet(&pods).await;
+        let status = accounts.get("robot").await.ok()?.status?;
+        let record = status.keys.iter().find(|k| k.id == third && k.state == KeyState::Revoked)?;
+        Some(record.clone())
+    })
+    .await;
+    assert_eq!(revoked.reason.as_deref(), Some("RolloutConfirmed"));
+    let waited = revoked.revoked_at.unwrap().0.duration_since(revoked.retiring_at.unwrap().0).as_secs();
+    assert!(waited <= 30, "revoked {waited} s after publication");
+
     operator.stop().await;
     ns.delete().await;
 }

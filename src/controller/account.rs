@@ -443,7 +443,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // stands until the next revocation or drift check; the next rotation is
     // recomputed on every skip (the policy may change).
     let wake =
-        lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0), now());
+        lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0), run.now);
     let interval = ctx.drift_check_interval;
     run.memo = Memo::Observed { inputs, delay: lifecycle::delay_until(wake.revocation, now(), interval) };
     Ok(Requeue::requeue(lifecycle::delay_until(wake.next, now(), interval)))

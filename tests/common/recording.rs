@@ -20,6 +20,7 @@ pub struct Recording {
     inner: NoopProvider,
     journal: Mutex<Vec<String>>,
     faults: Mutex<HashMap<&'static str, String>>,
+    delays: Mutex<HashMap<&'static str, std::time::Duration>>,
 }
 
 impl Recording {
@@ -38,6 +39,18 @@ impl Recording {
 
     pub fn fail_next(&self, operation: &'static str, message: &str) {
         self.faults.lock().unwrap().insert(operation, message.into());
+    }
+
+    /// The next call of `operation` takes `delay` longer (a slow target).
+    pub fn slow_next(&self, operation: &'static str, delay: std::time::Duration) {
+        self.delays.lock().unwrap().insert(operation, delay);
+    }
+
+    async fn pause(&self, operation: &'static str) {
+        let delay = self.delays.lock().unwrap().remove(operation);
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// The calls so far that change something, for `account`.
@@ -114,6 +127,7 @@ impl Provider for Recording {
     }
     async fn verify_key(&self, account: &AccountRequest, key: &IssuedKey) -> Result<(), ProviderError> {
         self.note("verify_key", account, &key.id)?;
+        self.pause("verify_key").await;
         self.inner.verify_key(account, key).await
     }
 }

@@ -221,14 +221,21 @@ pub struct Wake {
 }
 
 /// The next wake-up: the plan's own, the next revocation of a retiring key
-/// (one retired by this pass included), and the next rotation. A revocation
-/// time already past is not one: the plan either revoked that key or kept
-/// it on purpose (a rollout to wait for) and said when to look again.
+/// (one retired by this pass included), and the next rotation.
+/// `planned_at` is the time the plan was made (the pass's `now`, which
+/// revocation times of keys retired in the pass count from). A revocation
+/// time at or before it is not one: the plan saw that key and either
+/// revoked it or kept it on purpose (a rollout to wait for) and said when
+/// to look again. A key retired in the pass is due after it, so it counts
+/// even when the pass outlasted the grace period (the wake-up is then due
+/// at once); measured against the clock at the end of the pass instead,
+/// that key was skipped and waited for the drift check (found by the
+/// zero-downtime campaign, RELIABILITY.md).
 pub fn wake(
     plan_wake: Option<Timestamp>,
     records: &[KeyRecord],
     next_rotation: Option<Timestamp>,
-    now: Timestamp,
+    planned_at: Timestamp,
 ) -> Wake {
     let revocation = plan_wake
         .into_iter()
@@ -237,7 +244,7 @@ pub fn wake(
                 .iter()
                 .filter(|k| k.state == KeyState::Retiring)
                 .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0))
-                .filter(|at| *at > now),
+                .filter(|at| *at > planned_at),
         )
         .min();
     Wake { revocation, next: revocation.into_iter().chain(next_rotation).min() }
@@ -431,6 +438,9 @@ mod tests {
         // the plan's own wake-up decides, not a busy loop.
         let w = wake(Some(t(305)), std::slice::from_ref(&retiring), None, t(301));
         assert_eq!(w.revocation, Some(t(305)));
+        // Retired in a pass planned at 298 that ended after 300: still due.
+        let w = wake(None, std::slice::from_ref(&retiring), None, t(298));
+        assert_eq!(w.revocation, Some(t(300)));
         let ceiling = Duration::from_secs(600);
         assert_eq!(delay_until(None, t(0), ceiling), ceiling);
         assert_eq!(delay_until(Some(t(10)), t(0), ceiling), Duration::from_secs(11));
