@@ -30,7 +30,11 @@
 //! secret) are not in it: a rotation there ends the old key at once, by the
 //! target's design, and README.md says so.
 
+#[path = "common/campaign.rs"]
+mod campaign;
 mod common;
+#[path = "common/invariants.rs"]
+mod invariants;
 #[path = "common/moto_server.rs"]
 mod moto_server;
 #[path = "common/pg_server.rs"]
@@ -70,10 +74,6 @@ use serde_json::json;
 const CALL_EVERY: Duration = Duration::from_millis(250);
 /// From a pod's creation until it is ready.
 const POD_START: Duration = Duration::from_secs(1);
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 struct Target {
     name: String,
@@ -259,18 +259,6 @@ fn env_var_consumer(
     })
 }
 
-fn request(account: &IntegrationAccount) -> AccountRequest {
-    AccountRequest {
-        name: account.name_any(),
-        namespace: account.namespace().unwrap_or_default(),
-        account_name: account.name_any(),
-        owner_uid: account.uid().unwrap_or_default(),
-        description: None,
-        owner: None,
-        options: account.spec.provider_options.clone(),
-    }
-}
-
 /// Rotates `name` once: asks for it, waits until the new key is current,
 /// then until the replaced key is revoked. The time it took.
 async fn rotate(accounts: &Api<IntegrationAccount>, name: &str, value: &str) -> Result<Duration, String> {
@@ -310,18 +298,14 @@ async fn rotate(accounts: &Api<IntegrationAccount>, name: &str, value: &str) -> 
 
 #[tokio::test]
 async fn consumers_see_no_failed_call_through_rotations() {
-    let rotations: usize = env("KEYSMITH_ZD_ROTATIONS", 4);
-    let kubelet = Duration::from_secs(env("KEYSMITH_ZD_KUBELET", 3));
+    let rotations: usize = campaign::env("KEYSMITH_ZD_ROTATIONS", 4);
+    let kubelet = Duration::from_secs(campaign::env("KEYSMITH_ZD_KUBELET", 3));
     let graces: Vec<u64> = std::env::var("KEYSMITH_ZD_GRACE")
         .unwrap_or_else(|_| "5".into())
         .split(',')
         .filter_map(|g| g.trim().parse().ok())
         .collect();
-    let providers: Vec<String> = std::env::var("KEYSMITH_ZD_PROVIDERS")
-        .unwrap_or_else(|_| "kubernetes,postgres,aws_iam".into())
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let providers = campaign::providers("KEYSMITH_ZD_PROVIDERS", "kubernetes,postgres,aws_iam");
     println!(
         "zero-downtime campaign: {rotations} rotations per grace period {graces:?} s, kubelet every {} s, providers {providers:?}",
         kubelet.as_secs()
@@ -351,49 +335,35 @@ async fn consumers_see_no_failed_call_through_rotations() {
             "postgres" => {
                 let pg = pg.as_ref().expect("postgres started");
                 pg.superuser().await.batch_execute("CREATE ROLE zd_reader NOLOGIN").await.expect("the role");
-                setup.push_str(&format!(
-                    "apiVersion: v1\nkind: Secret\nmetadata: {{name: pg-admin}}\nstringData: {{username: {ADMIN}, password: {ADMIN_PASSWORD}}}\n---\n"
-                ));
+                setup.push_str(&campaign::postgres_admin(ADMIN, ADMIN_PASSWORD));
                 Target {
                     name: name.clone(),
                     provider: Arc::new(pg.provider()),
                     role: "zd_reader".into(),
-                    spec: format!(
-                        "{{postgres: {{host: 127.0.0.1, port: {}, database: postgres, sslMode: disable, credentialsSecretRef: {{name: pg-admin}}}}}}",
-                        pg.port
-                    ),
+                    spec: campaign::postgres_spec(pg.port),
                 }
             }
             "scim" => {
                 let scim = scim.as_ref().expect("the SCIM server started");
                 scim.create_group("ZD Readers").await;
-                setup.push_str(&format!(
-                    "apiVersion: v1\nkind: Secret\nmetadata: {{name: scim-admin}}\nstringData: {{token: \"{}\"}}\n---\n",
-                    scim.token
-                ));
+                setup.push_str(&campaign::scim_admin(&scim.token));
                 Target {
                     name: name.clone(),
                     provider: Arc::new(scim.provider()),
                     role: "ZD Readers".into(),
-                    spec: format!("{{scim: {{baseUrl: \"{}\", tokenSecretRef: {{name: scim-admin}}}}}}", scim.base_url),
+                    spec: campaign::scim_spec(&scim.base_url),
                 }
             }
             "aws_iam" => {
                 let moto = moto.as_ref().expect("moto started");
-                setup.push_str(&format!(
-                    "apiVersion: v1\nkind: Secret\nmetadata: {{name: aws-admin}}\nstringData: {{AWS_ACCESS_KEY_ID: \"{}\", AWS_SECRET_ACCESS_KEY: \"{}\"}}\n---\n",
-                    moto.admin_key.0, moto.admin_key.1
-                ));
+                setup.push_str(&campaign::aws_admin(&moto.admin_key));
                 Target {
                     name: name.clone(),
                     // One attempt per call, as a consumer makes: the provider's
                     // own check waits for IAM's eventual consistency.
                     provider: Arc::new(moto.provider().with_verify_window(Duration::ZERO)),
                     role: moto.policy_arn("ks-read"),
-                    spec: format!(
-                        "{{awsIam: {{region: eu-west-1, endpoint: \"{}\", path: /keysmith/, credentialsSecretRef: {{name: aws-admin}}}}}}",
-                        moto.endpoint
-                    ),
+                    spec: campaign::aws_spec(&moto.endpoint),
                 }
             }
             other => panic!("unknown provider {other}"),
@@ -402,9 +372,7 @@ async fn consumers_see_no_failed_call_through_rotations() {
     }
     // The connections' identity also reads the admin credentials, and the
     // restart targets (confirmed rollover).
-    setup.push_str(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: keysmith-extra}\nrules:\n- {apiGroups: [\"\"], resources: [secrets], resourceNames: [pg-admin, scim-admin, aws-admin], verbs: [get]}\n- {apiGroups: [apps], resources: [deployments], verbs: [get]}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: keysmith-extra}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-extra}\nsubjects: [{kind: ServiceAccount, name: keysmith}]\n---\n",
-    );
+    setup.push_str(&campaign::credentials_reader("\n- {apiGroups: [apps], resources: [deployments], verbs: [get]}"));
     let first_grace = graces.first().copied().unwrap_or(5);
     for target in &targets {
         let slug = target.slug();
@@ -462,7 +430,7 @@ spec: {{accountRef: {{name: zd-{slug}}}, roles: ["{role}"]}}
     for target in &targets {
         let slug = target.slug();
         let account = common::ready_account(&client, &ns.name, &format!("zd-{slug}")).await;
-        let request = request(&account);
+        let request = invariants::request(&account);
         let (file, vars) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
         let caller = Caller { provider: target.provider.clone(), request, tally: file.clone(), stop: stop.clone() };
         consumers.push(mounted_file_consumer(caller.clone(), secrets.clone(), format!("zd-{slug}-key"), kubelet));
