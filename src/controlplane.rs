@@ -586,7 +586,10 @@ impl ControlPlane {
     /// Kills kube-apiserver with SIGKILL, as a crashed or evicted apiserver
     /// goes, waits `down`, then starts it again with the same flags on the
     /// same port, and returns once `/readyz` is ok. Every client connection
-    /// is cut and every watch ends; what is stored in etcd stays.
+    /// is cut and every watch ends; what is stored in etcd stays. Every
+    /// user of this control plane sees the outage, so tests that restart it
+    /// keep a control plane (a test binary) of their own, and restart it
+    /// from one task at a time.
     pub async fn restart_apiserver(&self, down: Duration) -> Result<(), ControlPlaneError> {
         let (program, args) = self
             .apiserver_argv
@@ -602,6 +605,18 @@ impl ControlPlane {
             let _ = component.child.wait();
             component.log.clone()
         };
+        // The kill may have cut an audit event in half (its request never
+        // completed): drop that part, so what the new process appends parses.
+        if let Ok(log) = fs::read(&self.audit_log_path) {
+            if log.last().is_some_and(|b| *b != b'\n') {
+                let complete = log.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&self.audit_log_path)
+                    .and_then(|f| f.set_len(complete as u64))
+                    .map_err(|e| ControlPlaneError::io("dropping a cut audit event", e))?;
+            }
+        }
         tokio::time::sleep(down).await;
         let out = fs::OpenOptions::new()
             .append(true)
@@ -642,6 +657,20 @@ impl ControlPlane {
             let ready = http.get(&url).bearer_auth(&self.admin_token).send().await;
             if ready.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
+            }
+            let exited = {
+                let mut components = self.components.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                components
+                    .iter_mut()
+                    .find(|c| c.name == "kube-apiserver")
+                    .and_then(|c| c.child.try_wait().ok().flatten())
+            };
+            if let Some(status) = exited {
+                return Err(ControlPlaneError::ComponentExited {
+                    component: "kube-apiserver",
+                    status: describe_status(status),
+                    log_tail: log_tail(&log),
+                });
             }
             if Instant::now() >= deadline {
                 return Err(ControlPlaneError::Timeout {

@@ -19,8 +19,9 @@
 //! login, a signed request, a token review). Each rotation waits until the
 //! replaced key is revoked before the next one starts, so every rotation
 //! runs its whole course. It reports the failed calls per consumer and per
-//! grace period; it asserts 0 for grace periods of at least the kubelet's
-//! delay and 2 s more (the rule README.md gives).
+//! grace period, and the calls a consumer could not make (no ready pod);
+//! it asserts that each consumer made calls, and 0 failed calls for grace
+//! periods of at least the kubelet's delay and 2 s more.
 //!
 //! `KEYSMITH_ZD_ROTATIONS` (default 4), `KEYSMITH_ZD_GRACE` (grace periods
 //! to try, in seconds, comma-separated; default `5`), `KEYSMITH_ZD_KUBELET`
@@ -102,6 +103,8 @@ async fn secret_data(secrets: &Api<Secret>, name: &str) -> Option<Credentials> {
 struct Tally {
     calls: AtomicUsize,
     failed: AtomicUsize,
+    /// Calls not made: no ready pod to make them.
+    gaps: AtomicUsize,
     causes: Mutex<BTreeMap<String, usize>>,
     /// The first few failures' messages (they name key ids, never keys).
     examples: Mutex<Vec<String>>,
@@ -250,8 +253,13 @@ fn env_var_consumer(
                 (!pods.is_empty()).then(|| pods[turn % pods.len()].clone())
             };
             turn += 1;
-            if let Some(credentials) = credentials {
-                tally.call(provider.as_ref(), &request, &credentials).await;
+            match credentials {
+                Some(credentials) => tally.call(provider.as_ref(), &request, &credentials).await,
+                // Once serving, no ready pod is downtime too (not keysmith's).
+                None if tally.calls.load(Ordering::Relaxed) > 0 => {
+                    tally.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {}
             }
             tokio::time::sleep(CALL_EVERY).await;
         }
@@ -305,6 +313,7 @@ async fn consumers_see_no_failed_call_through_rotations() {
         .split(',')
         .filter_map(|g| g.trim().parse().ok())
         .collect();
+    assert!(!graces.is_empty(), "KEYSMITH_ZD_GRACE: grace periods in seconds, comma-separated");
     let providers = campaign::providers("KEYSMITH_ZD_PROVIDERS", "kubernetes,postgres,aws_iam");
     println!(
         "zero-downtime campaign: {rotations} rotations per grace period {graces:?} s, kubelet every {} s, providers {providers:?}",
@@ -480,6 +489,10 @@ spec: {{accountRef: {{name: zd-{slug}}}, roles: ["{role}"]}}
         for ((target, (file, vars)), result) in targets.iter().zip(&tallies).zip(results) {
             let (file_calls, file_failed, file_causes) = file.take();
             let (var_calls, var_failed, var_causes) = vars.take();
+            let gaps = vars.gaps.swap(0, Ordering::Relaxed);
+            if file_calls == 0 || var_calls == 0 {
+                failures.push(format!("{} at grace {grace} s: a consumer made no call", target.name));
+            }
             let longest = match result {
                 Ok(longest) => format!("{:.1} s", longest.as_secs_f64()),
                 Err(error) => {
@@ -488,7 +501,7 @@ spec: {{accountRef: {{name: zd-{slug}}}, roles: ["{role}"]}}
                 }
             };
             lines.push(format!(
-                "{:10} grace {grace:2} s: mounted file {file_failed}/{file_calls} failed {file_causes:?}; env vars {var_failed}/{var_calls} failed {var_causes:?}; longest rotation {longest}",
+                "{:10} grace {grace:2} s: mounted file {file_failed}/{file_calls} failed {file_causes:?}; env vars {var_failed}/{var_calls} failed {var_causes:?}, {gaps} not made (no ready pod); longest rotation {longest}",
                 target.name
             ));
             if *grace >= kubelet.as_secs() + 2 && file_failed + var_failed > 0 {

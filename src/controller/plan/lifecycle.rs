@@ -224,13 +224,15 @@ pub struct Wake {
 /// (one retired by this pass included), and the next rotation.
 /// `planned_at` is the time the plan was made (the pass's `now`, which
 /// revocation times of keys retired in the pass count from). A revocation
-/// time at or before it is not one: the plan saw that key and either
-/// revoked it or kept it on purpose (a rollout to wait for) and said when
-/// to look again. A key retired in the pass is due after it, so it counts
-/// even when the pass outlasted the grace period (the wake-up is then due
-/// at once); measured against the clock at the end of the pass instead,
-/// that key was skipped and waited for the drift check (found by the
-/// zero-downtime campaign, RELIABILITY.md).
+/// time before it is not one: the plan saw that key and either revoked it
+/// or kept it on purpose (a rollout to wait for) and said when to look
+/// again. A key retired in the pass is due at or after it (at it with a
+/// grace period under a second), so it counts even when the pass outlasted
+/// the grace period: the wake-up is then due at once, and the next pass,
+/// planned later, no longer counts it, so this never loops. Measured
+/// against the clock at the end of the pass instead, that key was skipped
+/// and waited for the drift check (found by the zero-downtime campaign,
+/// RELIABILITY.md).
 pub fn wake(
     plan_wake: Option<Timestamp>,
     records: &[KeyRecord],
@@ -244,7 +246,7 @@ pub fn wake(
                 .iter()
                 .filter(|k| k.state == KeyState::Retiring)
                 .filter_map(|k| k.revoke_at.as_ref().map(|t| t.0))
-                .filter(|at| *at > planned_at),
+                .filter(|at| *at >= planned_at),
         )
         .min();
     Wake { revocation, next: revocation.into_iter().chain(next_rotation).min() }
@@ -438,8 +440,11 @@ mod tests {
         // the plan's own wake-up decides, not a busy loop.
         let w = wake(Some(t(305)), std::slice::from_ref(&retiring), None, t(301));
         assert_eq!(w.revocation, Some(t(305)));
-        // Retired in a pass planned at 298 that ended after 300: still due.
+        // Retired in a pass planned at 298 that ended after 300: still due;
+        // and with a grace period under a second, due at the plan's time.
         let w = wake(None, std::slice::from_ref(&retiring), None, t(298));
+        assert_eq!(w.revocation, Some(t(300)));
+        let w = wake(None, std::slice::from_ref(&retiring), None, t(300));
         assert_eq!(w.revocation, Some(t(300)));
         let ceiling = Duration::from_secs(600);
         assert_eq!(delay_until(None, t(0), ceiling), ceiling);
