@@ -349,13 +349,7 @@ impl ControlPlane {
             std::iter::once(apiserver.get_program()).chain(apiserver.get_args()).map(ToOwned::to_owned).collect();
         cp.spawn("kube-apiserver", apiserver)?;
 
-        let http = reqwest::Client::builder()
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(cp.ca_pem.as_bytes()).map_err(ControlPlaneError::Http)?,
-            )
-            .timeout(Duration::from_secs(5))
-            .build()
-            .map_err(ControlPlaneError::Http)?;
+        let http = cp.readiness_client()?;
         let deadline = Instant::now() + READY_TIMEOUT;
 
         cp.wait_for(&http, deadline, "kube-apiserver", "/readyz", |_| true).await?;
@@ -638,19 +632,8 @@ impl ControlPlane {
                 component.child = child;
             }
         }
-        let pids = self.dir.path().join("pids");
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&pids)
-            .and_then(|mut f| writeln!(f, "{pid}"))
-            .map_err(|e| ControlPlaneError::io(format!("writing {}", pids.display()), e))?;
-        let http = reqwest::Client::builder()
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).map_err(ControlPlaneError::Http)?,
-            )
-            .timeout(Duration::from_secs(5))
-            .build()
-            .map_err(ControlPlaneError::Http)?;
+        self.record_pid(pid)?;
+        let http = self.readiness_client()?;
         let deadline = Instant::now() + READY_TIMEOUT;
         let url = format!("{}/readyz", self.server_url);
         loop {
@@ -736,6 +719,11 @@ impl ControlPlane {
             child,
             log,
         });
+        self.record_pid(pid)
+    }
+
+    /// Adds `pid` to the list the reaper kills should this process die.
+    fn record_pid(&self, pid: u32) -> Result<(), ControlPlaneError> {
         let pids = self.dir.path().join("pids");
         fs::OpenOptions::new()
             .create(true)
@@ -743,6 +731,17 @@ impl ControlPlane {
             .open(&pids)
             .and_then(|mut f| writeln!(f, "{pid}"))
             .map_err(|e| ControlPlaneError::io(format!("writing {}", pids.display()), e))
+    }
+
+    /// An HTTPS client trusting the control plane's CA, for readiness checks.
+    fn readiness_client(&self) -> Result<reqwest::Client, ControlPlaneError> {
+        reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).map_err(ControlPlaneError::Http)?,
+            )
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(ControlPlaneError::Http)
     }
 
     /// Fail if any component has exited.
