@@ -2,8 +2,8 @@
 //! SIGKILL at a step where it writes to the outside world (before or after a
 //! provider call, the output Secret, a status write, the finalizer, a
 //! restart), chosen at random with a seed, for the kubernetes provider (the
-//! real apiserver), the postgres provider (a real PostgreSQL server), scim
-//! and aws_iam (their tests' servers). It
+//! real apiserver), the postgres provider (a real PostgreSQL server), scim,
+//! aws_iam and oauth2 (their tests' servers). It
 //! is then restarted without the crash point, and once the account has
 //! converged the invariants are checked against the target app itself:
 //!
@@ -15,11 +15,17 @@
 //! - deletion leaves what its deletionPolicy says: nothing (`Delete`), a
 //!   disabled account without keys (`Disable`), the account (`Orphan`).
 //!
+//! For oauth2, the test reads the registration records the operator keeps
+//! in Secrets (as the apiserver's admin, never writing them), and asks the
+//! server which clients it holds: the trial must leave exactly the
+//! account's client (none after `Delete`), so a client registered and then
+//! lost track of is found. OAuth 2.0 clients cannot be disabled, so its
+//! deletions draw `Delete` or `Orphan`.
+//!
 //! `KEYSMITH_CRASH_SEED`, `KEYSMITH_CRASH_TRIALS` (default 6) and
 //! `KEYSMITH_CRASH_PROVIDERS` (default `kubernetes,postgres`; also `scim`
-//! on a real SCIM server and `aws_iam` on moto) choose the run. The oauth2
-//! provider is not in it yet: its registration records live with the
-//! operator, out of the test's reach.
+//! on a real SCIM server, `aws_iam` on moto and `oauth2` on oidc-provider)
+//! choose the run.
 //! Each trial prints one line; the last line sums them up.
 
 mod common;
@@ -27,6 +33,8 @@ mod common;
 mod invariants;
 #[path = "common/moto_server.rs"]
 mod moto_server;
+#[path = "common/oidc_server.rs"]
+mod oidc_server;
 #[path = "common/pg_server.rs"]
 mod pg_server;
 #[path = "common/scim_server.rs"]
@@ -46,6 +54,7 @@ use kube::{
     Client,
 };
 use moto_server::MotoServer;
+use oidc_server::OidcServer;
 use pg_server::{PgServer, ADMIN, ADMIN_PASSWORD};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use scim_server::ScimServer;
@@ -57,7 +66,8 @@ const CONVERGE: Duration = Duration::from_secs(90);
 enum Scenario {
     Create,
     Rotate,
-    /// The account's description changes: the account is updated in the target.
+    /// The account's description changes (oauth2: its authentication
+    /// method): the account is updated in the target.
     Update,
     Delete(&'static str),
 }
@@ -139,6 +149,33 @@ fn aws_target(moto: &MotoServer) -> Target {
         connection: credentialed("aws-admin", &key, &provider),
         role: moto.policy_arn("ks-read"),
     }
+}
+
+fn oauth2_target(oidc: &OidcServer, client: &Client) -> Target {
+    let provider = format!(
+        "{{oauth2: {{registrationEndpoint: \"{}\", tokenEndpoint: \"{}\", introspectionEndpoint: \"{}\", initialAccessTokenSecretRef: {{name: oauth2-admin}}}}}}",
+        oidc.info.registration_endpoint, oidc.info.token_endpoint, oidc.info.introspection_endpoint
+    );
+    Target {
+        provider: Arc::new(oidc.operator_view(client.clone())),
+        connection: credentialed(
+            "oauth2-admin",
+            &format!("{{token: \"{}\"}}", oidc.info.initial_access_token),
+            &provider,
+        ),
+        role: "read".into(),
+    }
+}
+
+/// For oauth2: the clients the server holds beyond `before` must be
+/// exactly the account's (`expected`); a violation for each other one.
+async fn oauth2_clients(oidc: &OidcServer, before: &BTreeSet<String>, expected: Option<String>) -> Vec<String> {
+    let now: BTreeSet<String> = oidc.clients().await.difference(before).cloned().collect();
+    let expected: BTreeSet<String> = expected.into_iter().collect();
+    let mut violations: Vec<String> =
+        now.difference(&expected).map(|id| format!("client {id} is at the server and nobody tracks it")).collect();
+    violations.extend(expected.difference(&now).map(|id| format!("client {id} is tracked but not at the server")));
+    violations
 }
 
 fn account_yaml(role: &str, deletion_policy: &str, name: &str) -> String {
@@ -237,6 +274,7 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
         None
     };
     let moto = if providers.iter().any(|p| p == "aws_iam") { Some(MotoServer::start().await) } else { None };
+    let oidc = if providers.iter().any(|p| p == "oauth2") { Some(OidcServer::start().await) } else { None };
 
     let mut violations: Vec<String> = Vec::new();
     let mut hit: BTreeSet<String> = BTreeSet::new();
@@ -247,6 +285,7 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
             0 | 1 => Scenario::Create,
             2 => Scenario::Rotate,
             3 => Scenario::Update,
+            _ if provider == "oauth2" => Scenario::Delete(["Delete", "Orphan"][rng.random_range(0..2)]),
             _ => Scenario::Delete(["Delete", "Disable", "Orphan"][rng.random_range(0..3)]),
         };
         let candidates = steps(scenario);
@@ -266,7 +305,12 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
             "postgres" => postgres_target(pg.as_ref().expect("postgres started")),
             "scim" => scim_target(scim.as_ref().expect("the SCIM server started")),
             "aws_iam" => aws_target(moto.as_ref().expect("moto started")),
+            "oauth2" => oauth2_target(oidc.as_ref().expect("oidc-provider started"), &client),
             _ => kubernetes_target(cp, &client),
+        };
+        let clients_before = match &oidc {
+            Some(oidc) if provider == "oauth2" => oidc.clients().await,
+            _ => BTreeSet::new(),
         };
         let ns = TestNamespace::create(&client, "crash").await;
         apply_yaml(&client, &ns.name, &target.connection).await;
@@ -307,7 +351,13 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
                 accounts.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
             }
             Scenario::Update => {
-                let patch = json!({"spec": {"description": "changed during the crash campaign"}});
+                // An OAuth 2.0 client has no description: it takes a new
+                // authentication method instead.
+                let patch = if provider == "oauth2" {
+                    json!({"spec": {"providerOptions": {"tokenEndpointAuthMethod": "client_secret_post"}}})
+                } else {
+                    json!({"spec": {"description": "changed during the crash campaign"}})
+                };
                 accounts.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
             }
             Scenario::Delete(_) => {
@@ -331,6 +381,16 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
                 match wait_for(CONVERGE, || async { accounts.get_opt(&name).await.ok()?.is_none().then_some(()) }).await
                 {
                     None => vec!["the IntegrationAccount was never deleted".to_owned()],
+                    // The registration record goes with the account: what
+                    // is left is asked of the server.
+                    Some(()) if provider == "oauth2" => {
+                        let oidc = oidc.as_ref().expect("oidc-provider started");
+                        let now: BTreeSet<String> = oidc.clients().await.difference(&clients_before).cloned().collect();
+                        match (policy, now.len()) {
+                            ("Delete", 0) | ("Orphan", 1) => vec![],
+                            _ => vec![format!("after deletion ({policy}): clients {now:?} at the server")],
+                        }
+                    }
                     Some(()) => invariants::deleted(target.provider.as_ref(), &request, policy).await,
                 }
             }
@@ -345,6 +405,11 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
                         for _ in 0..10 {
                             let account = accounts.get(&name).await.unwrap();
                             last = invariants::converged(&client, target.provider.as_ref(), &account, 2).await;
+                            if let (Some(oidc), "oauth2") = (&oidc, provider.as_str()) {
+                                let observed = target.provider.observe_account(&invariants::request(&account)).await;
+                                let id = observed.ok().flatten().map(|a| a.id);
+                                last.extend(oauth2_clients(oidc, &clients_before, id).await);
+                            }
                             if last.is_empty() {
                                 break;
                             }

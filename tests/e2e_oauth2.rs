@@ -22,8 +22,8 @@ use std::{
 };
 
 use common::{
-    apply_yaml, control_plane, credential_reader_identity, eventually, ready_account, secret_data, Operator,
-    TestNamespace,
+    apply_yaml, control_plane, credential_reader_identity, eventually, fault_proxy, ready_account, secret_data,
+    Operator, TestNamespace,
 };
 use futures::StreamExt;
 use k8s_openapi::{
@@ -490,6 +490,76 @@ async fn disable_keeps_the_client_without_a_usable_secret() {
     assert!(found, "the client is kept on the server");
     let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.expect("events");
     assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("AccountKeptWithoutKeys")));
+    ns.delete().await;
+}
+
+/// An update's answer lost after the server acted (it replaced the
+/// registration access token): the account says keysmith lost control of
+/// the client, naming it, with an event; nothing more is registered or
+/// issued while it waits; once the server's admin deletes the client and
+/// the registration Secret is deleted, a new client is registered and
+/// published. Without the mark, the refused token would read as a deleted
+/// client and a second client would be registered beside the first.
+#[tokio::test]
+async fn a_lost_update_answer_waits_for_the_admin_and_registers_nothing_meanwhile() {
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("client");
+    let ns = TestNamespace::create(&client, "oauth2-lost").await;
+    let server = OidcServer::start().await;
+    // The server builds client configuration endpoints from the Host: the
+    // proxy's, so every request goes through it.
+    let proxy = fault_proxy::FaultProxy::start_keeping_host(&server.info.issuer, server.http.clone()).await;
+    token_secret(&client, &ns.name, "oauth2-admin", &server.info.initial_access_token).await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    apply_yaml(&client, &ns.name, &account_yaml(&server).replace(&server.info.issuer, &proxy.url)).await;
+    apply_yaml(&client, &ns.name, &binding_yaml(&["read"])).await;
+    ready_account(&client, &ns.name, ACCOUNT_NAME).await;
+    let data = secret_data(&client, &ns.name, OUTPUT_SECRET).await.expect("the output Secret");
+    let (client_id, secret) = (data["client_id"].clone(), data["client_secret"].clone());
+    assert_eq!(server.clients().await, BTreeSet::from([client_id.clone()]));
+
+    // The grant's update reaches the server; its answer does not.
+    proxy.inject_next("PUT", fault_proxy::Fault::Lost);
+    apply_yaml(&client, &ns.name, &binding_yaml(&["read", "write"])).await;
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let message = eventually("the account to say keysmith lost control", WAIT, || async {
+        let status = accounts.get(ACCOUNT_NAME).await.ok()?.status?;
+        let ready = status.common.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")?;
+        (ready.reason == "Conflict" && ready.message.contains("lost control")).then_some(ready.message)
+    })
+    .await;
+    assert!(message.contains(&format!("lost control of OAuth2 client {client_id}")), "{message}");
+    assert!(message.contains(&format!("the Secret {}/{REGISTRATION_SECRET}", ns.name)), "{message}");
+    let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.expect("events");
+    assert!(
+        events.items.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains("lost control"))),
+        "an event says so"
+    );
+    // It waits: no second client, no new secret, for a while.
+    let requests = proxy.requests().len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(server.clients().await, BTreeSet::from([client_id.clone()]), "nothing else was registered");
+    let puts = proxy.requests()[requests..].iter().filter(|r| r.method != "GET").count();
+    assert_eq!(puts, 0, "nothing was written to the server while waiting");
+    assert!(!refused(&server, &client_id, &secret).await, "the published secret still works");
+    let text = serde_json::to_string(&accounts.get(ACCOUNT_NAME).await.expect("account")).expect("json");
+    let registration = registration(&client, &ns.name).await;
+    assert!(!text.contains(&registration.registration_access_token) && !text.contains(&secret));
+
+    // The admin deletes the client, then the registration Secret.
+    server.admin_delete_client(&client_id).await;
+    Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .delete(REGISTRATION_SECRET, &DeleteParams::default())
+        .await
+        .expect("delete the registration Secret");
+    let data = eventually("a new client published", WAIT, || async {
+        let data = secret_data(&client, &ns.name, OUTPUT_SECRET).await?;
+        (data["client_id"] != client_id).then_some(data)
+    })
+    .await;
+    ready_account(&client, &ns.name, ACCOUNT_NAME).await;
+    assert_eq!(server.clients().await, BTreeSet::from([data["client_id"].clone()]));
+    assert!(!refused(&server, &data["client_id"], &data["client_secret"]).await, "the new secret works");
     ns.delete().await;
 }
 

@@ -3,9 +3,10 @@
 //! random, seeded:
 //!
 //! - in front of each target app, the tests' fault proxies: for scim (a
-//!   real SCIM server) and aws_iam (moto), the HTTP proxy answers 429 with
-//!   and without Retry-After, 500 and 503, resets the connection, stalls
-//!   past the provider's timeout, or answers slowly; for postgres (a real
+//!   real SCIM server), aws_iam (moto) and oauth2 (oidc-provider), the HTTP
+//!   proxy answers 429 with and without Retry-After, 500 and 503, resets
+//!   the connection, stalls past the provider's timeout, answers slowly,
+//!   or lets the request through and loses the answer; for postgres (a real
 //!   server), the TCP proxy resets new connections, refuses them as a full
 //!   server does (`53300`) or stalls them;
 //! - between the operator and the kube-apiserver (which the kubernetes
@@ -29,9 +30,11 @@
 //! `KEYSMITH_LOAD_SECS` (default 120: how long the faults last),
 //! `KEYSMITH_LOAD_FAULT_RATE` (default 0.08: the share of requests and
 //! connections to the targets that get a fault) and
-//! `KEYSMITH_LOAD_PROVIDERS` (default `kubernetes,postgres,scim,aws_iam`)
-//! choose the run. The oauth2 provider is not in it: its registration
-//! records live with the operator, out of the invariants' reach.
+//! `KEYSMITH_LOAD_PROVIDERS` (default `kubernetes,postgres,scim,aws_iam,oauth2`)
+//! choose the run. For oauth2 the invariants read the registration records
+//! the operator keeps in Secrets (never writing them), and the server is
+//! asked which clients it holds: exactly the accounts' while they live,
+//! none once they are deleted.
 
 #[path = "common/campaign.rs"]
 mod campaign;
@@ -40,6 +43,8 @@ mod common;
 mod invariants;
 #[path = "common/moto_server.rs"]
 mod moto_server;
+#[path = "common/oidc_server.rs"]
+mod oidc_server;
 #[path = "common/pg_server.rs"]
 mod pg_server;
 #[path = "common/scim_server.rs"]
@@ -69,6 +74,7 @@ use kube::{
     ResourceExt,
 };
 use moto_server::MotoServer;
+use oidc_server::OidcServer;
 use pg_server::{PgServer, ADMIN, ADMIN_PASSWORD};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use scim_server::ScimServer;
@@ -180,6 +186,46 @@ spec: {{accountRef: {{name: load-{i}}}, roles: ["{role}"]}}
         connection = target.connection(),
         role = target.role
     )
+}
+
+/// The server's administrator at work: for each account whose conditions
+/// say keysmith lost control of an OAuth2 client (an update's answer was
+/// lost, and with it the server's new registration access token), delete
+/// that client at the server, then keysmith's registration record, as the
+/// message asks. Returns the clients deleted now; `done` keeps them.
+async fn resolve_lost_control(
+    oidc: &OidcServer,
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    accounts: &[IntegrationAccount],
+    done: &mut std::collections::BTreeSet<String>,
+) -> usize {
+    const MARK: &str = "lost control of OAuth2 client ";
+    let mut resolved = 0;
+    for account in accounts {
+        let conditions = account.status.iter().flat_map(|s| s.common.conditions.iter());
+        for message in conditions.map(|c| c.message.as_str()) {
+            let Some(rest) = message.split(MARK).nth(1) else { continue };
+            let client_id = rest.split(':').next().unwrap_or_default().to_owned();
+            if client_id.is_empty() || done.contains(&client_id) {
+                continue;
+            }
+            println!(
+                "{}: keysmith lost control of OAuth2 client {client_id}; the admin deletes it",
+                account.name_any()
+            );
+            oidc.admin_delete_client(&client_id).await;
+            let record = format!("{}-oauth2-registration", account.name_any());
+            let _ = secrets.delete(&record, &DeleteParams::default()).await;
+            done.insert(client_id);
+            resolved += 1;
+        }
+    }
+    resolved
+}
+
+/// The account's number: `load-<i>`.
+fn index(account: &IntegrationAccount) -> usize {
+    account.name_any().trim_start_matches("load-").parse().unwrap_or_default()
 }
 
 fn is_ready(account: &IntegrationAccount) -> bool {
@@ -338,7 +384,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     let secs: u64 = campaign::env("KEYSMITH_LOAD_SECS", 120);
     let rate: f64 = campaign::env("KEYSMITH_LOAD_FAULT_RATE", 0.08);
     assert!((0.0..=1.0).contains(&rate), "KEYSMITH_LOAD_FAULT_RATE is a share, 0 to 1");
-    let providers = campaign::providers("KEYSMITH_LOAD_PROVIDERS", "kubernetes,postgres,scim,aws_iam");
+    let providers = campaign::providers("KEYSMITH_LOAD_PROVIDERS", "kubernetes,postgres,scim,aws_iam,oauth2");
     println!("load campaign: seed {seed}, {count} accounts, {secs} s of faults at {rate}, providers {providers:?}");
     let mut rng = StdRng::seed_from_u64(seed);
     let cp = control_plane().await;
@@ -349,6 +395,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     let pg = if providers.iter().any(|p| p == "postgres") { Some(PgServer::start().await) } else { None };
     let scim = if providers.iter().any(|p| p == "scim") { Some(ScimServer::start().await) } else { None };
     let moto = if providers.iter().any(|p| p == "aws_iam") { Some(MotoServer::start().await) } else { None };
+    let oidc = if providers.iter().any(|p| p == "oauth2") { Some(OidcServer::start().await) } else { None };
     let mut targets: Vec<Target> = Vec::new();
     let mut credentials = String::new();
     for name in &providers {
@@ -403,6 +450,22 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
                     provider: Arc::new(moto.provider()),
                     role: moto.policy_arn("ks-read"),
                     spec: campaign::aws_spec(&proxy.url),
+                    http: Some(proxy),
+                    tcp: None,
+                }
+            }
+            "oauth2" => {
+                let oidc = oidc.as_ref().expect("oidc-provider started");
+                // The server builds each client's configuration endpoint
+                // from the request's Host: the proxy's, so the operator
+                // reaches those through it too.
+                let proxy = FaultProxy::start_keeping_host(&oidc.info.issuer, oidc.http.clone()).await;
+                credentials.push_str(&campaign::oauth2_admin(&oidc.info.initial_access_token));
+                Target {
+                    name: name.clone(),
+                    provider: Arc::new(oidc.operator_view(client.clone())),
+                    role: "read".into(),
+                    spec: campaign::oauth2_spec(&proxy.url),
                     http: Some(proxy),
                     tcp: None,
                 }
@@ -513,6 +576,9 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     let mut restart_times: Vec<Instant> =
         (1..=restarts_planned).map(|k| started + Duration::from_secs(secs * k / (restarts_planned + 1))).collect();
     let mut next_cut = started + Duration::from_secs(rng.random_range(15..45));
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns.name);
+    let mut lost_control = std::collections::BTreeSet::new();
+    let mut next_admin = started;
     let (mut cuts, mut cut_connections, mut restarts, mut in_flight_at_restart, mut operator_exits) = (0, 0, 0, 0, 0);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -520,6 +586,11 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
             operator_exits += 1;
             println!("the operator ended ({status}); restarting it, as its Deployment would");
             operators.push(start_operator());
+        }
+        if let (Some(oidc), true) = (&oidc, Instant::now() >= next_admin) {
+            let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            resolve_lost_control(oidc, &secrets, &list, &mut lost_control).await;
+            next_admin = Instant::now() + Duration::from_secs(5);
         }
         if Instant::now() >= next_cut {
             cuts += 1;
@@ -565,6 +636,10 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
         if let Some(list) = all(is_settled).await {
             break list;
         }
+        if let Some(oidc) = &oidc {
+            let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            resolve_lost_control(oidc, &secrets, &list, &mut lost_control).await;
+        }
         if let Some(status) = operators.last_mut().and_then(Operator::ended) {
             operator_exits += 1;
             println!("the operator ended ({status}); restarting it");
@@ -597,8 +672,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     // The invariants, against each target app itself.
     let mut violations = Vec::new();
     for account in &settled {
-        let i: usize = account.name_any().trim_start_matches("load-").parse().unwrap();
-        let target = &targets[i % targets.len()];
+        let target = &targets[index(account) % targets.len()];
         let mut found = Vec::new();
         for _ in 0..10 {
             let account = accounts.get(&account.name_any()).await.unwrap();
@@ -610,6 +684,23 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         violations.extend(found.into_iter().map(|v| format!("{} ({}): {v}", account.name_any(), target.name)));
+    }
+
+    // No client at the oauth2 server that no account tracks.
+    if let Some(oidc) = &oidc {
+        let tracked: std::collections::BTreeSet<String> = futures::future::join_all(
+            settled.iter().filter(|a| targets[index(a) % targets.len()].name == "oauth2").map(|account| {
+                let provider = oidc.operator_view(client.clone());
+                async move { provider.observe_account(&invariants::request(account)).await.ok().flatten().map(|a| a.id) }
+            }),
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        for id in oidc.clients().await.difference(&tracked) {
+            violations.push(format!("oauth2: client {id} is at the server and no account tracks it"));
+        }
     }
 
     // Deletion, with the target faults back on: nothing may be left behind.
@@ -624,11 +715,20 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     let deadline = deleting + Duration::from_secs(300);
     while !accounts.list(&ListParams::default()).await.map(|l| l.items.is_empty()).unwrap_or(false) {
         assert!(Instant::now() < deadline, "the accounts were not all deleted within 300 s");
+        if let Some(oidc) = &oidc {
+            let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            resolve_lost_control(oidc, &secrets, &list, &mut lost_control).await;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let deleted_in = deleting.elapsed();
     for target in &targets {
         target.faults(None, 0);
+    }
+    if let Some(oidc) = &oidc {
+        for id in oidc.clients().await {
+            violations.push(format!("oauth2: client {id} is still at the server after every account was deleted"));
+        }
     }
     for (i, request) in requests.iter().enumerate() {
         let i: usize = request.name.trim_start_matches("load-").parse().unwrap_or(i);
@@ -710,6 +810,12 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     );
     println!("latest revocation after its grace period: {late_revocation} s");
     println!("budget run over the connections postgres saw: excess {target_excess:.2}");
+    if oidc.is_some() {
+        println!(
+            "oauth2: keysmith reported losing control of {} client(s) after lost answers; the admin deleted them: {lost_control:?}",
+            lost_control.len()
+        );
+    }
     println!("violations: {}", violations.len());
     drop(operators);
     assert!(violations.is_empty(), "seed {seed}: {violations:#?}");

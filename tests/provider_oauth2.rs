@@ -9,6 +9,9 @@
 //! Which scopes a client may use, and whether a secret still works, is
 //! checked with the server's own token endpoint, as a workload would.
 
+#[path = "common/fault_proxy.rs"]
+#[allow(dead_code)]
+mod fault_proxy;
 #[path = "common/oidc_server.rs"]
 mod oidc_server;
 
@@ -370,6 +373,81 @@ async fn delete_removes_the_client() {
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     provider.delete_account(&acct).await.expect("delete what is gone");
     assert_eq!(store.get(&acct).await.expect("store"), None);
+}
+
+/// A provider reaching the server only through a fault proxy that keeps the
+/// `Host` header, so the server's client configuration endpoints are the
+/// proxy's too; and its store.
+async fn proxied(server: &OidcServer) -> (fault_proxy::FaultProxy, OAuth2Provider, Arc<InMemoryRegistrationStore>) {
+    let proxy = fault_proxy::FaultProxy::start_keeping_host(&server.info.issuer, server.http.clone()).await;
+    let store = Arc::new(InMemoryRegistrationStore::new());
+    let provider = OAuth2Provider::new(
+        format!("{}/reg", proxy.url),
+        format!("{}/token", proxy.url),
+        Some(format!("{}/token/introspection", proxy.url)),
+        Some(server.info.initial_access_token.clone()),
+        reqwest::Client::new(),
+        store.clone(),
+    )
+    .with_timeout(Duration::from_secs(5));
+    (proxy, provider, store)
+}
+
+/// The server rotates the registration access token on every update
+/// (RFC 7592 §2.2). When an update's answer is lost after the server acted,
+/// the new token is lost with it: keysmith must not take the refused token
+/// for a deleted client (and register another, or finish a deletion,
+/// leaving this one behind with its scopes and secret), but say it lost
+/// control, name the client, and wait until its record is deleted.
+#[tokio::test]
+async fn a_lost_update_answer_is_lost_control_not_a_deleted_client() {
+    let server = OidcServer::start().await;
+    let (proxy, provider, store) = proxied(&server).await;
+    let acct = account("lost-answer");
+    provider.create_account(&acct).await.expect("register");
+    provider.grant_role(&acct, &role("read")).await.expect("grant");
+    let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
+    let client_id = client_id_of(&issued).to_owned();
+
+    // A request that never reached the server: the mark is cleared by the
+    // next read, and nothing is lost.
+    // (A grant reads the client, then updates it: the second request.)
+    proxy.inject(fault_proxy::Fault::Delay(Duration::ZERO), 1);
+    proxy.inject(fault_proxy::Fault::Reset, 1);
+    provider.grant_role(&acct, &role("write")).await.expect_err("the connection was reset");
+    assert!(stored(&store, &acct).await.update_sent_at.is_some(), "the update is marked in flight");
+    assert!(provider.observe_account(&acct).await.expect("observe").is_some());
+    assert_eq!(stored(&store, &acct).await.update_sent_at, None, "an answer clears the mark");
+
+    // The server acts and the answer is lost: the scope is granted, the
+    // token replaced, and keysmith never sees the new one.
+    proxy.inject(fault_proxy::Fault::Delay(Duration::ZERO), 1);
+    proxy.inject(fault_proxy::Fault::Lost, 1);
+    provider.grant_role(&acct, &role("write")).await.expect_err("the answer was lost");
+    assert!(server.clients().await.contains(&client_id), "the client lives on at the server");
+    for (what, result) in [
+        ("observe", provider.observe_account(&acct).await.map(|_| ())),
+        ("create", provider.create_account(&acct).await.map(|_| ())),
+        ("revoke a role", provider.revoke_role(&acct, &role("read")).await),
+        ("issue a key", provider.issue_key(&acct, &key("k2")).await.map(|_| ())),
+        ("delete", provider.delete_account(&acct).await),
+    ] {
+        let err = result.expect_err(what);
+        let ProviderError::Conflict(message) = &err else { panic!("{what}: {err:?}") };
+        assert!(message.contains(&format!("lost control of OAuth2 client {client_id}")), "{what}: {message}");
+        assert!(message.contains("delete keysmith's registration record"), "{what}: {message}");
+        let registration = stored(&store, &acct).await;
+        assert!(!message.contains(&registration.registration_access_token), "{what}: the token in {message}");
+        assert!(!message.contains(secret_of(&issued)), "{what}: the secret in {message}");
+    }
+    assert_eq!(server.clients().await.into_iter().filter(|c| *c == client_id).count(), 1, "no client was registered");
+    let (status, body) = server.token(&client_id, secret_of(&issued), Some("read write")).await;
+    assert_eq!(status, StatusCode::OK, "the client kept its secret and both scopes: {body}");
+
+    // The admin deletes the record: keysmith registers a new client.
+    store.delete(&acct).await.expect("forget");
+    let observed = provider.create_account(&acct).await.expect("a new client");
+    assert_ne!(observed.id, client_id);
 }
 
 #[tokio::test]

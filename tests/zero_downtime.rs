@@ -4,7 +4,8 @@
 //!
 //! - **mounted file**: the key as a Secret volume, which the kubelet
 //!   refreshes at its own pace: here at every sync of a simulated kubelet,
-//!   `KEYSMITH_ZD_KUBELET` seconds apart (default 3), at a random phase.
+//!   `KEYSMITH_ZD_KUBELET` seconds apart (default 3), at a phase drawn from
+//!   `KEYSMITH_ZD_SEED` (each provider's its own).
 //!   The consumer reads the file before each call;
 //! - **environment variables**: the key read once, when the container
 //!   starts. Its Deployment is the policy's restart target: keysmith rolls
@@ -23,7 +24,7 @@
 //! it asserts that each consumer made calls, and 0 failed calls for grace
 //! periods of at least the kubelet's delay and 2 s more.
 //!
-//! `KEYSMITH_ZD_ROTATIONS` (default 4), `KEYSMITH_ZD_GRACE` (grace periods
+//! `KEYSMITH_ZD_SEED`, `KEYSMITH_ZD_ROTATIONS` (default 4), `KEYSMITH_ZD_GRACE` (grace periods
 //! to try, in seconds, comma-separated; default `5`), `KEYSMITH_ZD_KUBELET`
 //! and `KEYSMITH_ZD_PROVIDERS` (default `kubernetes,postgres,aws_iam`)
 //! choose the run; providers run side by side. The providers whose target
@@ -67,7 +68,7 @@ use kube::{
 };
 use moto_server::MotoServer;
 use pg_server::{PgServer, ADMIN, ADMIN_PASSWORD};
-use rand::Rng;
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use scim_server::ScimServer;
 use serde_json::json;
 
@@ -151,20 +152,21 @@ struct Caller {
 }
 
 /// The consumer of the mounted file: a simulated kubelet copies the
-/// Secret into the "file" every `period`, and the consumer calls with
-/// whatever the file holds.
+/// Secret into the "file" every `period`, from a phase `rng` draws, and the
+/// consumer calls with whatever the file holds.
 fn mounted_file_consumer(
     caller: Caller,
     secrets: Api<Secret>,
     secret: String,
     period: Duration,
+    rng: &mut StdRng,
 ) -> tokio::task::JoinHandle<()> {
+    let phase = rng.random_range(0..period.as_millis().max(1) as u64);
     let Caller { provider, request, tally, stop } = caller;
     let file: Arc<Mutex<Option<Credentials>>> = Arc::default();
     let kubelet = {
         let (file, stop, secrets, secret) = (file.clone(), stop.clone(), secrets.clone(), secret.clone());
         tokio::spawn(async move {
-            let phase = rand::rng().random_range(0..period.as_millis().max(1) as u64);
             tokio::time::sleep(Duration::from_millis(phase)).await;
             while !stop.load(Ordering::Relaxed) {
                 if let Some(data) = secret_data(&secrets, &secret).await {
@@ -306,6 +308,8 @@ async fn rotate(accounts: &Api<IntegrationAccount>, name: &str, value: &str) -> 
 
 #[tokio::test]
 async fn consumers_see_no_failed_call_through_rotations() {
+    let seed: u64 = campaign::env("KEYSMITH_ZD_SEED", 20_261_207);
+    let mut rng = StdRng::seed_from_u64(seed);
     let rotations: usize = campaign::env("KEYSMITH_ZD_ROTATIONS", 4);
     let kubelet = Duration::from_secs(campaign::env("KEYSMITH_ZD_KUBELET", 3));
     let graces: Vec<u64> = std::env::var("KEYSMITH_ZD_GRACE")
@@ -316,7 +320,7 @@ async fn consumers_see_no_failed_call_through_rotations() {
     assert!(!graces.is_empty(), "KEYSMITH_ZD_GRACE: grace periods in seconds, comma-separated");
     let providers = campaign::providers("KEYSMITH_ZD_PROVIDERS", "kubernetes,postgres,aws_iam");
     println!(
-        "zero-downtime campaign: {rotations} rotations per grace period {graces:?} s, kubelet every {} s, providers {providers:?}",
+        "zero-downtime campaign: seed {seed}, {rotations} rotations per grace period {graces:?} s, kubelet every {} s, providers {providers:?}",
         kubelet.as_secs()
     );
     let cp = control_plane().await;
@@ -442,7 +446,13 @@ spec: {{accountRef: {{name: zd-{slug}}}, roles: ["{role}"]}}
         let request = invariants::request(&account);
         let (file, vars) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
         let caller = Caller { provider: target.provider.clone(), request, tally: file.clone(), stop: stop.clone() };
-        consumers.push(mounted_file_consumer(caller.clone(), secrets.clone(), format!("zd-{slug}-key"), kubelet));
+        consumers.push(mounted_file_consumer(
+            caller.clone(),
+            secrets.clone(),
+            format!("zd-{slug}-key"),
+            kubelet,
+            &mut rng,
+        ));
         let caller = Caller { tally: vars.clone(), ..caller };
         consumers.push(env_var_consumer(
             caller,

@@ -168,7 +168,17 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
         ctx.forget_converged(&key);
         ctx.release(&key);
         if has_finalizer {
-            deprovision(&account, &ctx).await?;
+            if let Err(error) = deprovision(&account, &ctx).await {
+                // What keysmith cannot retry its way out of is said where
+                // people look, with the cause; it is still retried.
+                if let Error::Provider(cause) = &error {
+                    if !matches!(cause, ProviderError::Transient { .. }) {
+                        let note = format!("cannot deprovision ({}): {cause}", cause.category());
+                        ctx.event(account.as_ref(), EventType::Warning, "DeprovisionFailed", "Deprovision", note).await;
+                    }
+                }
+                return Err(error);
+            }
             ctx.failpoints.before("finalizer");
             let removed = remove_finalizer(&api, &account).await;
             ctx.failpoints.after("finalizer");
@@ -192,6 +202,10 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
         if let Err(error) = run.write_status(&api, &account, &ctx).await {
             ctx.forget_converged(&key);
             return Err(error);
+        }
+        let before = account.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default();
+        for (reason, message) in new_waits(before, &status.common.conditions) {
+            ctx.event(account.as_ref(), EventType::Warning, &reason, "Reconcile", message).await;
         }
     }
     match (&outcome, run.memo) {
@@ -482,6 +496,28 @@ fn fingerprint(inputs: u64, status: &IntegrationAccountStatus, secret_key_id: Op
 /// Whether `status` says Ready.
 fn is_ready(status: &IntegrationAccountStatus) -> bool {
     status.common.conditions.iter().any(|c| c.type_ == READY && c.status == "True")
+}
+
+/// The failures this status newly waits on (not retried: a change must fix
+/// them), as event reasons and messages: each condition but `Ready` (which
+/// repeats one of them) that is `False` for a provider's
+/// `Conflict`, `Invalid`, `NotFound` or `LimitExceeded`, and was not so, with
+/// the same message, in `before`.
+fn new_waits(
+    before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Vec<(String, String)> {
+    const WAITS: [&str; 4] = ["Conflict", "Invalid", "NotFound", "LimitExceeded"];
+    after
+        .iter()
+        .filter(|c| c.type_ != READY && c.status == "False" && WAITS.contains(&c.reason.as_str()))
+        .filter(|c| {
+            !before
+                .iter()
+                .any(|b| b.type_ == c.type_ && b.status == c.status && b.reason == c.reason && b.message == c.message)
+        })
+        .map(|c| (c.reason.clone(), format!("{}: {}", c.type_, c.message)))
+        .collect()
 }
 
 /// A provider failure becomes a condition; transient ones also retry.
@@ -1263,6 +1299,29 @@ fn audit(account: &IntegrationAccount, provider: &str, action: &str, key_id: Opt
 mod tests {
     use super::*;
     use crate::api::{ClusterAppConnection, IntegrationAccountSpec};
+
+    #[test]
+    fn a_new_wait_is_announced_once_and_ready_and_retries_never() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let condition = |type_: &str, status: &str, reason: &str, message: &str| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        };
+        let waiting = [
+            condition("Ready", "False", "Conflict", "lost control"),
+            condition("AccountReady", "False", "Conflict", "lost control"),
+            condition("KeyReady", "False", "Transient", "timed out"),
+        ];
+        assert_eq!(new_waits(&[], &waiting), vec![("Conflict".to_owned(), "AccountReady: lost control".to_owned())]);
+        assert_eq!(new_waits(&waiting, &waiting), vec![], "the same wait is not announced again");
+        let other = [condition("AccountReady", "False", "Conflict", "another cause")];
+        assert_eq!(new_waits(&waiting, &other).len(), 1, "another cause is");
+        assert_eq!(new_waits(&[], &[condition("AccountReady", "True", "Conflict", "x")]), vec![]);
+    }
     use crate::{api::ExternalAccount, controller::observe::account_request};
 
     fn integration_account(

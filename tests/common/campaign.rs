@@ -54,11 +54,24 @@ pub fn aws_spec(endpoint: &str) -> String {
     )
 }
 
+/// The OAuth 2.0 initial access token's Secret `oauth2-admin`.
+pub fn oauth2_admin(token: &str) -> String {
+    secret("oauth2-admin", &format!("{{token: \"{token}\"}}"))
+}
+
+/// `spec.provider` of an oauth2 connection to the server at `origin`
+/// (oidc-provider's endpoints).
+pub fn oauth2_spec(origin: &str) -> String {
+    format!(
+        "{{oauth2: {{registrationEndpoint: \"{origin}/reg\", tokenEndpoint: \"{origin}/token\", introspectionEndpoint: \"{origin}/token/introspection\", initialAccessTokenSecretRef: {{name: oauth2-admin}}}}}}"
+    )
+}
+
 /// A Role `keysmith-credentials` for the ServiceAccount `keysmith`: `get` on
-/// the three credential Secrets, and `extra_rules` (YAML list items, each
+/// the four credential Secrets, and `extra_rules` (YAML list items, each
 /// starting with `\n- `).
 pub fn credentials_reader(extra_rules: &str) -> String {
     format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: keysmith-credentials}}\nrules:\n- {{apiGroups: [\"\"], resources: [secrets], resourceNames: [pg-admin, scim-admin, aws-admin], verbs: [get]}}{extra_rules}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: keysmith-credentials}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-credentials}}\nsubjects: [{{kind: ServiceAccount, name: keysmith}}]\n---\n"
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: keysmith-credentials}}\nrules:\n- {{apiGroups: [\"\"], resources: [secrets], resourceNames: [pg-admin, scim-admin, aws-admin, oauth2-admin], verbs: [get]}}{extra_rules}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: keysmith-credentials}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: keysmith-credentials}}\nsubjects: [{{kind: ServiceAccount, name: keysmith}}]\n---\n"
     )
 }

@@ -1,5 +1,5 @@
 //! A small HTTP proxy in front of a real server that injects faults (429
-//! with Retry-After, 5xx, slow answers, resets, stalls) and records every
+//! with Retry-After, 5xx, slow answers, resets, stalls, lost answers) and records every
 //! request it passes, so tests can check retries, backoff and rate budgets
 //! against real targets. Faults come from a queue ([`FaultProxy::inject`])
 //! or at random, seeded ([`FaultProxy::chaos`]).
@@ -25,11 +25,14 @@ pub enum Fault {
     Reset,
     /// Answer nothing for this long (past the client's timeout), then close.
     Stall(Duration),
+    /// Forward, let the server act, then close the connection without its
+    /// answer: the request took effect and the client cannot know.
+    Lost,
 }
 
 impl Fault {
     /// A short name for tallies: `429+retry-after`, `429`, `5xx`, `reset`,
-    /// `stall`, `slow`.
+    /// `stall`, `slow`, `lost`.
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Status(429, Some(_)) => "429+retry-after",
@@ -38,13 +41,14 @@ impl Fault {
             Fault::Delay(_) => "slow",
             Fault::Reset => "reset",
             Fault::Stall(_) => "stall",
+            Fault::Lost => "lost",
         }
     }
 }
 
 /// Random faults: each request gets one with `probability`, drawn evenly
 /// from 429 with a Retry-After of 1–3 s, 429 without, 500, 503, a reset, a
-/// stall of `stall`, and a slow answer (0.5–3 s).
+/// stall of `stall`, a slow answer (0.5–3 s), and a lost answer.
 struct Chaos {
     probability: f64,
     stall: Duration,
@@ -57,13 +61,14 @@ impl Chaos {
         if !self.rng.random_bool(self.probability) {
             return None;
         }
-        Some(match self.rng.random_range(0..7) {
+        Some(match self.rng.random_range(0..8) {
             0 => Fault::Status(429, Some(self.rng.random_range(1..=3))),
             1 => Fault::Status(429, None),
             2 => Fault::Status(500, None),
             3 => Fault::Status(503, None),
             4 => Fault::Reset,
             5 => Fault::Stall(self.stall),
+            6 => Fault::Lost,
             _ => Fault::Delay(Duration::from_millis(self.rng.random_range(500..3000))),
         })
     }
@@ -85,6 +90,8 @@ pub struct Record {
 pub struct FaultProxy {
     pub url: String,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    /// A fault for the next request with this method.
+    targeted: Arc<Mutex<Option<(String, Fault)>>>,
     chaos: Arc<Mutex<Option<Chaos>>>,
     log: Arc<Mutex<Vec<Record>>>,
     task: tokio::task::JoinHandle<()>,
@@ -109,20 +116,28 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let faults: Arc<Mutex<VecDeque<Fault>>> = Arc::default();
         let chaos: Arc<Mutex<Option<Chaos>>> = Arc::default();
+        let targeted: Arc<Mutex<Option<(String, Fault)>>> = Arc::default();
         let log: Arc<Mutex<Vec<Record>>> = Arc::default();
         let upstream = upstream.trim_end_matches('/').to_owned();
-        let (f, c, l) = (faults.clone(), chaos.clone(), log.clone());
+        let (f, c, l, t) = (faults.clone(), chaos.clone(), log.clone(), targeted.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (faults, chaos, log, upstream, client) =
-                    (f.clone(), c.clone(), l.clone(), upstream.clone(), client.clone());
+                let (faults, chaos, log, upstream, client, targeted) =
+                    (f.clone(), c.clone(), l.clone(), upstream.clone(), client.clone(), t.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (faults, chaos, log, upstream, client) =
                             (faults.clone(), chaos.clone(), log.clone(), upstream.clone(), client.clone());
+                        let aimed = {
+                            let mut targeted = targeted.lock().unwrap();
+                            match targeted.as_ref() {
+                                Some((method, _)) if method == req.method().as_str() => targeted.take().map(|t| t.1),
+                                _ => None,
+                            }
+                        };
                         async move {
-                            let fault = faults.lock().unwrap().pop_front();
+                            let fault = aimed.or_else(|| faults.lock().unwrap().pop_front());
                             let fault = fault.or_else(|| chaos.lock().unwrap().as_mut().and_then(Chaos::draw));
                             handle(req, fault, &log, &upstream, &client, keep_host)
                                 .await
@@ -133,7 +148,7 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { url, faults, chaos, log, task }
+        FaultProxy { url, faults, targeted, chaos, log, task }
     }
 
     /// From now on each request gets a random fault with `probability`
@@ -151,6 +166,11 @@ impl FaultProxy {
         for _ in 0..times {
             faults.push_back(fault.clone());
         }
+    }
+
+    /// The next request with `method` (`PUT`...) gets `fault`.
+    pub fn inject_next(&self, method: &str, fault: Fault) {
+        *self.targeted.lock().unwrap() = Some((method.to_owned(), fault));
     }
 
     /// Every request so far.
@@ -211,8 +231,9 @@ async fn handle(
             return Some(response.body(Full::new(Bytes::from(body))).unwrap());
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
-        None => {}
+        Some(Fault::Lost) | None => {}
     }
+    let lost = matches!(fault, Some(Fault::Lost));
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
@@ -224,7 +245,11 @@ async fn handle(
     match forward.send().await {
         Ok(answer) => {
             let status = answer.status().as_u16();
-            record(status, false);
+            record(status, lost);
+            if lost {
+                let _ = answer.bytes().await;
+                return None;
+            }
             let mut response = Response::builder().status(status);
             for (name, value) in answer.headers() {
                 if name != "transfer-encoding" && name != "content-length" && name != "connection" {

@@ -26,7 +26,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use keysmith::provider::oauth2::{InMemoryRegistrationStore, OAuth2Provider, Registration};
+use std::collections::BTreeSet;
+
+use keysmith::provider::{
+    oauth2::{
+        store::SecretRegistrationStore, InMemoryRegistrationStore, OAuth2Provider, Registration, RegistrationStore,
+    },
+    AccountRequest, ProviderError,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -308,6 +315,7 @@ impl OidcServer {
                 registration_client_uri: field("registration_client_uri"),
                 registration_access_token: field("registration_access_token"),
                 current_key: None,
+                update_sent_at: None,
             },
             metadata,
         }
@@ -326,6 +334,38 @@ impl OidcServer {
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
     }
 
+    /// The ids of the clients the server holds (registered and not
+    /// deleted), as its administrator sees them: RFC 7591/7592 give no way
+    /// to list them, so the test server answers this for the campaigns.
+    pub async fn clients(&self) -> BTreeSet<String> {
+        let response = self.http.get(format!("{}/__test/clients", self.info.issuer)).send().await;
+        let response = response.expect("the server answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("a list of client ids")
+    }
+
+    /// Deletes a client as the server's administrator does, without its
+    /// registration access token.
+    pub async fn admin_delete_client(&self, client_id: &str) {
+        let url = format!("{}/__test/clients/{client_id}", self.info.issuer);
+        let response = self.http.delete(url).send().await.expect("the server answers");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+
+    /// A provider seeing the registrations the operator keeps in Secrets
+    /// (read through `client`, an apiserver admin's) and never writing
+    /// them: the campaigns' view of the target app.
+    pub fn operator_view(&self, client: kube::Client) -> OAuth2Provider {
+        OAuth2Provider::new(
+            self.info.registration_endpoint.clone(),
+            self.info.token_endpoint.clone(),
+            Some(self.info.introspection_endpoint.clone()),
+            Some(self.info.initial_access_token.clone()),
+            self.http.clone(),
+            Arc::new(ReadOnlyStore(SecretRegistrationStore::new(client))),
+        )
+    }
+
     /// Everything the server logged so far.
     pub fn logs(&self) -> String {
         read_log(&self.log)
@@ -339,6 +379,25 @@ impl Drop for OidcServer {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The operator's registration records, read and never written: a test
+/// checking them must not change what the operator finds.
+struct ReadOnlyStore(SecretRegistrationStore);
+
+#[async_trait::async_trait]
+impl RegistrationStore for ReadOnlyStore {
+    async fn get(&self, account: &AccountRequest) -> Result<Option<Registration>, ProviderError> {
+        self.0.get(account).await
+    }
+
+    async fn put(&self, _account: &AccountRequest, _registration: &Registration) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn delete(&self, _account: &AccountRequest) -> Result<(), ProviderError> {
+        Ok(())
     }
 }
 

@@ -24,6 +24,13 @@
 // For the 429 test only: POST /__test/throttle {"count": N, "retry_after": S}
 // makes the next N requests to the registration endpoints answer 429 with
 // Retry-After: S.
+//
+// For the fault campaigns: GET /__test/clients answers the ids of the
+// clients registered and not deleted, as the server's administrator would
+// see them. RFC 7591/7592 give a client no way to list them: this is how a
+// test finds a client nobody tracks (an orphan). DELETE /__test/clients/ID
+// deletes a client as the server's administrator does (no registration
+// access token needed).
 
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -79,7 +86,19 @@ const provider = new Provider(issuer, {
 });
 
 let throttle = { count: 0, retryAfter: 1 };
+const clients = new Set();
 provider.use(async (ctx, next) => {
+  if (ctx.method === 'GET' && ctx.path === '/__test/clients') {
+    ctx.body = [...clients].sort();
+    return;
+  }
+  if (ctx.method === 'DELETE' && ctx.path.startsWith('/__test/clients/')) {
+    const id = decodeURIComponent(ctx.path.slice('/__test/clients/'.length));
+    await provider.Client.adapter.destroy(id);
+    clients.delete(id);
+    ctx.status = 204;
+    return;
+  }
   if (ctx.method === 'POST' && ctx.path === '/__test/throttle') {
     const chunks = [];
     for await (const chunk of ctx.req) chunks.push(chunk);
@@ -96,6 +115,11 @@ provider.use(async (ctx, next) => {
     return;
   }
   await next();
+  if (ctx.method === 'POST' && ctx.path === '/reg' && ctx.status === 201 && ctx.body && ctx.body.client_id) {
+    clients.add(ctx.body.client_id);
+  } else if (ctx.method === 'DELETE' && ctx.path.startsWith('/reg/') && ctx.status === 204) {
+    clients.delete(decodeURIComponent(ctx.path.slice('/reg/'.length)));
+  }
 });
 
 const initialAccessToken = await new provider.InitialAccessToken({ policies: [ROTATION_POLICY] }).save();

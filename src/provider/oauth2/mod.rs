@@ -29,6 +29,18 @@
 //!   carries a new one is written to the store at once: a new token the store
 //!   failed to keep (after three tries) leaves the client unmanageable, which
 //!   the error says, naming the client for the server's admin to remove.
+//!   An update whose answer never arrives (a connection reset or a timeout
+//!   after the server acted) may have rotated the token with nobody to
+//!   receive the new one. So before each update keysmith records that one
+//!   is in flight ([`STORE_UPDATE_SENT_AT`]), and clears the mark once an
+//!   answer arrives (any answer: a server that answers did not rotate the
+//!   token, or gave the new one). A token refused while the mark is set is
+//!   not taken as a deleted client: keysmith has **lost control** of a
+//!   client that may live on with its scopes and secret, and says so as a
+//!   [`ProviderError::Conflict`] naming the client for the server's admin
+//!   to delete and the registration record to delete afterwards, and waits
+//!   (deletion of the IntegrationAccount waits too). RFC 7592 offers no way
+//!   back: only the server's administrator can remove the client.
 //! - **roles** → the client's `scope` metadata (space-separated scope
 //!   tokens); roles have no scope of their own (`RoleGrant::scope` must be
 //!   `None`). Granting and revoking read the configuration and `PUT` it back
@@ -169,6 +181,9 @@ pub const STORE_REGISTRATION_ACCESS_TOKEN: &str = "registration_access_token";
 pub const STORE_KEY_ID: &str = "key_id";
 /// Registration Secret key: when the current client secret was issued (RFC 3339).
 pub const STORE_KEY_ISSUED_AT: &str = "key_issued_at";
+/// Registration Secret key: when keysmith sent an update whose answer it has
+/// not seen yet (RFC 3339); absent otherwise.
+pub const STORE_UPDATE_SENT_AT: &str = "update_sent_at";
 
 /// How long one request may take, unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,6 +208,10 @@ pub struct Registration {
     pub registration_access_token: String,
     /// The key that set the client's current secret, if keysmith issued one.
     pub current_key: Option<StoredKey>,
+    /// When keysmith sent an update whose answer it has not seen: the server
+    /// may have replaced the registration access token with nobody to
+    /// receive the new one.
+    pub update_sent_at: Option<Timestamp>,
 }
 
 /// The key behind a client's current secret.
@@ -211,6 +230,7 @@ impl fmt::Debug for Registration {
             .field("registration_client_uri", &self.registration_client_uri)
             .field("registration_access_token", &"<redacted>")
             .field("current_key", &self.current_key)
+            .field("update_sent_at", &self.update_sent_at)
             .finish()
     }
 }
@@ -218,8 +238,9 @@ impl fmt::Debug for Registration {
 impl Registration {
     /// The registration as Secret data: [`STORE_CLIENT_ID`],
     /// [`STORE_REGISTRATION_CLIENT_URI`], [`STORE_REGISTRATION_ACCESS_TOKEN`],
-    /// and, when keysmith issued the current secret, [`STORE_KEY_ID`] and
-    /// [`STORE_KEY_ISSUED_AT`].
+    /// when keysmith issued the current secret, [`STORE_KEY_ID`] and
+    /// [`STORE_KEY_ISSUED_AT`], and while an update is in flight,
+    /// [`STORE_UPDATE_SENT_AT`].
     pub fn to_secret_data(&self) -> BTreeMap<String, String> {
         let mut data = BTreeMap::from([
             (STORE_CLIENT_ID.to_owned(), self.client_id.clone()),
@@ -229,6 +250,9 @@ impl Registration {
         if let Some(key) = &self.current_key {
             data.insert(STORE_KEY_ID.to_owned(), key.id.clone());
             data.insert(STORE_KEY_ISSUED_AT.to_owned(), key.issued_at.to_string());
+        }
+        if let Some(at) = &self.update_sent_at {
+            data.insert(STORE_UPDATE_SENT_AT.to_owned(), at.to_string());
         }
         data
     }
@@ -254,11 +278,20 @@ impl Registration {
                 Some(StoredKey { id: id.clone(), issued_at })
             }
         };
+        let update_sent_at = match data.get(STORE_UPDATE_SENT_AT).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(at) => Some(at.parse::<Timestamp>().map_err(|_| {
+                ProviderError::Invalid(format!(
+                    "the OAuth2 registration Secret's {STORE_UPDATE_SENT_AT} is not an RFC 3339 time"
+                ))
+            })?),
+        };
         Ok(Self {
             client_id: required(STORE_CLIENT_ID)?,
             registration_client_uri: required(STORE_REGISTRATION_CLIENT_URI)?,
             registration_access_token: required(STORE_REGISTRATION_ACCESS_TOKEN)?,
             current_key,
+            update_sent_at,
         })
     }
 }
@@ -277,6 +310,11 @@ pub trait RegistrationStore: Send + Sync {
     async fn put(&self, account: &AccountRequest, registration: &Registration) -> Result<(), ProviderError>;
     /// Forgets the account's registration. Succeeds if there is none.
     async fn delete(&self, account: &AccountRequest) -> Result<(), ProviderError>;
+    /// Where the account's registration is kept, for people: what to delete
+    /// to let keysmith register a new client.
+    fn describe(&self, _account: &AccountRequest) -> String {
+        "keysmith's registration record of the client".to_owned()
+    }
 }
 
 /// A [`RegistrationStore`] in memory, for tests and tools: what it holds is
@@ -515,11 +553,16 @@ impl OAuth2Provider {
         let config = match self.exchange(&what, request, &[&registration.registration_access_token]).await {
             Ok(Value::Object(config)) => config,
             Ok(_) => return Err(ProviderError::Invalid(format!("{what}: the answer is not a JSON object"))),
-            Err(failure) if failure.client_gone() => return Ok(None),
+            Err(failure) if failure.client_gone() => {
+                self.check_control(account, registration, &failure)?;
+                return Ok(None);
+            }
             Err(failure) => return Err(failure.into()),
         };
         check_client_id(&what, registration, &config)?;
-        if absorb(registration, &config) {
+        // The token still works: an update in flight never reached the server.
+        let settled = registration.update_sent_at.take().is_some();
+        if absorb(registration, &config) || settled {
             self.persist(account, registration, &what).await?;
         }
         Ok(Some(config))
@@ -540,29 +583,70 @@ impl OAuth2Provider {
         F: FnOnce(&mut Registration, &Map<String, Value>),
     {
         let what = format!("updating OAuth2 client {}", registration.client_id);
+        // Recorded first: if the answer is lost, the server may have
+        // replaced the registration access token (see the module docs).
+        if registration.update_sent_at.is_none() {
+            registration.update_sent_at = Some(Timestamp::now());
+            self.persist(account, registration, &what).await?;
+        }
         let request = self
             .http
             .put(&registration.registration_client_uri)
             .header(header::AUTHORIZATION, bearer(&registration.registration_access_token, "registration access")?)
             .json(body);
         let sent_secret = body.get("client_secret").and_then(Value::as_str).unwrap_or_default();
-        let config = match self.exchange(&what, request, &[&registration.registration_access_token, sent_secret]).await
-        {
+        let answer = self.exchange(&what, request, &[&registration.registration_access_token, sent_secret]).await;
+        let config = match answer {
             Ok(Value::Object(config)) => config,
             Ok(_) => return Err(ProviderError::Invalid(format!("{what}: the answer is not a JSON object"))),
             Err(failure) if failure.client_gone() => {
+                self.check_control(account, registration, &failure)?;
                 return Err(ProviderError::NotFound(format!(
                     "OAuth2 client {} is gone, or the server no longer accepts its registration access token",
                     registration.client_id
-                )))
+                )));
+            }
+            Err(failure @ Failure::Status { .. }) => {
+                // An answer: the server kept the token.
+                registration.update_sent_at = None;
+                self.persist(account, registration, &what).await?;
+                return Err(failure.into());
             }
             Err(failure) => return Err(failure.into()),
         };
         check_client_id(&what, registration, &config)?;
+        registration.update_sent_at = None;
         absorb(registration, &config);
         update(registration, &config);
         self.persist(account, registration, &what).await?;
         Ok(config)
+    }
+
+    /// A refused registration access token means the client is gone, unless
+    /// an update's answer was lost: then the server may have replaced the
+    /// token, and the client lives on out of keysmith's reach. That is an
+    /// error naming the client, until someone deletes the record.
+    fn check_control(
+        &self,
+        account: &AccountRequest,
+        registration: &Registration,
+        failure: &Failure,
+    ) -> Result<(), ProviderError> {
+        let Some(sent_at) = registration.update_sent_at else {
+            return Ok(());
+        };
+        if failure.status() == Some(StatusCode::NOT_FOUND) {
+            return Ok(());
+        }
+        let client_id = &registration.client_id;
+        tracing::error!(%client_id, %sent_at, "keysmith lost control of an OAuth2 client: an update's answer never arrived and the server no longer accepts the registration access token");
+        Err(ProviderError::Conflict(format!(
+            "keysmith lost control of OAuth2 client {client_id}: the answer to the update sent at {sent_at} never \
+             arrived, and the server no longer accepts the client's registration access token (servers may replace \
+             it on every update). The client may still exist with its scopes and secret. Ask the server's \
+             administrator to delete client {client_id}, then delete {} so keysmith registers a new client",
+            self.store.describe(account)
+        )))
     }
 
     /// Writes the registration to the store, trying again on failure: after
@@ -877,6 +961,7 @@ impl Provider for OAuth2Provider {
             registration_client_uri: uri.to_owned(),
             registration_access_token: token.to_owned(),
             current_key: None,
+            update_sent_at: None,
         };
         if let Err(error) = self.persist(account, &registration, &what).await {
             self.discard_client(uri, token, client_id).await;
@@ -916,6 +1001,7 @@ impl Provider for OAuth2Provider {
             Ok(_) => {}
             Err(failure) if failure.status() == Some(StatusCode::NOT_FOUND) => {}
             Err(failure) if failure.client_gone() => {
+                self.check_control(account, &registration, &failure)?;
                 tracing::warn!(
                     client_id = %registration.client_id,
                     "the OAuth2 server no longer accepts the client's registration access token: taking the client as deleted (if it still exists, the server's administrator must remove it)"
@@ -1442,6 +1528,7 @@ mod tests {
                 id: "k1".to_owned(),
                 issued_at: "2026-01-01T00:00:00Z".parse().expect("time"),
             }),
+            update_sent_at: None,
         };
         let data = registration.to_secret_data();
         assert_eq!(
@@ -1454,6 +1541,12 @@ mod tests {
         missing.remove(STORE_REGISTRATION_ACCESS_TOKEN);
         let err = Registration::from_secret_data(&missing).expect_err("missing");
         assert!(err.to_string().contains(STORE_REGISTRATION_ACCESS_TOKEN));
+
+        let in_flight =
+            Registration { update_sent_at: Some("2026-01-02T03:04:05Z".parse().expect("time")), ..registration };
+        let data = in_flight.to_secret_data();
+        assert_eq!(data.get(STORE_UPDATE_SENT_AT).map(String::as_str), Some("2026-01-02T03:04:05Z"));
+        assert_eq!(Registration::from_secret_data(&data).expect("parse"), in_flight);
     }
 
     #[test]

@@ -152,4 +152,9 @@ impl RegistrationStore for SecretRegistrationStore {
             Err(error) => Err(classify(error)),
         }
     }
+
+    fn describe(&self, account: &AccountRequest) -> String {
+        let (namespace, name) = self.location(account);
+        format!("the Secret {namespace}/{name}")
+    }
 }
