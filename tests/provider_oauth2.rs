@@ -375,6 +375,10 @@ async fn delete_removes_the_client() {
     assert_eq!(store.get(&acct).await.expect("store"), None);
 }
 
+/// The proxied provider's request timeout; a read clears an update's mark
+/// only twice this long after the update was sent.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A provider reaching the server only through a fault proxy that keeps the
 /// `Host` header, so the server's client configuration endpoints are the
 /// proxy's too; and its store.
@@ -389,7 +393,7 @@ async fn proxied(server: &OidcServer) -> (fault_proxy::FaultProxy, OAuth2Provide
         reqwest::Client::new(),
         store.clone(),
     )
-    .with_timeout(Duration::from_secs(5));
+    .with_timeout(REQUEST_TIMEOUT);
     (proxy, provider, store)
 }
 
@@ -409,15 +413,25 @@ async fn a_lost_update_answer_is_lost_control_not_a_deleted_client() {
     let issued = provider.issue_key(&acct, &key("k1")).await.expect("issue");
     let client_id = client_id_of(&issued).to_owned();
 
-    // A request that never reached the server: the mark is cleared by the
-    // next read, and nothing is lost.
+    // A request that never reached the server: a read the old token passes
+    // clears the mark, once the update cannot be running at the server any
+    // more (twice the request timeout), and nothing is lost.
     // (A grant reads the client, then updates it: the second request.)
     proxy.inject(fault_proxy::Fault::Delay(Duration::ZERO), 1);
     proxy.inject(fault_proxy::Fault::Reset, 1);
     provider.grant_role(&acct, &role("write")).await.expect_err("the connection was reset");
     assert!(stored(&store, &acct).await.update_sent_at.is_some(), "the update is marked in flight");
     assert!(provider.observe_account(&acct).await.expect("observe").is_some());
-    assert_eq!(stored(&store, &acct).await.update_sent_at, None, "an answer clears the mark");
+    assert!(stored(&store, &acct).await.update_sent_at.is_some(), "too soon to clear the mark");
+    tokio::time::sleep(REQUEST_TIMEOUT * 2 + Duration::from_millis(200)).await;
+    assert!(provider.observe_account(&acct).await.expect("observe").is_some());
+    assert_eq!(stored(&store, &acct).await.update_sent_at, None, "the read cleared the mark");
+
+    // A client error is an answer from a server that did not act: no mark.
+    proxy.inject(fault_proxy::Fault::Delay(Duration::ZERO), 1);
+    proxy.inject(fault_proxy::Fault::Status(400, None), 1);
+    provider.grant_role(&acct, &role("write")).await.expect_err("refused");
+    assert_eq!(stored(&store, &acct).await.update_sent_at, None, "a 400 clears the mark");
 
     // The server acts and the answer is lost: the scope is granted, the
     // token replaced, and keysmith never sees the new one.
@@ -440,7 +454,7 @@ async fn a_lost_update_answer_is_lost_control_not_a_deleted_client() {
         assert!(!message.contains(&registration.registration_access_token), "{what}: the token in {message}");
         assert!(!message.contains(secret_of(&issued)), "{what}: the secret in {message}");
     }
-    assert_eq!(server.clients().await.into_iter().filter(|c| *c == client_id).count(), 1, "no client was registered");
+    assert_eq!(server.clients().await, BTreeSet::from([client_id.clone()]), "no client was registered");
     let (status, body) = server.token(&client_id, secret_of(&issued), Some("read write")).await;
     assert_eq!(status, StatusCode::OK, "the client kept its secret and both scopes: {body}");
 
@@ -448,6 +462,16 @@ async fn a_lost_update_answer_is_lost_control_not_a_deleted_client() {
     store.delete(&acct).await.expect("forget");
     let observed = provider.create_account(&acct).await.expect("a new client");
     assert_ne!(observed.id, client_id);
+    assert_eq!(server.clients().await, BTreeSet::from([client_id.clone(), observed.id.clone()]));
+
+    // A gateway's 502 after the server acted is no proof that it did not:
+    // the mark stays, and the refused token is lost control again.
+    proxy.inject(fault_proxy::Fault::Delay(Duration::ZERO), 1);
+    proxy.inject(fault_proxy::Fault::ActedThen(502), 1);
+    let err = provider.grant_role(&acct, &role("read")).await.expect_err("a 502");
+    assert!(matches!(err, ProviderError::Transient { .. }), "{err:?}");
+    let err = provider.observe_account(&acct).await.expect_err("lost control");
+    assert!(err.to_string().contains(&format!("lost control of OAuth2 client {}", observed.id)), "{err}");
 }
 
 #[tokio::test]

@@ -204,8 +204,8 @@ pub async fn reconcile(account: Arc<IntegrationAccount>, ctx: Arc<Context>) -> R
             return Err(error);
         }
         let before = account.status.as_ref().map(|s| s.common.conditions.as_slice()).unwrap_or_default();
-        for (reason, message) in new_waits(before, &status.common.conditions) {
-            ctx.event(account.as_ref(), EventType::Warning, &reason, "Reconcile", message).await;
+        for (condition, reason, message) in new_waits(before, &status.common.conditions) {
+            ctx.event(account.as_ref(), EventType::Warning, &reason, &condition, message).await;
         }
     }
     match (&outcome, run.memo) {
@@ -499,15 +499,17 @@ fn is_ready(status: &IntegrationAccountStatus) -> bool {
 }
 
 /// The failures this status newly waits on (not retried: a change must fix
-/// them), as event reasons and messages: each condition but `Ready` (which
-/// repeats one of them) that is `False` for a provider's
-/// `Conflict`, `Invalid`, `NotFound` or `LimitExceeded`, and was not so, with
-/// the same message, in `before`.
+/// them), as event actions (the condition), reasons and messages: each
+/// condition but `Ready` (which repeats one of them) that is `False` for a
+/// provider's `Conflict`, `Invalid`, `NotFound` or `LimitExceeded` (or an
+/// account that is not keysmith's, `AccountConflict`), and was not so, with
+/// the same message, in `before`. The condition is the event's action, so
+/// two conditions' waits are two events, not one series.
 fn new_waits(
     before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) -> Vec<(String, String)> {
-    const WAITS: [&str; 4] = ["Conflict", "Invalid", "NotFound", "LimitExceeded"];
+) -> Vec<(String, String, String)> {
+    const WAITS: [&str; 5] = ["Conflict", "Invalid", "NotFound", "LimitExceeded", "AccountConflict"];
     after
         .iter()
         .filter(|c| c.type_ != READY && c.status == "False" && WAITS.contains(&c.reason.as_str()))
@@ -516,7 +518,7 @@ fn new_waits(
                 .iter()
                 .any(|b| b.type_ == c.type_ && b.status == c.status && b.reason == c.reason && b.message == c.message)
         })
-        .map(|c| (c.reason.clone(), format!("{}: {}", c.type_, c.message)))
+        .map(|c| (c.type_.clone(), c.reason.clone(), format!("{}: {}", c.type_, c.message)))
         .collect()
 }
 
@@ -1316,7 +1318,8 @@ mod tests {
             condition("AccountReady", "False", "Conflict", "lost control"),
             condition("KeyReady", "False", "Transient", "timed out"),
         ];
-        assert_eq!(new_waits(&[], &waiting), vec![("Conflict".to_owned(), "AccountReady: lost control".to_owned())]);
+        let announced = ("AccountReady".to_owned(), "Conflict".to_owned(), "AccountReady: lost control".to_owned());
+        assert_eq!(new_waits(&[], &waiting), vec![announced]);
         assert_eq!(new_waits(&waiting, &waiting), vec![], "the same wait is not announced again");
         let other = [condition("AccountReady", "False", "Conflict", "another cause")];
         assert_eq!(new_waits(&waiting, &other).len(), 1, "another cause is");

@@ -28,6 +28,9 @@ pub enum Fault {
     /// Forward, let the server act, then close the connection without its
     /// answer: the request took effect and the client cannot know.
     Lost,
+    /// Forward, let the server act, then answer this status instead of the
+    /// server's answer, as a gateway whose upstream timed out does.
+    ActedThen(u16),
 }
 
 impl Fault {
@@ -42,6 +45,7 @@ impl Fault {
             Fault::Reset => "reset",
             Fault::Stall(_) => "stall",
             Fault::Lost => "lost",
+            Fault::ActedThen(_) => "5xx after acting",
         }
     }
 }
@@ -231,9 +235,13 @@ async fn handle(
             return Some(response.body(Full::new(Bytes::from(body))).unwrap());
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
-        Some(Fault::Lost) | None => {}
+        Some(Fault::Lost | Fault::ActedThen(_)) | None => {}
     }
     let lost = matches!(fault, Some(Fault::Lost));
+    let replaced = match fault {
+        Some(Fault::ActedThen(status)) => Some(status),
+        _ => None,
+    };
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
@@ -245,10 +253,23 @@ async fn handle(
     match forward.send().await {
         Ok(answer) => {
             let status = answer.status().as_u16();
-            record(status, lost);
+            record(replaced.unwrap_or(status), lost || replaced.is_some());
             if lost {
                 let _ = answer.bytes().await;
                 return None;
+            }
+            if let Some(status) = replaced {
+                let _ = answer.bytes().await;
+                let body = Bytes::from(format!(
+                    r#"{{"error":"server_error","error_description":"injected {status} after the server acted"}}"#
+                ));
+                return Some(
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(Full::new(body))
+                        .unwrap(),
+                );
             }
             let mut response = Response::builder().status(status);
             for (name, value) in answer.headers() {

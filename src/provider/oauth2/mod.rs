@@ -33,14 +33,20 @@
 //!   after the server acted) may have rotated the token with nobody to
 //!   receive the new one. So before each update keysmith records that one
 //!   is in flight ([`STORE_UPDATE_SENT_AT`]), and clears the mark once an
-//!   answer arrives (any answer: a server that answers did not rotate the
-//!   token, or gave the new one). A token refused while the mark is set is
+//!   answer says what became of it: a success (which carries any new
+//!   token), or a client error other than 408 (the server did not act). A
+//!   5xx or 408 may come after the server acted, so the mark stays; a read
+//!   that the old token still passes clears it, but only once twice the
+//!   request timeout has passed since the update was sent (the update may
+//!   still be running at the server, or a replica may lag). A token refused while the mark is set is
 //!   not taken as a deleted client: keysmith has **lost control** of a
 //!   client that may live on with its scopes and secret, and says so as a
 //!   [`ProviderError::Conflict`] naming the client for the server's admin
 //!   to delete and the registration record to delete afterwards, and waits
 //!   (deletion of the IntegrationAccount waits too). RFC 7592 offers no way
-//!   back: only the server's administrator can remove the client.
+//!   back: only the server's administrator can remove the client. Not
+//!   covered: a lost answer to a registration (the client is unknown to
+//!   keysmith), and servers that replace the token on reads too.
 //! - **roles** → the client's `scope` metadata (space-separated scope
 //!   tokens); roles have no scope of their own (`RoleGrant::scope` must be
 //!   `None`). Granting and revoking read the configuration and `PUT` it back
@@ -560,10 +566,18 @@ impl OAuth2Provider {
             Err(failure) => return Err(failure.into()),
         };
         check_client_id(&what, registration, &config)?;
-        // The token still works: an update in flight never reached the server.
-        let settled = registration.update_sent_at.take().is_some();
-        if absorb(registration, &config) || settled {
+        // The token still works long after an update was sent: that update
+        // never reached the server. (Sooner, it may still be running there,
+        // or a replica may lag: the mark stays.)
+        let quiet = Timestamp::now() - jiff::SignedDuration::try_from(self.timeout * 2).unwrap_or_default();
+        let settled = registration.update_sent_at.is_some_and(|at| at < quiet);
+        if settled {
+            registration.update_sent_at = None;
+        }
+        if absorb(registration, &config) {
             self.persist(account, registration, &what).await?;
+        } else if settled {
+            self.keep_mark(account, registration).await;
         }
         Ok(Some(config))
     }
@@ -584,11 +598,10 @@ impl OAuth2Provider {
     {
         let what = format!("updating OAuth2 client {}", registration.client_id);
         // Recorded first: if the answer is lost, the server may have
-        // replaced the registration access token (see the module docs).
-        if registration.update_sent_at.is_none() {
-            registration.update_sent_at = Some(Timestamp::now());
-            self.persist(account, registration, &what).await?;
-        }
+        // replaced the registration access token (see the module docs). A
+        // failure to record it is the store's own (nothing was sent).
+        let prior = registration.update_sent_at.replace(Timestamp::now());
+        self.store.put(account, registration).await?;
         let request = self
             .http
             .put(&registration.registration_client_uri)
@@ -600,16 +613,24 @@ impl OAuth2Provider {
             Ok(Value::Object(config)) => config,
             Ok(_) => return Err(ProviderError::Invalid(format!("{what}: the answer is not a JSON object"))),
             Err(failure) if failure.client_gone() => {
+                // Refused: this update did nothing, but an earlier one's
+                // answer may have been lost.
+                registration.update_sent_at = prior;
+                self.keep_mark(account, registration).await;
                 self.check_control(account, registration, &failure)?;
                 return Err(ProviderError::NotFound(format!(
                     "OAuth2 client {} is gone, or the server no longer accepts its registration access token",
                     registration.client_id
                 )));
             }
-            Err(failure @ Failure::Status { .. }) => {
-                // An answer: the server kept the token.
-                registration.update_sent_at = None;
-                self.persist(account, registration, &what).await?;
+            // A client error (but a timeout) is an answer from a server that
+            // did not act: the token is the same. A 5xx or 408 may come
+            // after the server acted (from it, or a gateway): the mark stays.
+            Err(failure @ Failure::Status { status, .. })
+                if status.is_client_error() && status != StatusCode::REQUEST_TIMEOUT =>
+            {
+                registration.update_sent_at = prior;
+                self.keep_mark(account, registration).await;
                 return Err(failure.into());
             }
             Err(failure) => return Err(failure.into()),
@@ -620,6 +641,15 @@ impl OAuth2Provider {
         update(registration, &config);
         self.persist(account, registration, &what).await?;
         Ok(config)
+    }
+
+    /// Writes a changed mark to the store, as best it can: a mark left set
+    /// costs a later read, and a mark the store failed to set was never
+    /// needed (the request it marks was not sent).
+    async fn keep_mark(&self, account: &AccountRequest, registration: &Registration) {
+        if let Err(error) = self.store.put(account, registration).await {
+            tracing::warn!(client_id = %registration.client_id, %error, "could not record the OAuth2 client's update mark; a later read settles it");
+        }
     }
 
     /// A refused registration access token means the client is gone, unless
