@@ -23,9 +23,9 @@
 //! deletions draw `Delete` or `Orphan`.
 //!
 //! `KEYSMITH_CRASH_SEED`, `KEYSMITH_CRASH_TRIALS` (default 6) and
-//! `KEYSMITH_CRASH_PROVIDERS` (default `kubernetes,postgres`; also `scim`
-//! on a real SCIM server, `aws_iam` on moto and `oauth2` on oidc-provider)
-//! choose the run.
+//! `KEYSMITH_CRASH_PROVIDERS` (default `kubernetes,postgres,oauth2`, oauth2
+//! on oidc-provider; also `scim` on a real SCIM server and `aws_iam` on
+//! moto) choose the run.
 //! Each trial prints one line; the last line sums them up.
 
 mod common;
@@ -231,7 +231,7 @@ async fn the_operator_killed_at_any_step_loses_no_key() {
     let seed: u64 = std::env::var("KEYSMITH_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(13);
     let trials: usize = std::env::var("KEYSMITH_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     let providers: Vec<String> = std::env::var("KEYSMITH_CRASH_PROVIDERS")
-        .unwrap_or_else(|_| "kubernetes,postgres".into())
+        .unwrap_or_else(|_| "kubernetes,postgres,oauth2".into())
         .split(',')
         .map(str::to_owned)
         .collect();

@@ -439,9 +439,28 @@ CONFIG_TYPES = {
 }
 
 
+# The service account --admin-key-file creates, and the roles it holds: the
+# least a keysmith connection needs (accounts, their keys, the project policy).
+ADMIN_ACCOUNT_ID = "keysmith-admin"
+ADMIN_ROLES = ("roles/iam.serviceAccountAdmin", "roles/iam.serviceAccountKeyAdmin",
+               "roles/resourcemanager.projectIamAdmin")
+
+
+def required_role(method_id):
+    """The predefined role that grants `method_id`, and the permission named
+    in Google's denial (e.g. iam.serviceAccountKeys.create)."""
+    verb = method_id.rsplit(".", 1)[1]
+    if method_id.startswith("iam.projects.serviceAccounts.keys."):
+        return "roles/iam.serviceAccountKeyAdmin", f"iam.serviceAccountKeys.{verb}"
+    if method_id.startswith("iam.projects.serviceAccounts."):
+        return "roles/iam.serviceAccountAdmin", f"iam.serviceAccounts.{verb}"
+    return "roles/resourcemanager.projectIamAdmin", f"resourcemanager.projects.{verb}"
+
+
 class FakeGcp:
-    def __init__(self, project, iam, crm, admin_token, base_url, consistency_delay):
+    def __init__(self, project, iam, crm, admin_token, base_url, consistency_delay, admin_key_file=None):
         self.project = project
+        self.tokens = {}     # access token -> (account, expiry)
         self.iam, self.crm = iam, crm
         self.admin_token = admin_token
         self.token_uri = base_url + TOKEN_PATH
@@ -462,6 +481,8 @@ class FakeGcp:
                            "expression": 'request.time < timestamp("2030-01-01T00:00:00Z")'}},
         ]
         self.audit_configs = [{"service": "allServices", "auditLogConfigs": [{"logType": "ADMIN_READ"}]}]
+        if admin_key_file:
+            self.write_admin_key_file(admin_key_file)
         self.policy_etag = new_policy_etag()
         self.handlers = {
             "iam.projects.serviceAccounts.create": self.create_account,
@@ -482,6 +503,44 @@ class FakeGcp:
             "cloudresourcemanager.projects.setIamPolicy": self.set_iam_policy,
         }
 
+    def write_admin_key_file(self, path):
+        """A service account `keysmith-admin` holding exactly the roles
+        keysmith's connection needs on the project, and its key file at
+        `path` (mode 0600): what an operator of keysmith creates by hand."""
+        account = ServiceAccount(self.project, ADMIN_ACCOUNT_ID, "keysmith admin",
+                                 "manages integration service accounts", visible_at=time.time())
+        self.accounts[account.unique_id] = account
+        system_key = Key(account, "SYSTEM_MANAGED", None)
+        account.keys[system_key.key_id] = system_key
+        self.keys[system_key.key_id] = system_key
+        key = self.new_user_key(account)
+        for role in ADMIN_ROLES:
+            self.bindings.append({"role": role, "members": [f"serviceAccount:{account.email}"]})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.key_file(key), f, indent=2)
+
+    def authorize(self, auth, method_id):
+        """The caller of `method_id`: the admin token, or an access token
+        from /token whose service account holds the role the method needs
+        (or roles/owner) in an unconditional binding of the project policy."""
+        if secrets.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode()):
+            return
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        with self.lock:
+            account, expiry = self.tokens.get(token, (None, 0))
+            if account is None or expiry < time.time() or account.deleted_at is not None or account.disabled:
+                raise ApiError(401, "UNAUTHENTICATED",
+                               "Request had invalid authentication credentials. " + AUTH_HELP,
+                               headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", '
+                                                            'error="invalid_token"'})
+            member = f"serviceAccount:{account.email}"
+            role, permission = required_role(method_id)
+            held = {b["role"] for b in self.bindings if "condition" not in b and member in b["members"]}
+            if role not in held and "roles/owner" not in held:
+                raise ApiError(403, "PERMISSION_DENIED",
+                               f"Permission '{permission}' denied on resource (or it may not exist).")
+
     # -- API requests -------------------------------------------------------
 
     def handle_api(self, api, http_method, path, rel_path, raw_query, headers, raw_body):
@@ -499,11 +558,7 @@ class FakeGcp:
             raise ApiError(401, "UNAUTHENTICATED",
                            "Request is missing required authentication credential. " + AUTH_HELP,
                            headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'})
-        if not secrets.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode()):
-            raise ApiError(401, "UNAUTHENTICATED",
-                           "Request had invalid authentication credentials. " + AUTH_HELP,
-                           headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", '
-                                                        'error="invalid_token"'})
+        self.authorize(auth, method.id)
         handler = self.handlers.get(method.id)
         if handler is None:
             raise ApiError(501, "UNIMPLEMENTED", f"fake_gcp does not implement {method.id}")
@@ -668,12 +723,24 @@ class FakeGcp:
         if sum(k.key_type == "USER_MANAGED" for k in account.keys.values()) >= MAX_USER_KEYS:
             raise ApiError(400, "FAILED_PRECONDITION", "Precondition check failed.")
         # Generated under the state lock: ~0.1 s, acceptable for tests.
+        key = self.new_user_key(account)
+        out = key.to_json()
+        out["privateKeyType"] = "TYPE_GOOGLE_CREDENTIALS_FILE"
+        out["privateKeyData"] = base64.b64encode(json.dumps(self.key_file(key), indent=2).encode()).decode()
+        return 200, out
+
+    def new_user_key(self, account):
         key = Key(account, "USER_MANAGED", rsa.generate_private_key(public_exponent=65537, key_size=2048))
         account.keys[key.key_id] = key
         self.keys[key.key_id] = key
+        return key
+
+    def key_file(self, key):
+        """The JSON key file Google hands out once, at creation."""
+        account = key.account
         pem = key.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()).decode()
-        key_file = {
+        return {
             "type": "service_account",
             "project_id": self.project,
             "private_key_id": key.key_id,
@@ -687,10 +754,6 @@ class FakeGcp:
                                     + urllib.parse.quote(account.email),
             "universe_domain": "googleapis.com",
         }
-        out = key.to_json()
-        out["privateKeyType"] = "TYPE_GOOGLE_CREDENTIALS_FILE"
-        out["privateKeyData"] = base64.b64encode(json.dumps(key_file, indent=2).encode()).decode()
-        return 200, out
 
     def get_key(self, params, query, body):
         key = self.find_key(params["name"])
@@ -880,8 +943,9 @@ class FakeGcp:
                 raise OAuthError("invalid_scope", "Invalid OAuth scope or ID token audience provided.")
             key.exchanges += 1
             key.last_used = account.last_used = now
-        return {"access_token": "ya29.fake-" + secrets.token_urlsafe(48), "expires_in": 3599,
-                "token_type": "Bearer"}
+            access_token = "ya29.fake-" + secrets.token_urlsafe(48)
+            self.tokens[access_token] = (account, now + 3599)
+        return {"access_token": access_token, "expires_in": 3599, "token_type": "Bearer"}
 
     # -- /_fake -------------------------------------------------------------
 
@@ -1077,6 +1141,10 @@ def main():
                              "(default: google-api-python-client's discovery_cache/documents)")
     parser.add_argument("--admin-token", required=True,
                         help="bearer token every IAM/CRM request must carry")
+    parser.add_argument("--admin-key-file", default=None,
+                        help="create the service account keysmith-admin with the roles a keysmith connection "
+                             "needs, and write its JSON key file here; access tokens from /token for it are "
+                             "accepted like --admin-token")
     parser.add_argument("--consistency-delay", type=float, default=0.0,
                         help="seconds a new service account stays invisible (404)")
     parser.add_argument("--verbose", action="store_true", help="log requests to stderr")
@@ -1091,7 +1159,8 @@ def main():
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    server.fake = FakeGcp(args.project, iam, crm, args.admin_token, base_url, args.consistency_delay)
+    server.fake = FakeGcp(args.project, iam, crm, args.admin_token, base_url, args.consistency_delay,
+                          args.admin_key_file)
     server.verbose = args.verbose
     print(f"listening {base_url}", flush=True)
     try:

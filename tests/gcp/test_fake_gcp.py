@@ -484,6 +484,69 @@ class KeyTests(FakeTestCase):
         return next(k for k in self.gcp.fake("GET", "keys") if k["name"] == key["name"])
 
 
+class AdminKeyFileTests(FakeTestCase):
+    """--admin-key-file: a keysmith-admin service account holding the three
+    admin roles, whose key file is exchanged for access tokens that the IAM
+    and Resource Manager APIs accept; an integration's token is refused."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.key_path = os.path.join(cls.dir.name, "admin.json")
+        cls.server_args = ("--admin-key-file", cls.key_path)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            super().tearDownClass()
+        finally:
+            cls.dir.cleanup()
+
+    def admin_token(self):
+        with open(self.key_path) as f:
+            key_file = json.load(f)
+        status, token = self.gcp.exchange(signed_jwt(key_file))
+        self.assertEqual(status, 200, token)
+        return key_file, token["access_token"]
+
+    def test_the_key_file_is_private_and_names_the_admin(self):
+        self.assertEqual(os.stat(self.key_path).st_mode & 0o777, 0o600)
+        key_file, _ = self.admin_token()
+        self.assertEqual(key_file["client_email"], f"keysmith-admin@{PROJECT}.iam.gserviceaccount.com")
+        self.assertEqual(key_file["token_uri"], self.gcp.url + "/token")
+        status, policy, _ = self.gcp.crm("getIamPolicy", {"options": {"requestedPolicyVersion": 3}})
+        self.assertEqual(status, 200, policy)
+        held = {b["role"] for b in policy["bindings"]
+                if f"serviceAccount:{key_file['client_email']}" in b["members"]}
+        self.assertEqual(held, {"roles/iam.serviceAccountAdmin", "roles/iam.serviceAccountKeyAdmin",
+                                "roles/resourcemanager.projectIamAdmin"})
+
+    def test_the_admins_access_token_is_accepted(self):
+        _, token = self.admin_token()
+        status, sa, _ = self.gcp.iam("POST", f"projects/{PROJECT}/serviceAccounts",
+                                     {"accountId": "by-admin-token"}, token=token)
+        self.assertEqual(status, 200, sa)
+        status, key, _ = self.gcp.iam("POST", f"{sa['name']}/keys", {}, token=token)
+        self.assertEqual(status, 200, key)
+        status, policy, _ = self.gcp.crm("getIamPolicy", {"options": {"requestedPolicyVersion": 3}}, token=token)
+        self.assertEqual(status, 200, policy)
+
+    def test_an_integrations_token_is_denied_and_a_made_up_one_unauthenticated(self):
+        sa = self.gcp.create_account("sa-integration")
+        status, token = self.gcp.exchange(signed_jwt(key_file_of(self.gcp.create_key(sa["email"]))))
+        self.assertEqual(status, 200, token)
+        error = self.assertError(self.gcp.iam("POST", f"projects/{PROJECT}/serviceAccounts",
+                                              {"accountId": "by-integration"}, token=token["access_token"]),
+                                 403, "PERMISSION_DENIED", "iam.serviceAccounts.create")
+        self.assertIn("denied on resource", error["message"])
+        self.assertError(self.gcp.crm("getIamPolicy", {}, token=token["access_token"]),
+                         403, "PERMISSION_DENIED", "resourcemanager.projects.getIamPolicy")
+        self.assertError(self.gcp.iam("GET", f"projects/{PROJECT}/serviceAccounts", token="ya29.fake-made-up"),
+                         401, "UNAUTHENTICATED")
+
+
 class PolicyTests(FakeTestCase):
     def get_policy(self, version=3):
         status, policy, _ = self.gcp.crm("getIamPolicy", {"options": {"requestedPolicyVersion": version}})
