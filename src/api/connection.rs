@@ -146,7 +146,7 @@ pub struct ClusterAppConnectionSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend(
     "x-kubernetes-validations" = [{
-        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres)].filter(set, set).size() == 1",
+        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres), has(self.gcpIam)].filter(set, set).size() == 1",
         "message": "set exactly one provider"
     }]
 ))]
@@ -168,6 +168,10 @@ pub struct ProviderSpec {
     /// PostgreSQL: login roles, granted roles, passwords.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresSpec>,
+    /// Google Cloud IAM: service accounts, project role bindings,
+    /// service-account keys (JSON key files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp_iam: Option<GcpIamSpec>,
 }
 
 impl ProviderSpec {
@@ -179,6 +183,7 @@ impl ProviderSpec {
             (self.oauth2.is_some(), "oauth2"),
             (self.aws_iam.is_some(), "awsIam"),
             (self.postgres.is_some(), "postgres"),
+            (self.gcp_iam.is_some(), "gcpIam"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -256,6 +261,30 @@ pub struct AwsIamSpec {
     pub path: String,
     /// A Secret holding the admin access key (keys `AWS_ACCESS_KEY_ID` and
     /// `AWS_SECRET_ACCESS_KEY`).
+    pub credentials_secret_ref: SecretKeySelector,
+}
+
+/// A Google Cloud project's IAM as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GcpIamSpec {
+    /// The project id: service accounts are created in it, and roles are
+    /// bound on it.
+    #[schemars(regex(pattern = r"^[a-z][-a-z0-9]{4,28}[a-z0-9]$"))]
+    pub project: String,
+    /// The IAM API, for a private endpoint; Google's own by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub iam_endpoint: Option<String>,
+    /// The Resource Manager API, for a private endpoint; Google's own by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub resource_manager_endpoint: Option<String>,
+    /// A Secret holding the JSON key file of the service account keysmith
+    /// acts as (key `credentials.json` by default); it needs
+    /// roles/iam.serviceAccountAdmin, roles/iam.serviceAccountKeyAdmin and
+    /// roles/resourcemanager.projectIamAdmin on the project.
     pub credentials_secret_ref: SecretKeySelector,
 }
 
@@ -375,7 +404,7 @@ pub struct AppConnectionStatus {
     /// describe.
     #[serde(flatten)]
     pub common: CommonStatus,
-    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`).
+    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`, `gcpIam`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     /// When the admin credential was last verified against the target app.

@@ -8,6 +8,7 @@
 //! from an outage ([`ProviderError`]).
 
 pub mod aws_iam;
+pub mod gcp_iam;
 pub mod guard;
 pub mod http;
 pub mod kubernetes;

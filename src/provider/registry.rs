@@ -96,6 +96,9 @@ impl ResolvedConnection {
             ConnectionKind::ClusterAppConnection => Some(self.account_name_template.clone().unwrap_or_else(|| {
                 if self.spec.provider.kubernetes.is_some() {
                     "{name}".to_owned()
+                } else if self.spec.provider.gcp_iam.is_some() {
+                    // A service account id has no dots.
+                    "{namespace}-{name}".to_owned()
                 } else {
                     tenancy::DEFAULT_NAME_TEMPLATE.to_owned()
                 }
@@ -281,6 +284,9 @@ impl ProviderRegistry {
         }
         if let Some(spec) = &provider.postgres {
             return super::postgres::connect(spec, &connect).await;
+        }
+        if let Some(spec) = &provider.gcp_iam {
+            return super::gcp_iam::connect(spec, &connect).await;
         }
         match provider.selected() {
             Some(name) => {
