@@ -132,6 +132,15 @@ async fn the_account_says_whose_it_is_and_drift_is_repaired() {
     assert!(description.starts_with(&format!("keysmith:{}\n", acct.owner_uid)), "{description}");
     assert!(description.contains("owner: team-payments"), "{description}");
 
+    // Google's limits are in bytes: a long description in German fits.
+    let german = AccountRequest {
+        name: "abrechnung-export".to_owned(),
+        description: Some("Abrechnungsexport für Zürich, täglich ".repeat(12)),
+        ..account("abrechnung-export")
+    };
+    p.create_account(&german).await.expect("cut to 256 bytes, not 256 characters");
+    assert!(!p.observe_account(&german).await.unwrap().unwrap().drifted);
+
     let changed = AccountRequest { owner: Some("team-finance".to_owned()), ..acct.clone() };
     assert!(p.observe_account(&changed).await.unwrap().unwrap().drifted);
     p.disable_account(&changed).await.expect("disable");
@@ -247,16 +256,21 @@ async fn keys_are_key_files_within_googles_limit() {
 #[tokio::test]
 async fn a_new_account_not_yet_visible_is_waited_for() {
     let gcp = GcpServer::start().await;
-    gcp.fake("POST", "config", Some(json!({"consistency_delay": 2.0}))).await;
+    gcp.fake("POST", "config", Some(json!({"consistency_delay": 4.0}))).await;
     let p = gcp.provider();
     let acct = account("slow-to-show");
     p.create_account(&acct).await.expect("create");
     assert_eq!(p.observe_account(&acct).await.unwrap(), None, "not visible yet");
     let err = p.create_account(&acct).await.expect_err("exists, not visible");
     assert!(matches!(err, ProviderError::Transient { .. }), "{err:?}");
-    let err = p.grant_role(&acct, &role("roles/logging.viewer")).await.expect_err("not yet");
-    assert!(matches!(err, ProviderError::NotFound(_) | ProviderError::Transient { .. }), "{err:?}");
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for result in [
+        p.grant_role(&acct, &role("roles/logging.viewer")).await,
+        p.issue_key(&acct, &key_request("early")).await.map(|_| ()),
+    ] {
+        let err = result.expect_err("not yet");
+        assert!(matches!(err, ProviderError::Transient { .. }), "waited for, not a change to wait on: {err:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(4200)).await;
     assert!(p.observe_account(&acct).await.unwrap().is_some_and(|a| a.owned));
     p.grant_role(&acct, &role("roles/logging.viewer")).await.expect("now");
     no_violations(&gcp).await;

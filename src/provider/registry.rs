@@ -96,9 +96,6 @@ impl ResolvedConnection {
             ConnectionKind::ClusterAppConnection => Some(self.account_name_template.clone().unwrap_or_else(|| {
                 if self.spec.provider.kubernetes.is_some() {
                     "{name}".to_owned()
-                } else if self.spec.provider.gcp_iam.is_some() {
-                    // A service account id has no dots.
-                    "{namespace}-{name}".to_owned()
                 } else {
                     tenancy::DEFAULT_NAME_TEMPLATE.to_owned()
                 }

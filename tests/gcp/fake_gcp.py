@@ -1005,10 +1005,11 @@ class FakeGcp:
 def check_account_text(spec):
     display_name = spec.get("displayName") or ""
     description = spec.get("description") or ""
-    if len(display_name) > 100:
-        raise ApiError(400, "INVALID_ARGUMENT", "displayName must be at most 100 characters.")
-    if len(description) > 256:
-        raise ApiError(400, "INVALID_ARGUMENT", "description must be at most 256 characters.")
+    # Google documents both limits in UTF-8 bytes, not characters.
+    if len(display_name.encode()) > 100:
+        raise ApiError(400, "INVALID_ARGUMENT", "displayName must be at most 100 bytes (UTF-8).")
+    if len(description.encode()) > 256:
+        raise ApiError(400, "INVALID_ARGUMENT", "description must be at most 256 bytes (UTF-8).")
     return display_name, description
 
 

@@ -97,7 +97,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DESCRIPTION: usize = 256;
 const MAX_DISPLAY_NAME: usize = 100;
 const MAX_QUOTED: usize = 300;
-const KEY_CREATION_POLICY: &str = "constraints/iam.disableServiceAccountKeyCreation";
+/// The organization policy constraints that forbid key creation (the legacy
+/// and the managed one both contain this).
+const KEY_CREATION_POLICY: &str = "disableServiceAccountKeyCreation";
+/// The longest an access token is kept, whatever the token endpoint says.
+const MAX_TOKEN_LIFETIME: u64 = 3600;
 
 /// A service-account key file: what keysmith reads of it. Its `Debug` never
 /// shows the private key.
@@ -173,6 +177,15 @@ impl KeyFile {
     }
 }
 
+/// Until when a token answer is kept: a minute before it expires. The
+/// lifetime comes from the token endpoint the key file names (a tenant's,
+/// behind an AppConnection), so it is kept within an hour (Google's tokens
+/// live 3599 s) and never trusted to be sane.
+fn keep_until(answer: &Value, now: Instant) -> Instant {
+    let lifetime = answer.get("expires_in").and_then(Value::as_u64).unwrap_or(300).min(MAX_TOKEN_LIFETIME);
+    now + Duration::from_secs(lifetime.saturating_sub(60).max(1))
+}
+
 /// The DER inside a `-----BEGIN PRIVATE KEY-----` PEM block.
 fn pem_body(pem: &str) -> Option<Vec<u8>> {
     let start = pem.find("-----BEGIN PRIVATE KEY-----")? + "-----BEGIN PRIVATE KEY-----".len();
@@ -223,6 +236,10 @@ pub struct GcpIamProvider {
     http: reqwest::Client,
     timeout: Duration,
     verify_window: Duration,
+    /// One policy change at a time per connection: every account's roles
+    /// are in the one project policy, and concurrent writers only abort
+    /// each other.
+    policy_writer: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for GcpIamProvider {
@@ -264,6 +281,7 @@ impl GcpIamProvider {
             http,
             timeout: REQUEST_TIMEOUT,
             verify_window: VERIFY_WINDOW,
+            policy_writer: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -305,8 +323,7 @@ impl GcpIamProvider {
         if token.is_empty() {
             return Err(ProviderError::transient("the token endpoint answered without an access_token"));
         }
-        let lifetime = answer.get("expires_in").and_then(Value::as_u64).unwrap_or(300);
-        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(60).max(1));
+        let until = keep_until(&answer, Instant::now());
         if let Ok(mut cached) = self.admin.cached.lock() {
             *cached = Some((token.clone(), until));
         }
@@ -406,6 +423,7 @@ impl GcpIamProvider {
     }
 
     async fn get_account(&self, account: &AccountRequest) -> Result<Option<Value>, ProviderError> {
+        check_account_id(account)?;
         match self.call(reqwest::Method::GET, &self.account_url(account), None).await {
             Ok(found) => Ok(Some(found)),
             Err(failure) if failure.not_found() => Ok(None),
@@ -419,6 +437,18 @@ impl GcpIamProvider {
             None => Err(ProviderError::NotFound(format!("service account {} does not exist", self.email(account)))),
             Some(found) if !is_owned(&found, account) => Err(self.foreign(account)),
             Some(found) => Ok(found),
+        }
+    }
+
+    /// The account, which must be this IntegrationAccount's, for a change
+    /// that needs it (a grant, a key): one Google does not show yet, just
+    /// after it was created, is waited for.
+    async fn owned_for_change(&self, account: &AccountRequest) -> Result<Value, ProviderError> {
+        match self.owned_account(account).await {
+            Err(ProviderError::NotFound(message)) => {
+                Err(ProviderError::transient(format!("{message} (yet: Google's reads lag a create by a few seconds)")))
+            }
+            other => other,
         }
     }
 
@@ -450,6 +480,7 @@ impl GcpIamProvider {
     where
         F: FnMut(&mut Vec<Value>) -> bool,
     {
+        let _one_writer = self.policy_writer.lock().await;
         let mut attempt = 1;
         loop {
             let read = json!({"options": {"requestedPolicyVersion": 3}});
@@ -471,8 +502,15 @@ impl GcpIamProvider {
                 Ok(_) => return Ok(()),
                 Err(failure) if failure.is(StatusCode::CONFLICT, "ABORTED") && attempt < POLICY_ATTEMPTS => {
                     tracing::debug!(attempt, "the project policy changed under keysmith's write; reading it again");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    let jitter = rand::random::<u64>() % 100;
+                    tokio::time::sleep(Duration::from_millis((100 << attempt) + jitter)).await;
                     attempt += 1;
+                }
+                Err(failure) if failure.is(StatusCode::CONFLICT, "ABORTED") => {
+                    return Err(ProviderError::transient(format!(
+                        "{}; others kept changing the project policy ({POLICY_ATTEMPTS} attempts)",
+                        failure.error
+                    )));
                 }
                 Err(failure) if failure.status == Some(StatusCode::BAD_REQUEST) && is_not_yet_visible(&failure) => {
                     return Err(ProviderError::transient(format!(
@@ -511,11 +549,24 @@ fn desired_description(account: &AccountRequest) -> String {
     if let Some(owner) = account.owner.as_deref().filter(|o| !o.is_empty()) {
         text.push_str(&format!("\nowner: {owner}"));
     }
-    text.chars().take(MAX_DESCRIPTION).collect()
+    cut(text, MAX_DESCRIPTION)
 }
 
 fn desired_display_name(account: &AccountRequest) -> String {
-    format!("{}/{}", account.namespace, account.account_name).chars().take(MAX_DISPLAY_NAME).collect()
+    cut(format!("{}/{}", account.namespace, account.account_name), MAX_DISPLAY_NAME)
+}
+
+/// `text` cut to at most `bytes` UTF-8 bytes (Google's limits are in
+/// bytes), at a character boundary.
+fn cut(mut text: String, bytes: usize) -> String {
+    if text.len() > bytes {
+        let mut end = bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn is_owned(found: &Value, account: &AccountRequest) -> bool {
@@ -548,7 +599,7 @@ fn check_account_id(account: &AccountRequest) -> Result<(), ProviderError> {
         Err(ProviderError::Invalid(format!(
             "{id:?} cannot be a Google Cloud service account id: it must be 6 to 30 characters of lowercase \
              letters, digits and hyphens, starting with a letter and not ending with a hyphen (set \
-             spec.providerOptions.name)"
+             spec.providerOptions.name; behind a ClusterAppConnection, its accountNameTemplate)"
         )))
     }
 }
@@ -746,7 +797,7 @@ impl Provider for GcpIamProvider {
 
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
         check_role(grant)?;
-        self.owned_account(account).await?;
+        self.owned_for_change(account).await?;
         let member = format!("serviceAccount:{}", self.email(account));
         self.change_policy(|bindings| add_member(bindings, &grant.role, &member)).await
     }
@@ -762,15 +813,18 @@ impl Provider for GcpIamProvider {
     }
 
     async fn issue_key(&self, account: &AccountRequest, _request: &KeyRequest) -> Result<IssuedKey, ProviderError> {
-        self.owned_account(account).await?;
+        self.owned_for_change(account).await?;
         let url = format!("{}/keys", self.account_url(account));
         let body = json!({"privateKeyType": "TYPE_GOOGLE_CREDENTIALS_FILE", "keyAlgorithm": "KEY_ALG_RSA_2048"});
         let created = match self.call(reqwest::Method::POST, &url, Some(&body)).await {
             Ok(created) => created,
+            Err(failure) if failure.not_found() => {
+                return Err(ProviderError::transient(format!("{} (Google's reads lag a create)", failure.error)))
+            }
             Err(failure) if failure.is(StatusCode::BAD_REQUEST, "FAILED_PRECONDITION") => {
-                if failure.preconditions.iter().any(|t| t == KEY_CREATION_POLICY) {
+                if let Some(constraint) = failure.preconditions.iter().find(|t| t.contains(KEY_CREATION_POLICY)) {
                     return Err(ProviderError::Invalid(format!(
-                        "the organization policy {KEY_CREATION_POLICY} forbids creating keys for service account {}: \
+                        "the organization policy {constraint} forbids creating keys for service account {}: \
                          keysmith cannot issue keys in this project until it is lifted",
                         self.email(account)
                     )));
@@ -804,6 +858,7 @@ impl Provider for GcpIamProvider {
     }
 
     async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
+        check_account_id(account)?;
         let url = format!("{}/keys?keyTypes=USER_MANAGED", self.account_url(account));
         let listed = match self.call(reqwest::Method::GET, &url, None).await {
             Ok(listed) => listed,
@@ -826,7 +881,7 @@ impl Provider for GcpIamProvider {
     }
 
     async fn revoke_key(&self, account: &AccountRequest, key_id: &str) -> Result<(), ProviderError> {
-        if key_id.is_empty() || key_id.contains('/') {
+        if key_id.is_empty() || key_id.len() > 64 || !key_id.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(ProviderError::Invalid(format!("{key_id:?} is not a service-account key id")));
         }
         if !self.ours_or_gone(account).await? {
@@ -983,6 +1038,30 @@ mod tests {
         let other = AccountRequest { owner_uid: "uid-2".to_owned(), ..long.clone() };
         assert!(!is_owned(&found, &other));
         assert!(!observed(&found, &long).drifted);
+    }
+
+    #[test]
+    fn a_token_lifetime_from_the_endpoint_never_overflows() {
+        let now = Instant::now();
+        for (answer, kept) in [
+            (json!({"expires_in": u64::MAX}), 3540),
+            (json!({"expires_in": 3599}), 3539),
+            (json!({"expires_in": 10}), 1),
+            (json!({"expires_in": -5}), 240),
+            (json!({}), 240),
+        ] {
+            assert_eq!(keep_until(&answer, now) - now, Duration::from_secs(kept), "{answer}");
+        }
+    }
+
+    #[test]
+    fn texts_are_cut_to_googles_limits_in_bytes() {
+        let mut account = account("billing-sync");
+        account.description = Some("Abrechnungsexport für Zürich ".repeat(20));
+        let text = desired_description(&account);
+        assert!(text.len() <= MAX_DESCRIPTION && text.len() > MAX_DESCRIPTION - 4, "{} bytes", text.len());
+        assert!(text.starts_with("keysmith:uid-1\n"));
+        assert_eq!(cut("ü".repeat(60), 101).len(), 100, "never inside a character");
     }
 
     #[test]
