@@ -368,18 +368,6 @@ const EXAMPLE_ACCOUNT_ID: &str = "123456789012";
 const EXAMPLE_REGION_LINE: &str = "      region: eu-west-1\n";
 const EXAMPLE_POLICY: &str = "/integrations/report-uploader-s3";
 
-/// examples/aws-iam/, in file order, as one YAML text.
-fn aws_iam_example() -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/aws-iam");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("examples/aws-iam")
-        .map(|e| e.expect("a directory entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    files.iter().map(|f| std::fs::read_to_string(f).expect("readable")).collect::<Vec<_>>().join("\n---\n")
-}
-
 #[test]
 fn the_example_admin_policy_is_the_documented_least_privilege() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/aws-iam/admin-policy.json");
@@ -396,7 +384,7 @@ fn the_example_admin_policy_is_the_documented_least_privilege() {
 
 #[tokio::test]
 async fn the_aws_iam_example_is_accepted_and_works_against_moto() {
-    let text = aws_iam_example();
+    let text = common::example_text("aws-iam");
     let objects = keysmith::manifest::parse(&text).expect("the example parses");
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(kinds, common::CREDENTIALED_EXAMPLE_KINDS, "read top to bottom");

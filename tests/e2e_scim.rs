@@ -212,21 +212,9 @@ async fn a_refused_bearer_token_makes_the_connection_unauthorized() {
 const EXAMPLE_BASE_URL: &str = "https://crm.example.com/scim/v2";
 const EXAMPLE_TOKEN: &str = "REPLACE-WITH-THE-SCIM-ADMIN-TOKEN";
 
-/// examples/scim/, in file order, as one YAML text.
-fn scim_example() -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/scim");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("examples/scim")
-        .map(|e| e.expect("a directory entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    files.iter().map(|f| std::fs::read_to_string(f).expect("readable")).collect::<Vec<_>>().join("\n---\n")
-}
-
 #[tokio::test]
 async fn the_scim_example_is_accepted_and_works_against_a_real_server() {
-    let text = scim_example();
+    let text = common::example_text("scim");
     let objects = keysmith::manifest::parse(&text).expect("the example parses");
     let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
     assert_eq!(kinds, common::CREDENTIALED_EXAMPLE_KINDS, "read top to bottom");

@@ -188,47 +188,81 @@ spec: {{accountRef: {{name: load-{i}}}, roles: ["{role}"]}}
     )
 }
 
+/// What the server's administrator did about the clients keysmith lost
+/// control of: when each was dealt with, and the accounts nudged.
+#[derive(Default)]
+struct Admin {
+    /// Client id → when its client and registration Secret were deleted.
+    resolved: BTreeMap<String, Instant>,
+    /// Accounts annotated because they had not picked up the deleted
+    /// Secret 30 s later (the README's advice).
+    nudged: std::collections::BTreeSet<String>,
+}
+
 /// The server's administrator at work: for each account whose conditions
 /// (or, while it is being deleted, events) say keysmith lost control of an
 /// OAuth2 client (an update's answer was lost, and with it the server's new
 /// registration access token), delete that client at the server, then
-/// keysmith's registration record, as the message asks. Returns the
-/// clients deleted now; `done` keeps them.
+/// keysmith's registration record, as the message asks, trying again until
+/// the Secret is gone. An account still saying so about that client 30 s
+/// later gets the README's nudge (`keysmith.dev/rotate-now`), counted.
 async fn resolve_lost_control(
     oidc: &OidcServer,
     secrets: &Api<k8s_openapi::api::core::v1::Secret>,
     events: &Api<k8s_openapi::api::core::v1::Event>,
     accounts: &[IntegrationAccount],
-    done: &mut std::collections::BTreeSet<String>,
-) -> usize {
+    admin: &mut Admin,
+) {
     const MARK: &str = "lost control of OAuth2 client ";
+    let client_of = |message: &str| {
+        let rest = message.split(MARK).nth(1)?;
+        Some(rest.split(':').next().unwrap_or_default().to_owned()).filter(|id| !id.is_empty())
+    };
     let events: Vec<k8s_openapi::api::core::v1::Event> =
         events.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-    let mut resolved = 0;
     for account in accounts {
-        let conditions = account.status.iter().flat_map(|s| s.common.conditions.iter()).map(|c| c.message.clone());
+        let name = account.name_any();
+        let conditions: Vec<String> =
+            account.status.iter().flat_map(|s| s.common.conditions.iter()).map(|c| c.message.clone()).collect();
         let notes = events
             .iter()
-            .filter(|e| e.involved_object.name.as_deref() == Some(account.name_any().as_str()))
+            .filter(|e| e.involved_object.name.as_deref() == Some(name.as_str()))
             .filter_map(|e| e.message.clone());
-        for message in conditions.chain(notes) {
-            let Some(rest) = message.split(MARK).nth(1) else { continue };
-            let client_id = rest.split(':').next().unwrap_or_default().to_owned();
-            if client_id.is_empty() || done.contains(&client_id) {
-                continue;
+        for message in conditions.iter().cloned().chain(notes) {
+            let Some(client_id) = client_of(&message) else { continue };
+            match admin.resolved.get(&client_id) {
+                None => {
+                    println!("{name}: keysmith lost control of OAuth2 client {client_id}; the admin deletes it");
+                    oidc.admin_delete_client(&client_id).await;
+                    let record = format!("{name}-oauth2-registration");
+                    match secrets.delete(&record, &DeleteParams::default()).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        // Tried again next time: the client is already gone.
+                        Err(error) => {
+                            println!("{name}: deleting {record} failed ({error}); again later");
+                            continue;
+                        }
+                    }
+                    admin.resolved.insert(client_id, Instant::now());
+                }
+                Some(at)
+                    if at.elapsed() > Duration::from_secs(30)
+                        && !admin.nudged.contains(&name)
+                        && conditions.iter().any(|c| client_of(c).as_deref() == Some(client_id.as_str())) =>
+                {
+                    println!("{name}: still waiting on client {client_id} 30 s after the admin acted; nudged");
+                    let patch =
+                        json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": format!("admin-{client_id}")}}});
+                    let api: Api<IntegrationAccount> =
+                        Api::namespaced(secrets.clone().into_client(), &account.namespace().unwrap_or_default());
+                    let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await;
+                    admin.nudged.insert(name.clone());
+                }
+                Some(_) => {}
             }
-            println!(
-                "{}: keysmith lost control of OAuth2 client {client_id}; the admin deletes it",
-                account.name_any()
-            );
-            oidc.admin_delete_client(&client_id).await;
-            let record = format!("{}-oauth2-registration", account.name_any());
-            let _ = secrets.delete(&record, &DeleteParams::default()).await;
-            done.insert(client_id);
-            resolved += 1;
         }
     }
-    resolved
 }
 
 /// The account's number: `load-<i>`.
@@ -586,7 +620,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     let mut next_cut = started + Duration::from_secs(rng.random_range(15..45));
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns.name);
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns.name);
-    let mut lost_control = std::collections::BTreeSet::new();
+    let mut admin = Admin::default();
     let mut next_admin = started;
     let (mut cuts, mut cut_connections, mut restarts, mut in_flight_at_restart, mut operator_exits) = (0, 0, 0, 0, 0);
     while Instant::now() < until {
@@ -598,7 +632,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
         }
         if let (Some(oidc), true) = (&oidc, Instant::now() >= next_admin) {
             let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-            resolve_lost_control(oidc, &secrets, &events, &list, &mut lost_control).await;
+            resolve_lost_control(oidc, &secrets, &events, &list, &mut admin).await;
             next_admin = Instant::now() + Duration::from_secs(5);
         }
         if Instant::now() >= next_cut {
@@ -647,14 +681,34 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
         }
         if let Some(oidc) = &oidc {
             let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-            resolve_lost_control(oidc, &secrets, &events, &list, &mut lost_control).await;
+            resolve_lost_control(oidc, &secrets, &events, &list, &mut admin).await;
         }
         if let Some(status) = operators.last_mut().and_then(Operator::ended) {
             operator_exits += 1;
             println!("the operator ended ({status}); restarting it");
             operators.push(start_operator());
         }
-        assert!(Instant::now() < deadline, "the accounts did not all converge within 300 s after the faults stopped");
+        if Instant::now() >= deadline {
+            let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+            for account in list.iter().filter(|a| !is_settled(a)) {
+                let status = serde_json::to_string_pretty(&account.status).unwrap_or_default();
+                println!("not settled: {}\n{status}", account.name_any());
+                let name = account.name_any();
+                for line in std::fs::read_to_string(operators[operators.len() - 1].log_path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(&format!("/{name}\"")) || l.contains(&format!("{name}-oauth2")))
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
+                    println!("  {line}");
+                }
+            }
+            panic!("the accounts did not all converge within 300 s after the faults stopped");
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let converged_in = quiet.elapsed();
@@ -752,7 +806,7 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
         assert!(Instant::now() < deadline, "the accounts were not all deleted within 300 s");
         if let Some(oidc) = &oidc {
             let list = accounts.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-            resolve_lost_control(oidc, &secrets, &events, &list, &mut lost_control).await;
+            resolve_lost_control(oidc, &secrets, &events, &list, &mut admin).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -847,8 +901,10 @@ async fn under_faults_and_load_no_key_is_lost_and_no_budget_exceeded() {
     println!("budget run over the connections postgres saw: excess {target_excess:.2}");
     if oidc.is_some() {
         println!(
-            "oauth2: keysmith reported losing control of {} client(s) after lost answers; the admin deleted them: {lost_control:?}",
-            lost_control.len()
+            "oauth2: keysmith reported losing control of {} client(s) after lost answers; the admin deleted them: {:?}; accounts that needed the nudge: {:?}",
+            admin.resolved.len(),
+            admin.resolved.keys().collect::<Vec<_>>(),
+            admin.nudged
         );
         println!("oauth2: {unknowable} client(s) left by a lost registration answer (keysmith cannot know of them)");
     }

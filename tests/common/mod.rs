@@ -361,6 +361,18 @@ subjects: [{{kind: ServiceAccount, name: keysmith}}]
     )
 }
 
+/// The YAML files of `examples/<dir>`, in file order, as one text.
+pub fn example_text(dir: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("examples/{dir}: {e}"))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| std::fs::read_to_string(f).expect("readable")).collect::<Vec<_>>().join("\n---\n")
+}
+
 /// The kinds of a credentialed provider's example, top to bottom: the
 /// namespace, the admin credential and the ServiceAccount that reads it, then
 /// keysmith's objects.
