@@ -308,8 +308,7 @@ impl GcpIamProvider {
     /// An access token of the connection's service account.
     async fn token(&self) -> Result<String, ProviderError> {
         if let Ok(cached) = self.admin.cached.lock() {
-            if let Some((token, until)) = cached.as_ref().filter(|(_, until)| *until > Instant::now()) {
-                let _ = until;
+            if let Some((token, _)) = cached.as_ref().filter(|(_, until)| *until > Instant::now()) {
                 return Ok(token.clone());
             }
         }
