@@ -25,6 +25,20 @@ pub fn classify_status(status: StatusCode, message: String, retry_after: Option<
     }
 }
 
+/// `text` quoted from a server, with every one of `secrets` (the credentials
+/// the request carried) cut out, and cut to at most `max` characters (with
+/// `…`): a server may echo what it was sent.
+pub fn scrub(text: &str, secrets: &[&str], max: usize) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret, "<redacted>");
+    }
+    if text.chars().count() > max {
+        text = text.chars().take(max).collect::<String>() + "…";
+    }
+    text
+}
+
 /// A failure to get an answer at all: `what` says which request it was. The
 /// URL is left out (a base URL may carry userinfo); the causes are kept. A
 /// request that cannot be built, or a redirect keysmith refuses to follow,

@@ -671,11 +671,7 @@ fn remove_member(bindings: &mut Vec<Value>, role: Option<&str>, member: &str) ->
 
 /// `text` with every secret cut out, and at most [`MAX_QUOTED`] characters.
 fn scrub(text: &str, secrets: &[&str]) -> String {
-    let mut text = text.to_owned();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        text = text.replace(secret, "<redacted>");
-    }
-    text.chars().take(MAX_QUOTED).collect()
+    super::http::scrub(text, secrets, MAX_QUOTED)
 }
 
 fn key_id_of(name: &str) -> String {

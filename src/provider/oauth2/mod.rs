@@ -1381,14 +1381,7 @@ fn form_urlencode(value: &str) -> String {
 
 /// Cuts every credential out of `text`, and shortens it.
 fn scrub(text: &str, secrets: &[&str]) -> String {
-    let mut text = text.to_owned();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        text = text.replace(secret, "<redacted>");
-    }
-    if text.chars().count() > MAX_DETAIL_LEN {
-        text = text.chars().take(MAX_DETAIL_LEN).collect::<String>() + "…";
-    }
-    text
+    super::http::scrub(text, secrets, MAX_DETAIL_LEN)
 }
 
 /// The connect step: the initial access token (if any) from its Secret, the
