@@ -146,7 +146,7 @@ pub struct ClusterAppConnectionSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend(
     "x-kubernetes-validations" = [{
-        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres), has(self.gcpIam)].filter(set, set).size() == 1",
+        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres), has(self.gcpIam), has(self.openBao)].filter(set, set).size() == 1",
         "message": "set exactly one provider"
     }]
 ))]
@@ -172,6 +172,10 @@ pub struct ProviderSpec {
     /// service-account keys (JSON key files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gcp_iam: Option<GcpIamSpec>,
+    /// OpenBao (or a Vault-compatible server): AppRole roles, their ACL
+    /// policies, secret-ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_bao: Option<OpenBaoSpec>,
 }
 
 impl ProviderSpec {
@@ -184,6 +188,7 @@ impl ProviderSpec {
             (self.aws_iam.is_some(), "awsIam"),
             (self.postgres.is_some(), "postgres"),
             (self.gcp_iam.is_some(), "gcpIam"),
+            (self.open_bao.is_some(), "openBao"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -286,6 +291,39 @@ pub struct GcpIamSpec {
     /// roles/iam.serviceAccountAdmin, roles/iam.serviceAccountKeyAdmin and
     /// roles/resourcemanager.projectIamAdmin on the project.
     pub credentials_secret_ref: SecretKeySelector,
+}
+
+/// An OpenBao server's AppRole auth method as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenBaoSpec {
+    /// The server's address, for example `https://bao.example.com:8200`.
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub address: String,
+    /// Where the AppRole auth method is mounted, without `auth/`.
+    #[serde(default = "default_approle_mount")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+    )]
+    pub mount: String,
+    /// The longest a token from a login with one of keysmith's secret-ids
+    /// lives (the role's `token_max_ttl`), in seconds. Revoking a secret-id
+    /// stops new logins; tokens already issued live until this runs out.
+    #[serde(default = "default_token_max_ttl")]
+    #[schemars(range(min = 60, max = 2764800))]
+    pub token_max_ttl_seconds: i64,
+    /// A Secret holding the OpenBao token keysmith acts with (key `token`
+    /// by default).
+    pub token_secret_ref: SecretKeySelector,
+}
+
+fn default_approle_mount() -> String {
+    "approle".to_owned()
+}
+
+fn default_token_max_ttl() -> i64 {
+    3600
 }
 
 fn default_region() -> String {
@@ -404,7 +442,7 @@ pub struct AppConnectionStatus {
     /// describe.
     #[serde(flatten)]
     pub common: CommonStatus,
-    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`, `gcpIam`).
+    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`, `gcpIam`, `openBao`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     /// When the admin credential was last verified against the target app.

@@ -14,6 +14,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod noop;
 pub mod oauth2;
+pub mod openbao;
 pub mod postgres;
 pub mod ratelimit;
 pub mod registry;
