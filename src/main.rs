@@ -266,8 +266,12 @@ fn parse_service_account_name(text: &str) -> Result<String, String> {
 /// One of the providers `spec.provider` can select.
 fn parse_provider_name(text: &str) -> Result<String, String> {
     match text {
-        "kubernetes" | "scim" | "oauth2" | "awsIam" | "postgres" | "gcpIam" | "openBao" => Ok(text.to_owned()),
-        _ => Err(format!("{text:?} is not a provider (kubernetes, scim, oauth2, awsIam, postgres, gcpIam, openBao)")),
+        "kubernetes" | "scim" | "oauth2" | "awsIam" | "postgres" | "gcpIam" | "openBao" | "zabbix" => {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!(
+            "{text:?} is not a provider (kubernetes, scim, oauth2, awsIam, postgres, gcpIam, openBao, zabbix)"
+        )),
     }
 }
 

@@ -165,7 +165,7 @@ fn the_provider_rule_names_every_provider() {
         let provider = &schema_of(kind)["properties"]["spec"]["properties"]["provider"];
         let rule = provider["x-kubernetes-validations"][0]["rule"].as_str().unwrap();
         let names: Vec<&String> = provider["properties"].as_object().unwrap().keys().collect();
-        assert_eq!(names.len(), 7, "{names:?}");
+        assert_eq!(names.len(), 8, "{names:?}");
         for name in names {
             assert!(rule.contains(&format!("has(self.{name})")), "{kind}: {rule} leaves out {name}");
         }

@@ -146,7 +146,7 @@ pub struct ClusterAppConnectionSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend(
     "x-kubernetes-validations" = [{
-        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres), has(self.gcpIam), has(self.openBao)].filter(set, set).size() == 1",
+        "rule": "[has(self.kubernetes), has(self.scim), has(self.oauth2), has(self.awsIam), has(self.postgres), has(self.gcpIam), has(self.openBao), has(self.zabbix)].filter(set, set).size() == 1",
         "message": "set exactly one provider"
     }]
 ))]
@@ -176,6 +176,10 @@ pub struct ProviderSpec {
     /// policies, secret-ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_bao: Option<OpenBaoSpec>,
+    /// A Zabbix server's API (6.0): users, their roles' API-method
+    /// allow-lists, API tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zabbix: Option<ZabbixSpec>,
 }
 
 impl ProviderSpec {
@@ -189,6 +193,7 @@ impl ProviderSpec {
             (self.postgres.is_some(), "postgres"),
             (self.gcp_iam.is_some(), "gcpIam"),
             (self.open_bao.is_some(), "openBao"),
+            (self.zabbix.is_some(), "zabbix"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -318,6 +323,37 @@ pub struct OpenBaoSpec {
     pub token_secret_ref: SecretKeySelector,
 }
 
+/// A Zabbix server's API as the target app.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZabbixSpec {
+    /// The JSON-RPC endpoint, for example
+    /// `https://zabbix.example.com/api_jsonrpc.php`.
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: String,
+    /// A Secret holding the API token keysmith acts with (key `token` by
+    /// default): a token of a user whose role is of type Super admin with
+    /// an API allow-list of the methods the README lists.
+    pub token_secret_ref: SecretKeySelector,
+    /// The user group accounts join: it decides their host permissions.
+    #[serde(default = "default_zabbix_group")]
+    #[schemars(length(min = 1, max = 64))]
+    pub user_group: String,
+    /// The user group that disables its members (`users_status` 1), which
+    /// accounts join when they are disabled.
+    #[serde(default = "default_zabbix_disabled_group")]
+    #[schemars(length(min = 1, max = 64))]
+    pub disabled_user_group: String,
+}
+
+fn default_zabbix_group() -> String {
+    "No access to the frontend".to_owned()
+}
+
+fn default_zabbix_disabled_group() -> String {
+    "Disabled".to_owned()
+}
+
 fn default_approle_mount() -> String {
     "approle".to_owned()
 }
@@ -442,7 +478,7 @@ pub struct AppConnectionStatus {
     /// describe.
     #[serde(flatten)]
     pub common: CommonStatus,
-    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`, `gcpIam`, `openBao`).
+    /// The selected provider (`kubernetes`, `scim`, `oauth2`, `awsIam`, `postgres`, `gcpIam`, `openBao`, `zabbix`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     /// When the admin credential was last verified against the target app.

@@ -19,6 +19,7 @@ pub mod postgres;
 pub mod ratelimit;
 pub mod registry;
 pub mod scim;
+pub mod zabbix;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 

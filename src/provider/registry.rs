@@ -288,6 +288,9 @@ impl ProviderRegistry {
         if let Some(spec) = &provider.open_bao {
             return super::openbao::connect(spec, &connect).await;
         }
+        if let Some(spec) = &provider.zabbix {
+            return super::zabbix::connect(spec, &connect).await;
+        }
         match provider.selected() {
             Some(name) => {
                 Err(ProviderError::Invalid(format!("the {name} provider is not available in this build of keysmith")))

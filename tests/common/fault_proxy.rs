@@ -31,6 +31,9 @@ pub enum Fault {
     /// Forward, let the server act, then answer this status instead of the
     /// server's answer, as a gateway whose upstream timed out does.
     ActedThen(u16),
+    /// Forward untouched: queued before another fault, it aims that fault
+    /// at a later request.
+    Pass,
 }
 
 impl Fault {
@@ -46,6 +49,7 @@ impl Fault {
             Fault::Stall(_) => "stall",
             Fault::Lost => "lost",
             Fault::ActedThen(_) => "5xx after acting",
+            Fault::Pass => "pass",
         }
     }
 }
@@ -235,7 +239,7 @@ async fn handle(
             return Some(response.body(Full::new(Bytes::from(body))).unwrap());
         }
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
-        Some(Fault::Lost | Fault::ActedThen(_)) | None => {}
+        Some(Fault::Lost | Fault::ActedThen(_) | Fault::Pass) | None => {}
     }
     let lost = matches!(fault, Some(Fault::Lost));
     let replaced = match fault {
