@@ -1,0 +1,189 @@
+//! The `zabbix` provider end to end: the operator as its own process, scoped
+//! to a test namespace on the real kube-apiserver, managing users, their
+//! roles' API allow-lists and their API tokens in a real Zabbix 6.0
+//! (`tests/common/zabbix_server.rs`, started by each test). Every assertion
+//! is made on real effects: what Zabbix holds, and what it lets the token
+//! in the output Secret do.
+
+mod common;
+#[path = "common/zabbix_server.rs"]
+mod zabbix_server;
+
+use std::time::Duration;
+
+use common::{
+    apply_yaml, assert_manifests_stored, control_plane, credential_reader_identity, eventually, ready_account,
+    secret_data, Operator, TestNamespace,
+};
+use k8s_openapi::api::core::v1::Secret;
+use keysmith::{
+    api::{IntegrationAccount, KeyState},
+    provider::{
+        zabbix::{TOKEN_KEY, URL_KEY},
+        IssuedKey, KeyMaterial,
+    },
+};
+use kube::{
+    api::{Api, DeleteParams, Patch, PatchParams, PostParams},
+    Client, ResourceExt,
+};
+use serde_json::json;
+use zabbix_server::ZabbixServer;
+
+const WAIT: Duration = Duration::from_secs(120);
+const ACCOUNT: &str = "alert-export";
+const SECRET: &str = "alert-export-zabbix";
+
+fn manifests(zabbix: &ZabbixServer) -> String {
+    format!(
+        r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: AppConnection
+metadata: {{name: zabbix}}
+spec:
+  provider:
+    zabbix:
+      url: "{url}"
+      tokenSecretRef: {{name: zabbix-admin}}
+  serviceAccountName: keysmith
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: KeyRotationPolicy
+metadata: {{name: policy}}
+spec: {{rotateEvery: 24h, gracePeriod: 5s}}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: IntegrationAccount
+metadata: {{name: {ACCOUNT}}}
+spec:
+  connectionRef: {{name: zabbix}}
+  description: "Alert export"
+  owner: team-sre
+  secret: {{name: {SECRET}}}
+  rotationPolicyRef: {{name: policy}}
+  deletionPolicy: Delete
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: RoleBinding
+metadata: {{name: {ACCOUNT}-roles}}
+spec: {{accountRef: {{name: {ACCOUNT}}}, roles: [host.get, problem.get]}}
+"#,
+        url = zabbix.url
+    )
+}
+
+async fn admin_secret(client: &Client, ns: &str, token: &str) {
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "zabbix-admin"}, "stringData": {"token": token}}))
+            .expect("a Secret");
+    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.expect("create");
+}
+
+fn issued(data: &std::collections::BTreeMap<String, String>) -> IssuedKey {
+    IssuedKey { id: String::new(), expires_at: None, material: KeyMaterial::new(data.clone()) }
+}
+
+#[tokio::test]
+async fn an_account_becomes_a_zabbix_user_whose_token_rotates() {
+    let zabbix = ZabbixServer::start().await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "zabbix").await;
+    let operator = Operator::start(cp, &ns.name, &[]);
+    admin_secret(&client, &ns.name, &zabbix.operator_token).await;
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("zabbix-admin") + &manifests(&zabbix))).await;
+
+    let account = ready_account(&client, &ns.name, ACCOUNT).await;
+    let status = account.status.clone().expect("status");
+    let external = status.account.as_ref().expect("status names the user");
+    let user = zabbix.user(ACCOUNT).await.expect("the Zabbix user");
+    assert_eq!((external.provider.as_str(), external.id.as_str()), ("zabbix", user["userid"].as_str().unwrap()));
+    assert_eq!(user["surname"], format!("keysmith:{}", account.uid().unwrap()));
+    let rules = zabbix.role_rules(ACCOUNT).await;
+    assert_eq!(rules["api"], json!(["host.get", "problem.get"]), "{rules}");
+
+    // The Secret: a token that may call exactly the declared methods.
+    let first = secret_data(&client, &ns.name, SECRET).await.expect("the output Secret");
+    assert_eq!(first.keys().map(String::as_str).collect::<Vec<_>>(), [TOKEN_KEY, URL_KEY]);
+    zabbix.call_with_key(&issued(&first), "problem.get", json!({"limit": 1})).await.expect("a declared method");
+    let refused = zabbix.call_with_key(&issued(&first), "user.get", json!({})).await;
+    assert!(refused.is_err_and(|said| said.contains("No permissions to call")), "an undeclared method is refused");
+
+    // A manual rotation: both work during the grace period, then the old
+    // token is deleted.
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let patch = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "e2e"}}});
+    accounts.patch(ACCOUNT, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let second = eventually("a new token published", WAIT, || async {
+        let data = secret_data(&client, &ns.name, SECRET).await?;
+        (data[TOKEN_KEY] != first[TOKEN_KEY]).then_some(data)
+    })
+    .await;
+    assert!(zabbix.key_works(&issued(&second)).await, "the new token works");
+    let old = status.current_key.as_ref().expect("the first key's record").id.clone();
+    eventually("the old token revoked after the grace period", WAIT, || async {
+        let status = accounts.get(ACCOUNT).await.ok()?.status?;
+        status.keys.iter().any(|k| k.id == old && k.state == KeyState::Revoked).then_some(())
+    })
+    .await;
+    assert!(!zabbix.key_works(&issued(&first)).await, "the old token is refused");
+    assert_eq!(zabbix.tokens(ACCOUNT).await.len(), 1, "one token left");
+
+    // Deletion: the user (and its tokens), then its role.
+    accounts.delete(ACCOUNT, &DeleteParams::default()).await.expect("delete");
+    eventually("the IntegrationAccount gone", WAIT, || async {
+        accounts.get_opt(ACCOUNT).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(zabbix.user(ACCOUNT).await.is_none(), "the user is deleted");
+    assert_eq!(zabbix.admin("role.get", json!({"filter": {"name": "keysmith: alert-export"}})).await, json!([]));
+    assert!(!zabbix.key_works(&issued(&second)).await);
+
+    let logs = operator.logs();
+    for (what, secret) in [
+        ("first token", &first[TOKEN_KEY]),
+        ("second token", &second[TOKEN_KEY]),
+        ("admin token", &zabbix.operator_token),
+    ] {
+        assert!(!logs.contains(secret.as_str()), "the {what} is in the operator's logs");
+    }
+    ns.delete().await;
+}
+
+/// What the example names, replaced by the test server's.
+const EXAMPLE_TOKEN: &str = "REPLACE-WITH-THE-ADMIN-TOKEN";
+const EXAMPLE_URL: &str = "https://zabbix.example.com/api_jsonrpc.php";
+
+#[tokio::test]
+async fn the_zabbix_example_is_accepted_and_works_against_a_real_server() {
+    let text = common::example_text("zabbix");
+    let objects = keysmith::manifest::parse(&text).expect("the example parses");
+    let kinds: Vec<String> = objects.iter().filter_map(|o| o.types.as_ref().map(|t| t.kind.clone())).collect();
+    assert_eq!(kinds, common::CREDENTIALED_EXAMPLE_KINDS, "read top to bottom");
+    for object in objects.iter().skip(1) {
+        assert_eq!(object.metadata.namespace.as_deref(), Some("monitoring"), "{:?}", object.metadata.name);
+    }
+    for placeholder in [EXAMPLE_TOKEN, EXAMPLE_URL] {
+        assert!(text.contains(placeholder), "the example has {placeholder:?}, which the test replaces");
+    }
+    // The operator's allow-list the example documents is the one the
+    // tests' operator holds.
+    for method in keysmith::provider::zabbix::ADMIN_METHODS {
+        assert!(text.contains(method), "the example's operator role lists {method}");
+    }
+
+    let zabbix = ZabbixServer::start().await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "zabbixexample").await;
+    let _operator = Operator::start(cp, &ns.name, &[]);
+    let text = text.replace(EXAMPLE_TOKEN, &zabbix.operator_token).replace(EXAMPLE_URL, &zabbix.url);
+    apply_yaml(&client, &ns.name, &text).await;
+    assert_manifests_stored(&client, &ns.name, &text).await;
+    ready_account(&client, &ns.name, "alert-export").await;
+    let rules = zabbix.role_rules("alert-export").await;
+    assert_eq!(rules["api"], json!(["event.get", "host.get", "problem.get"]), "{rules}");
+    let data = secret_data(&client, &ns.name, "alert-export-zabbix").await.expect("the output Secret");
+    assert!(zabbix.key_works(&issued(&data)).await, "the example's token works");
+    ns.delete().await;
+}
