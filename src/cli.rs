@@ -312,8 +312,12 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         }
         let target =
             observe::observe_target(gathered.provider.as_ref(), &gathered.request).await.map_err(|(_, error)| error)?;
-        let status = account.status.clone().unwrap_or_default();
-        let decided = plan::plan(&observe::plan_input(now(), &account, &status, &gathered, &target, None, None));
+        let mut status = account.status.clone().unwrap_or_default();
+        let at = now();
+        let reactivate = account.annotations().get(crate::controller::dormancy::REACTIVATE_ANNOTATION);
+        crate::controller::dormancy::reactivate(&mut status, reactivate.map(String::as_str), at);
+        crate::controller::dormancy::record_use(&mut status, &target.keys);
+        let decided = plan::plan(&observe::plan_input(at, &account, &status, &gathered, &target, None, None));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);
         }
@@ -400,6 +404,7 @@ fn describe(action: &Action, provider: &str, account: &str) -> String {
     match action {
         Action::CreateAccount => format!("+ create {provider} account {account}"),
         Action::UpdateAccount => format!("~ update {provider} account {account} (description, owner or state)"),
+        Action::DisableAccount => format!("~ disable {provider} account {account} (dormant)"),
         Action::Grant(grant) => format!("+ grant {grant}"),
         Action::Revoke(grant) => format!("- revoke {grant}"),
         Action::RevokeKey { id, reason } => format!("- revoke key {id} ({})", reason.as_str()),

@@ -15,6 +15,8 @@
 //! | `keysmith_key_age_seconds` | gauge | account, namespace |
 //! | `keysmith_key_expiry_timestamp_seconds` | gauge | account, namespace |
 //! | `keysmith_next_rotation_timestamp_seconds` | gauge | account, namespace |
+//! | `keysmith_key_last_used_timestamp_seconds` | gauge | account, namespace: when any key of the account was last used, where the target reports it |
+//! | `keysmith_account_dormant` | gauge | account, namespace: 1 while the `Dormant` condition is True, 0 while False (accounts whose policy sets no `dormantAfter` have no series) |
 //! | `keysmith_rotations_total` | counter | result (`success`, `failure`), reason |
 //! | `keysmith_provider_requests_total` | counter | provider, operation, outcome (`ok` or the error category) |
 //! | `keysmith_provider_request_duration_seconds` | histogram | provider, operation |
@@ -45,7 +47,10 @@ use prometheus_client::{
 };
 
 use crate::{
-    api::{condition_types::READY, AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount},
+    api::{
+        condition_types::{DORMANT, READY},
+        AppConnection, ClusterAppConnection, ConnectionKind, IntegrationAccount,
+    },
     provider::guard::CallObserver,
 };
 
@@ -303,6 +308,8 @@ struct KeyTimes {
     issued_at: Option<f64>,
     expires_at: Option<f64>,
     next_rotation: Option<f64>,
+    last_used: Option<f64>,
+    dormant: Option<bool>,
 }
 
 impl Collector for ClusterState {
@@ -327,10 +334,18 @@ impl Collector for ClusterState {
                 issued_at: current.map(|k| seconds(k.issued_at.0)),
                 expires_at: current.and_then(|k| k.expires_at.as_ref()).map(|t| seconds(t.0)),
                 next_rotation: status.and_then(|s| s.next_rotation_at.as_ref()).map(|t| seconds(t.0)),
+                last_used: status.and_then(|s| s.last_used_at.as_ref()).map(|t| seconds(t.0)),
+                dormant: status.and_then(|s| {
+                    s.common
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == DORMANT && c.reason != "NotReported")
+                        .map(|c| c.status == "True")
+                }),
             });
         }
 
-        let gauges: [(&str, &str, KeyGauge); 3] = [
+        let gauges: [(&str, &str, KeyGauge); 4] = [
             (
                 "keysmith_key_age",
                 "Age of the account's current key at scrape time (now - status.currentKey.issuedAt)",
@@ -346,6 +361,11 @@ impl Collector for ClusterState {
                 "When keysmith next rotates the account's key, as a Unix timestamp",
                 |k, _| k.next_rotation,
             ),
+            (
+                "keysmith_key_last_used_timestamp",
+                "When any key of the account was last used, as a Unix timestamp (where the target app reports use)",
+                |k, _| k.last_used,
+            ),
         ];
         for (name, help, value) in gauges {
             let mut metric = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
@@ -353,6 +373,18 @@ impl Collector for ClusterState {
                 if let Some(v) = value(key, now) {
                     metric.encode_family(&key.labels)?.encode_gauge(&v)?;
                 }
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "keysmith_account_dormant",
+            "1 while no key of the account was used for its policy's dormantAfter (the Dormant condition), else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for key in &keys {
+            if let Some(dormant) = key.dormant {
+                metric.encode_family(&key.labels)?.encode_gauge(&i64::from(dormant))?;
             }
         }
 
@@ -426,7 +458,7 @@ mod tests {
             "flaky"
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities { max_keys_per_account: None, key_expiry: false, disable: false }
+            Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: false, disable: false }
         }
         async fn verify_connection(&self) -> Result<(), ProviderError> {
             Ok(())

@@ -41,6 +41,9 @@ pub struct RotationSchedule {
     grace: Duration,
     max_key_age: Option<Duration>,
     confirm_rollout: Option<Duration>,
+    dormant_after: Option<Duration>,
+    disable_dormant: bool,
+    revoke_unused_after: Option<Duration>,
 }
 
 impl RotationSchedule {
@@ -84,6 +87,15 @@ impl RotationSchedule {
             ));
         }
 
+        let dormant_after = duration(&mut errors, "spec.dormantAfter", spec.dormant_after.as_deref());
+        if spec.disable_dormant && spec.dormant_after.is_none() {
+            errors.push(InvalidField::new(
+                "spec.disableDormant",
+                "disableDormant disables accounts unused for dormantAfter; set dormantAfter too",
+            ));
+        }
+        let revoke_unused_after = duration(&mut errors, "spec.revokeUnusedAfter", spec.revoke_unused_after.as_deref());
+
         if spec.rotate_every.is_none() && spec.schedule.is_none() {
             errors.push(InvalidField::new("spec", "set rotateEvery, schedule, or both"));
         }
@@ -99,7 +111,26 @@ impl RotationSchedule {
             grace,
             max_key_age,
             confirm_rollout,
+            dormant_after,
+            disable_dormant: spec.disable_dormant,
+            revoke_unused_after,
         })
+    }
+
+    /// After how long without use an account is dormant, if the policy says.
+    pub fn dormant_after(&self) -> Option<Duration> {
+        self.dormant_after
+    }
+
+    /// Whether a dormant account is disabled in the target app.
+    pub fn disable_dormant(&self) -> bool {
+        self.disable_dormant
+    }
+
+    /// After how long unused a replaced key is revoked early, if the policy
+    /// says.
+    pub fn revoke_unused_after(&self) -> Option<Duration> {
+        self.revoke_unused_after
     }
 
     /// With confirmed rollover, the longest a replaced key stays valid

@@ -613,6 +613,21 @@ tests:
               description: "Their conditions say why: kubectl get integrationaccounts -A"
   - interval: 1m
     input_series:
+      - series: keysmith_account_dormant{namespace="team", account="idle", instance="a"}
+        values: 0x10 1x30
+      - series: keysmith_account_dormant{namespace="team", account="busy", instance="a"}
+        values: 0x40
+    alert_rule_test:
+      - {alertname: KeysmithAccountDormant, eval_time: 20m, exp_alerts: []}
+      - alertname: KeysmithAccountDormant
+        eval_time: 30m
+        exp_alerts:
+          - exp_labels: {severity: info, namespace: team, account: idle}
+            exp_annotations:
+              summary: IntegrationAccount team/idle is dormant
+              description: "No key of it was used for its rotation policy's dormantAfter. Delete it if the integration is gone; its Dormant condition says since when: kubectl -n team describe integrationaccount idle"
+  - interval: 1m
+    input_series:
       - series: keysmith_leader{instance="a"}
         values: 0x10
       - series: keysmith_leader{instance="b"}
@@ -638,6 +653,7 @@ tests:
       - {alertname: KeysmithRotationFailing, eval_time: 10m, exp_alerts: []}
       - {alertname: KeysmithConnectionNotReady, eval_time: 10m, exp_alerts: []}
       - {alertname: KeysmithAccountsNotReady, eval_time: 10m, exp_alerts: []}
+      - {alertname: KeysmithAccountDormant, eval_time: 10m, exp_alerts: []}
 "#;
 
 #[test]

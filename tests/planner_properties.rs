@@ -12,7 +12,7 @@
 //!
 //! `PROPTEST_CASES` raises the number of cases (default 2000 here).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -45,8 +45,14 @@ fn state() -> impl Strategy<Value = KeyState> {
 }
 
 fn record(id: &'static str) -> impl Strategy<Value = KeyRecord> {
-    (state(), 0i64..100_000, proptest::option::of(0i64..200_000), proptest::option::of(0i64..200_000)).prop_map(
-        move |(state, created, retiring, revoke)| KeyRecord {
+    (
+        state(),
+        0i64..100_000,
+        proptest::option::of(0i64..200_000),
+        proptest::option::of(0i64..200_000),
+        proptest::option::of(0i64..200_000),
+    )
+        .prop_map(move |(state, created, retiring, revoke, used)| KeyRecord {
             id: id.into(),
             state,
             created_at: Time(t(created)),
@@ -55,10 +61,10 @@ fn record(id: &'static str) -> impl Strategy<Value = KeyRecord> {
             revoke_at: revoke.map(|s| Time(t(s))),
             revoked_at: None,
             expires_at: None,
+            last_used_at: used.map(|s| Time(t(s))),
             restarted_at: None,
             reason: None,
-        },
-    )
+        })
 }
 
 fn schedule() -> impl Strategy<Value = Option<RotationSchedule>> {
@@ -102,6 +108,8 @@ struct Input {
     held: Option<String>,
     keys_blocked: bool,
     rollout: Option<Rollout>,
+    disable_dormant: bool,
+    revoke_unused_after: Option<Duration>,
 }
 
 fn input() -> impl Strategy<Value = Input> {
@@ -132,18 +140,22 @@ fn input() -> impl Strategy<Value = Input> {
             proptest::option::of(any::<bool>()),
             any::<bool>(),
         ),
+        (any::<bool>(), proptest::option::of(1u64..5_000)),
     )
         .prop_map(
             |(
                 (now, account, desired, observed_roles),
                 (keys, mut records, current, secret_key),
                 (schedule, request, last_request, max_keys, held, rollout, keys_blocked),
+                (disable_dormant, revoke_unused_after),
             )| {
                 // What observe_target can return: roles and keys only for an
                 // account keysmith owns.
                 let owned = account.as_ref().is_some_and(|a| a.owned);
                 let keys = if owned {
-                    keys.into_iter().map(|id| ObservedKey { id: id.into(), created_at: None }).collect()
+                    keys.into_iter()
+                        .map(|id| ObservedKey { last_used: None, id: id.into(), created_at: None })
+                        .collect()
                 } else {
                     vec![]
                 };
@@ -172,6 +184,8 @@ fn input() -> impl Strategy<Value = Input> {
                     keys_blocked,
                     rollout: rollout
                         .map(|done| Rollout { waiting_on: if done { vec![] } else { vec!["Deployment/app".into()] } }),
+                    disable_dormant,
+                    revoke_unused_after: revoke_unused_after.map(Duration::from_secs),
                 }
             },
         )
@@ -195,6 +209,8 @@ fn decide(input: &Input) -> plan::Plan {
         held: input.held.as_deref().map(|id| HeldKey { id, record: id }),
         keys_blocked: input.keys_blocked,
         rollout: input.rollout.as_ref(),
+        disable_dormant: input.disable_dormant,
+        revoke_unused_after: input.revoke_unused_after,
     })
 }
 

@@ -191,6 +191,22 @@ pub struct IntegrationAccountStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_request: Option<String>,
 
+    /// When any key of this account was last used, as far as the target app
+    /// reports (the latest of the keys' `lastUsedAt`, kept after they are
+    /// revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
+
+    /// The last value of the `keysmith.dev/reactivate` annotation that
+    /// keysmith acted on. Setting it to any other value restarts the
+    /// dormancy clock (and re-enables an account disabled as dormant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reactivation_request: Option<String>,
+
+    /// When the account was last reactivated with that annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reactivated_at: Option<Time>,
+
     /// An external operation that was started but whose result has not been
     /// recorded yet. Written before the call, so a crash in between leaves a
     /// trace the next reconcile acts on.
@@ -293,6 +309,11 @@ pub struct KeyRecord {
     /// When the target app stops accepting the key by itself, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// When the target app last saw the key used after keysmith published
+    /// it, for providers that report use (keysmith's own check of a new key
+    /// comes before publication and does not count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
     /// When the rotation policy's restart targets were rolled for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<Time>,

@@ -30,6 +30,9 @@ pub mod condition_types {
     /// Confirmed rollover: the replaced key was revoked once the restart
     /// targets rolled out with the new key (not part of Ready).
     pub const ROLLOUT_CONFIRMED: &str = "RolloutConfirmed";
+    /// No key of the account was used for the rotation policy's
+    /// `dormantAfter` (not part of Ready).
+    pub const DORMANT: &str = "Dormant";
 }
 
 /// A reference to an object in the same namespace.

@@ -97,6 +97,27 @@ pub struct KeyRotationPolicySpec {
     /// Warning event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm_rollout: Option<ConfirmRollout>,
+    /// Dormancy: an account none of whose keys was used for this long (as
+    /// the target app reports it; since it was created or reactivated, if
+    /// never) gets the condition `Dormant=True`, a Warning event and the
+    /// `keysmith_account_dormant` metric. Only for providers that report
+    /// when keys are used (`zabbix`, `awsIam`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub dormant_after: Option<String>,
+    /// With `dormantAfter`: also disable a dormant account in the target
+    /// app (its keys stop working; none is rotated) until the
+    /// `keysmith.dev/reactivate` annotation is set to a new value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_dormant: bool,
+    /// Revoke a replaced key before its grace period ends once the target
+    /// app reports it unused for this long (since the new key was
+    /// published, or since its own last use, whichever is later) while the
+    /// new key is in use. Only for providers that report when keys are
+    /// used; never before the new key is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub revoke_unused_after: Option<String>,
 }
 
 /// How long keysmith waits for restart targets to roll out before it

@@ -33,6 +33,7 @@ use serde_json::json;
 
 use super::{
     conditions::{merge_conditions, ConditionUpdate},
+    dormancy,
     observe::{self, Gathered, Halt, Source},
     plan::{
         self,
@@ -373,6 +374,20 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         Ok(target) => target,
         Err((condition, error)) => return provider_failed(run, condition, error),
     };
+    // What the target says about use, and a reactivation asked for, go
+    // into status before the planner looks at it.
+    let reactivation = account.annotations().get(dormancy::REACTIVATE_ANNOTATION).map(String::as_str);
+    if dormancy::reactivate(&mut run.status, reactivation, run.now) {
+        ctx.event(
+            account,
+            EventType::Normal,
+            "Reactivated",
+            "Reactivate",
+            "the keysmith.dev/reactivate annotation restarted the dormancy clock".to_owned(),
+        )
+        .await;
+    }
+    dormancy::record_use(&mut run.status, &target.keys);
     let status = run.status.clone();
     let held = ctx.held(&run.key);
     let rollout = match schedule.as_ref().and_then(RotationSchedule::confirm_rollout) {
@@ -451,16 +466,53 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
             run.condition(condition);
         }
     }
+    let disabled = applied.account.as_ref().is_some_and(|a| a.disabled);
+    let dormant_from = assess_dormancy(account, ctx, &gathered, run, disabled).await;
     result?;
 
     // Come back when something is due, or for a drift check. The memo
     // stands until the next revocation or drift check; the next rotation is
     // recomputed on every skip (the policy may change).
-    let wake =
+    let mut wake =
         lifecycle::wake(plan.wake_at, &run.status.keys, run.status.next_rotation_at.as_ref().map(|t| t.0), run.now);
+    // And when the account turns dormant, unless used by then.
+    if let Some(from) = dormant_from {
+        wake.revocation = Some(wake.revocation.map_or(from, |t| t.min(from)));
+        wake.next = Some(wake.next.map_or(from, |t| t.min(from)));
+    }
     let interval = ctx.drift_check_interval;
     run.memo = Memo::Observed { inputs, delay: lifecycle::delay_until(wake.revocation, now(), interval) };
     Ok(Requeue::requeue(lifecycle::delay_until(wake.next, now(), interval)))
+}
+
+/// The `Dormant` condition, and a Warning event when an account turns
+/// dormant. Returns when a not yet dormant account turns dormant unless
+/// used, for the next wake-up.
+async fn assess_dormancy(
+    account: &IntegrationAccount,
+    ctx: &Context,
+    gathered: &Gathered,
+    run: &mut Run,
+    disabled: bool,
+) -> Option<jiff::Timestamp> {
+    let Some(after) = gathered.schedule.as_ref().and_then(RotationSchedule::dormant_after) else {
+        // No dormancy asked for (any more): no condition.
+        run.status.common.conditions.retain(|c| c.type_ != DORMANT);
+        return None;
+    };
+    let Some(found) = observe::dormancy_of(run.now, account, &run.status, gathered) else {
+        run.condition(dormancy::not_reported(gathered.provider.name()));
+        return None;
+    };
+    let disabled_for_it =
+        disabled && gathered.schedule.as_ref().is_some_and(RotationSchedule::disable_dormant) && found.dormant;
+    let condition = dormancy::condition(&found, after, disabled_for_it);
+    let was_dormant = run.status.common.conditions.iter().any(|c| c.type_ == DORMANT && c.status == "True");
+    if found.dormant && !was_dormant {
+        ctx.event(account, EventType::Warning, "Dormant", "Assess", condition.message.clone()).await;
+    }
+    run.condition(condition);
+    (!found.dormant).then_some(found.from)
 }
 
 /// Hashes what a reconcile acts on besides its own status, the output
@@ -581,6 +633,26 @@ impl Apply<'_> {
                         "AccountUpdated",
                         "UpdateAccount",
                         format!("updated {} account {}", self.provider.name(), self.request.name),
+                        None,
+                    )
+                    .await;
+                }
+                Action::DisableAccount => {
+                    if let Err(error) = self.provider.disable_account(self.request).await {
+                        provider_failed(run, ACCOUNT_READY, error)?;
+                        return Ok(());
+                    }
+                    if let Some(account) = self.target_account.as_mut() {
+                        account.disabled = true;
+                    }
+                    self.changed(
+                        "DormantAccountDisabled",
+                        "DisableAccount",
+                        format!(
+                            "disabled {} account {}: it is dormant and the rotation policy disables dormant accounts",
+                            self.provider.name(),
+                            self.request.name
+                        ),
                         None,
                     )
                     .await;
@@ -807,7 +879,7 @@ impl Apply<'_> {
                 return Ok(false);
             }
         };
-        self.keys.push(ObservedKey { id: issued.id.clone(), created_at: Some(now) });
+        self.keys.push(ObservedKey { last_used: None, id: issued.id.clone(), created_at: Some(now) });
         lifecycle::record(
             &mut run.status,
             KeyEvent::Issued { pending: &key_id, id: &issued.id, expires_at: issued.expires_at },

@@ -9,6 +9,7 @@ pub mod binding;
 pub mod conditions;
 pub mod connection;
 mod context;
+pub mod dormancy;
 mod error;
 pub mod observe;
 pub mod plan;

@@ -468,6 +468,23 @@ pub async fn observe_target(
     Ok(TargetObservation { account, roles: roles.into_iter().collect(), keys })
 }
 
+/// Whether the account is dormant, where its policy asks and its provider
+/// reports use (`status` with the last observation recorded, see
+/// [`super::dormancy::record_use`]).
+pub fn dormancy_of(
+    now: jiff::Timestamp,
+    account: &IntegrationAccount,
+    status: &IntegrationAccountStatus,
+    gathered: &Gathered,
+) -> Option<super::dormancy::Dormancy> {
+    let after = gathered.schedule.as_ref().and_then(RotationSchedule::dormant_after)?;
+    if !gathered.provider.capabilities().reports_last_use {
+        return None;
+    }
+    let created = account.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+    Some(super::dormancy::assess(now, after, status, created))
+}
+
 /// The planner's input from an account, its status, what was gathered and
 /// what the target app said: the operator and `keysmith plan` decide from
 /// the same facts.
@@ -497,5 +514,12 @@ pub fn plan_input<'a>(
         held,
         keys_blocked: gathered.keys_blocked(),
         rollout,
+        disable_dormant: dormancy_of(now, account, status, gathered).is_some_and(|d| d.dormant)
+            && gathered.schedule.as_ref().is_some_and(RotationSchedule::disable_dormant),
+        revoke_unused_after: gathered
+            .schedule
+            .as_ref()
+            .and_then(RotationSchedule::revoke_unused_after)
+            .filter(|_| gathered.provider.capabilities().reports_last_use),
     }
 }

@@ -174,6 +174,7 @@ mod tests {
                 revoke_at: None,
                 revoked_at: None,
                 expires_at: None,
+                last_used_at: None,
                 restarted_at: None,
                 reason: None,
             }],

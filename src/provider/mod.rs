@@ -87,6 +87,9 @@ pub struct Capabilities {
     pub key_expiry: bool,
     /// Whether accounts can be disabled rather than deleted.
     pub disable: bool,
+    /// Whether [`ObservedKey::last_used`] says when each key was last used
+    /// (then a key without it was never used).
+    pub reports_last_use: bool,
 }
 
 /// The account keysmith wants in the target app, derived from an
@@ -217,6 +220,10 @@ pub struct ObservedKey {
     pub id: String,
     /// When it was created, if the target says.
     pub created_at: Option<Timestamp>,
+    /// When the target last saw it used, if it says (see
+    /// [`Capabilities::reports_last_use`]). keysmith's own verification
+    /// happens before a key is published, and counts only until then.
+    pub last_used: Option<Timestamp>,
 }
 
 /// One target app, reached through one connection's admin credential.

@@ -96,6 +96,7 @@ fn blank(id: &str, state: KeyState, now: Timestamp) -> KeyRecord {
         revoke_at: None,
         revoked_at: None,
         expires_at: None,
+        last_used_at: None,
         restarted_at: None,
         reason: None,
     }

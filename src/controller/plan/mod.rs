@@ -70,6 +70,9 @@ pub enum RevokeReason {
     RolloutConfirmed,
     /// Confirmed rollover: `maxWait` passed and a rollout is not complete.
     RolloutTimedOut,
+    /// Replaced, and unused for the policy's `revokeUnusedAfter` while its
+    /// successor is in use.
+    Unused,
 }
 
 impl RevokeReason {
@@ -81,6 +84,7 @@ impl RevokeReason {
             RevokeReason::KeyLimit => "KeyLimit",
             RevokeReason::RolloutConfirmed => "RolloutConfirmed",
             RevokeReason::RolloutTimedOut => "RolloutTimedOut",
+            RevokeReason::Unused => "Unused",
         }
     }
 }
@@ -92,6 +96,8 @@ pub enum Action {
     CreateAccount,
     /// Bring the account's description, owner and state in line.
     UpdateAccount,
+    /// Disable the account: it is dormant, and the policy says so.
+    DisableAccount,
     /// Grant a role.
     Grant(RoleGrant),
     /// Revoke a role nobody declared (or one the policy now denies).
@@ -173,6 +179,12 @@ pub struct PlanInput<'a> {
     /// with the current key (observed only once a replaced key's grace
     /// period is over).
     pub rollout: Option<&'a Rollout>,
+    /// The account is dormant and the policy disables dormant accounts: it
+    /// is disabled (not re-enabled) and no key is rotated.
+    pub disable_dormant: bool,
+    /// Revoke a replaced key unused this long while its successor is in use
+    /// (only where the provider reports use).
+    pub revoke_unused_after: Option<Duration>,
 }
 
 /// A key issued but not yet published, held in memory.
@@ -283,6 +295,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 )),
             }
         }
+        Some(account) if input.disable_dormant => {
+            if !account.disabled {
+                actions.push(Action::DisableAccount);
+            }
+        }
         Some(account) if account.drifted || account.disabled => actions.push(Action::UpdateAccount),
         Some(_) => {}
     }
@@ -367,9 +384,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut wake_at: Option<Timestamp> = None;
     let mut wake = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
     let mut rollout = None;
+    // A replaced key the target reports unused while its successor, in the
+    // Secret, is in use: revoked early, where the policy says so.
+    let successor_in_use = current.is_some_and(|c| {
+        input.secret_key_id == Some(c.id.as_str())
+            && input.records.iter().any(|r| r.id == c.id && r.last_used_at.is_some())
+    });
     for record in &retiring {
         match record.revoke_at.as_ref().map(|t| t.0) {
-            Some(at) if at > input.now => wake(at),
+            Some(at) if at > input.now => {
+                let idle_since = [record.retiring_at.as_ref(), record.last_used_at.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.0)
+                    .max();
+                match (input.revoke_unused_after, idle_since) {
+                    (Some(idle), Some(since)) if successor_in_use && !in_secret(&record.id) => {
+                        let idle_until = saturating_add(since, idle);
+                        if idle_until <= input.now {
+                            revoked.insert(record.id.clone());
+                            actions.push(Action::RevokeKey { id: record.id.clone(), reason: RevokeReason::Unused });
+                        } else {
+                            wake(idle_until.min(at));
+                        }
+                    }
+                    // The successor not in use yet: the drift checks look
+                    // again; its grace period ends it in any case.
+                    _ => wake(at),
+                }
+            }
             _ if in_secret(&record.id) => {}
             _ => {
                 let unobserved = Rollout { waiting_on: vec!["the restart targets (not observed)".into()] };
@@ -410,8 +453,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         schedule: input.schedule,
         next_rotation,
     };
-    let reason = rotation_decision(&facts).map(|(_, reason)| reason);
-    if reason.is_none() {
+    // A dormant account the policy disabled gets no new key: it could not
+    // be verified, and nobody uses it.
+    let reason = rotation_decision(&facts).map(|(_, reason)| reason).filter(|_| !input.disable_dormant);
+    if reason.is_none() && !input.disable_dormant {
         if let Some(due) = next_rotation {
             wake(due);
         }
@@ -546,7 +591,7 @@ mod tests {
     }
 
     fn key(id: &str) -> ObservedKey {
-        ObservedKey { id: id.into(), created_at: None }
+        ObservedKey { last_used: None, id: id.into(), created_at: None }
     }
 
     fn record(id: &str, state: KeyState, revoke_at: Option<i64>, retiring_at: Option<i64>) -> KeyRecord {
@@ -559,6 +604,7 @@ mod tests {
             revoke_at: revoke_at.map(|s| Time(t(s))),
             revoked_at: None,
             expires_at: None,
+            last_used_at: None,
             restarted_at: None,
             reason: None,
         }
@@ -667,6 +713,8 @@ mod tests {
         held: Option<String>,
         keys_blocked: bool,
         rollout: Option<Rollout>,
+        disable_dormant: bool,
+        revoke_unused_after: Option<Duration>,
     }
 
     impl Case {
@@ -688,6 +736,8 @@ mod tests {
                 held: None,
                 keys_blocked: false,
                 rollout: None,
+                disable_dormant: false,
+                revoke_unused_after: None,
             }
         }
 
@@ -713,8 +763,71 @@ mod tests {
                 held: self.held.as_deref().map(|id| HeldKey { id, record: id }),
                 keys_blocked: self.keys_blocked,
                 rollout: self.rollout.as_ref(),
+                disable_dormant: self.disable_dormant,
+                revoke_unused_after: self.revoke_unused_after,
             }
         }
+    }
+
+    /// k1 replaced by k2 at t(100), k1 in its grace period until t(3700).
+    fn rotated() -> Case {
+        let mut case = Case::steady();
+        case.keys = vec![key("k1"), key("k2")];
+        let mut old = record("k1", KeyState::Retiring, Some(3700), Some(100));
+        old.published_at = Some(Time(t(0)));
+        let mut new = record("k2", KeyState::Published, None, None);
+        new.published_at = Some(Time(t(100)));
+        case.records = vec![new, old];
+        case.current = Some(CurrentKey { id: "k2".into(), issued_at: Time(t(100)), expires_at: None });
+        case.secret_key = Some("k2".into());
+        case.revoke_unused_after = Some(Duration::from_secs(600));
+        case
+    }
+
+    #[test]
+    fn a_replaced_key_unused_while_its_successor_is_in_use_is_revoked_early() {
+        let early = |case: &Case| {
+            case.run().actions.contains(&Action::RevokeKey { id: "k1".into(), reason: RevokeReason::Unused })
+        };
+        let mut case = rotated();
+        case.now = t(1000);
+        assert!(!early(&case), "the successor is not used yet: k1 keeps its grace period");
+        assert_eq!(case.run().wake_at, Some(t(3700)), "no wake-up before the grace period ends, so no loop");
+        case.records[0].last_used_at = Some(Time(t(200)));
+        assert!(early(&case), "k2 in use, k1 unused for 600 s since k2 was published");
+        case.now = t(650);
+        assert!(!early(&case), "k1 has not been unused for 600 s yet");
+        assert_eq!(case.run().wake_at, Some(t(700)), "back when it will have been");
+        case.now = t(1000);
+        case.records[1].last_used_at = Some(Time(t(900)));
+        assert!(!early(&case), "k1 was used at t(900): idle only until t(1500)");
+        assert_eq!(case.run().wake_at, Some(t(1500)));
+        case.now = t(1500);
+        assert!(early(&case));
+        // Not where the policy does not ask, nor for the key in the Secret.
+        case.revoke_unused_after = None;
+        assert!(!early(&case));
+        let mut in_secret = rotated();
+        in_secret.records[0].last_used_at = Some(Time(t(200)));
+        in_secret.now = t(1000);
+        in_secret.secret_key = Some("k1".into());
+        assert!(!early(&in_secret), "the successor is not what the Secret holds: it is not in use from there");
+    }
+
+    #[test]
+    fn a_dormant_account_the_policy_disables_is_disabled_and_gets_no_new_key() {
+        let mut case = Case::steady();
+        case.schedule = Some(schedule("1h"));
+        case.now = t(7200);
+        assert!(case.run().actions.iter().any(|a| matches!(a, Action::Rotate { .. })), "due");
+        case.disable_dormant = true;
+        let plan = case.run();
+        assert_eq!(plan.actions, vec![Action::DisableAccount]);
+        assert_eq!(plan.wake_at, None, "a rotation due but held back wakes nothing: no loop");
+        case.account = Some(ObservedAccount { disabled: true, ..owned() });
+        assert!(case.run().actions.is_empty(), "disabled stays disabled: no update re-enables it");
+        case.disable_dormant = false;
+        assert_eq!(case.run().actions[0], Action::UpdateAccount, "reactivated: enabled again");
     }
 
     fn grant(role: &str) -> RoleGrant {

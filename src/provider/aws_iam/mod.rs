@@ -611,7 +611,12 @@ impl Provider for AwsIamProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: Some(MAX_KEYS_PER_USER), key_expiry: false, disable: true }
+        Capabilities {
+            reports_last_use: false,
+            max_keys_per_account: Some(MAX_KEYS_PER_USER),
+            key_expiry: false,
+            disable: true,
+        }
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {
@@ -781,7 +786,7 @@ impl Provider for AwsIamProvider {
         let keys = self.access_keys(&account.name).await;
         let keys = self.unless_gone(&account.name, keys).await?.unwrap_or_default();
         let mut keys: Vec<ObservedKey> =
-            keys.into_iter().map(|k| ObservedKey { id: k.id, created_at: k.created_at }).collect();
+            keys.into_iter().map(|k| ObservedKey { last_used: None, id: k.id, created_at: k.created_at }).collect();
         keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)
     }

@@ -685,7 +685,7 @@ impl Provider for GcpIamProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: Some(MAX_KEYS), key_expiry: false, disable: true }
+        Capabilities { reports_last_use: false, max_keys_per_account: Some(MAX_KEYS), key_expiry: false, disable: true }
     }
 
     /// The key file is exchanged for a token, and the token reads the
@@ -868,7 +868,7 @@ impl Provider for GcpIamProvider {
             .filter_map(|key| {
                 let id = key_id_of(key.get("name")?.as_str()?);
                 let created_at = key.get("validAfterTime").and_then(Value::as_str).and_then(|t| t.parse().ok());
-                Some(ObservedKey { id, created_at })
+                Some(ObservedKey { last_used: None, id, created_at })
             })
             .collect();
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));

@@ -483,7 +483,7 @@ impl AnchorIndex {
             .anchors(client, owner_uid, namespace)
             .await?
             .into_iter()
-            .map(|(_, a)| ObservedKey { id: a.key_id, created_at: a.created_at })
+            .map(|(_, a)| ObservedKey { last_used: None, id: a.key_id, created_at: a.created_at })
             .collect();
         keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)

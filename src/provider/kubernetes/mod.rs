@@ -492,7 +492,7 @@ impl Provider for KubernetesProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: None, key_expiry: true, disable: true }
+        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     fn default_scope(&self, account: &AccountRequest) -> Option<String> {

@@ -94,7 +94,7 @@ impl Provider for NoopProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: None, key_expiry: false, disable: true }
+        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: false, disable: true }
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {
@@ -180,7 +180,11 @@ impl Provider for NoopProvider {
         };
         self.with(|all| match all.get_mut(&key_of(account)) {
             Some(found) => {
-                found.keys.push(ObservedKey { id: request.key_id.clone(), created_at: Some(jiff::Timestamp::now()) });
+                found.keys.push(ObservedKey {
+                    last_used: None,
+                    id: request.key_id.clone(),
+                    created_at: Some(jiff::Timestamp::now()),
+                });
                 Ok(IssuedKey {
                     id: request.key_id.clone(),
                     expires_at: None,

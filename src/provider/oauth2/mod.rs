@@ -889,7 +889,7 @@ impl Provider for OAuth2Provider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: Some(1), key_expiry: false, disable: false }
+        Capabilities { reports_last_use: false, max_keys_per_account: Some(1), key_expiry: false, disable: false }
     }
 
     /// See the module docs: an unacceptable registration request proves
@@ -1103,7 +1103,7 @@ impl Provider for OAuth2Provider {
             .get(account)
             .await?
             .and_then(|r| r.current_key)
-            .map(|key| ObservedKey { id: key.id, created_at: Some(key.issued_at) })
+            .map(|key| ObservedKey { last_used: None, id: key.id, created_at: Some(key.issued_at) })
             .into_iter()
             .collect())
     }

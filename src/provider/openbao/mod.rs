@@ -450,7 +450,7 @@ impl Provider for OpenBaoProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: None, key_expiry: true, disable: false }
+        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: false }
     }
 
     /// The token looks itself up: refused means the credential is wrong.
@@ -601,7 +601,7 @@ impl Provider for OpenBaoProvider {
                 Err(failure) if failure.said.contains("failed to find accessor entry") => continue,
                 Err(failure) => return Err(failure.error),
             };
-            keys.push(ObservedKey { id: accessor, created_at });
+            keys.push(ObservedKey { last_used: None, id: accessor, created_at });
         }
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(keys)

@@ -858,7 +858,7 @@ impl Provider for PostgresProvider {
 
     fn capabilities(&self) -> Capabilities {
         // Keys are roles: the connection's policy is the only limit.
-        Capabilities { max_keys_per_account: None, key_expiry: true, disable: true }
+        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {
@@ -1156,6 +1156,7 @@ impl Provider for PostgresProvider {
             .iter()
             .filter_map(|key| {
                 Some(ObservedKey {
+                    last_used: None,
                     id: key.key_id()?.to_owned(),
                     created_at: key.field(FIELD_ISSUED_AT).and_then(|at| at.parse().ok()),
                 })

@@ -404,7 +404,7 @@ impl Provider for ScimProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: Some(1), key_expiry: false, disable: true }
+        Capabilities { reports_last_use: false, max_keys_per_account: Some(1), key_expiry: false, disable: true }
     }
 
     /// Lists one User with the token (the ServiceProviderConfig endpoint may
@@ -637,7 +637,7 @@ impl Provider for ScimProvider {
             .await?
             .filter(|user| is_owned(user, account))
             .and_then(|user| user.key_id().map(str::to_owned))
-            .map(|id| ObservedKey { id, created_at: None })
+            .map(|id| ObservedKey { last_used: None, id, created_at: None })
             .into_iter()
             .collect())
     }

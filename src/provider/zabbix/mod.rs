@@ -23,7 +23,8 @@
 //!   expiring at the lifetime keysmith asks for. The output Secret holds
 //!   [`TOKEN_KEY`] and [`URL_KEY`]. Several tokens live at once, so a
 //!   rotation overlaps; revoking deletes the token. Zabbix records each
-//!   token's `lastaccess`, which keysmith reports as the key's last use.
+//!   token's `lastaccess` (any request it authenticates, a refused one
+//!   included), which keysmith reports as the key's last use.
 //! - **verifying** a key → `user.checkAuthentication` with the new token,
 //!   which must name this user.
 //! - **disabling** → the user joins the connection's disabled group
@@ -80,9 +81,6 @@ pub const MAX_TEXT: usize = 100;
 pub const ROLE_PREFIX: &str = "keysmith: ";
 /// How long a new token may take to be accepted.
 pub const VERIFY_WINDOW: Duration = Duration::from_secs(10);
-/// Use of a token within this long after it was created is taken to be
-/// keysmith's own verification, not use.
-pub const VERIFY_SLACK: i64 = 60;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_QUOTED: usize = 300;
@@ -554,7 +552,7 @@ impl Provider for ZabbixProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { max_keys_per_account: None, key_expiry: true, disable: true }
+        Capabilities { reports_last_use: true, max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     /// The token reads the two user groups: a refused token, a missing
@@ -780,7 +778,11 @@ impl Provider for ZabbixProvider {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|t| ObservedKey { id: text(t, "tokenid"), created_at: unix_time(t, "created_at") })
+            .map(|t| ObservedKey {
+                id: text(t, "tokenid"),
+                created_at: unix_time(t, "created_at"),
+                last_used: unix_time(t, "lastaccess"),
+            })
             .collect();
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(keys)
