@@ -187,3 +187,134 @@ async fn the_zabbix_example_is_accepted_and_works_against_a_real_server() {
     assert!(zabbix.key_works(&issued(&data)).await, "the example's token works");
     ns.delete().await;
 }
+
+/// Dormancy from real last-use data: Zabbix records each token's last
+/// access, and keysmith reads it. A replaced token nobody uses any more is
+/// revoked long before its hour of grace; an account nobody uses turns
+/// Dormant and is disabled in Zabbix; the reactivate annotation enables it
+/// again.
+#[tokio::test]
+async fn an_unused_account_turns_dormant_from_zabbixs_own_last_access_and_is_disabled() {
+    const IDLE: &str = "idle-export";
+    const IDLE_SECRET: &str = "idle-export-zabbix";
+    let zabbix = ZabbixServer::start().await;
+    let cp = control_plane().await;
+    let client = cp.client().await.expect("admin client");
+    let ns = TestNamespace::create(&client, "zabbixdormant").await;
+    let options = common::OperatorOptions { args: &["--drift-check-interval", "2s"], ..Default::default() };
+    let _operator = Operator::start_with(cp, &ns.name, &options);
+    admin_secret(&client, &ns.name, &zabbix.operator_token).await;
+    let manifests = format!(
+        r#"
+apiVersion: keysmith.dev/v1alpha1
+kind: AppConnection
+metadata: {{name: zabbix}}
+spec:
+  provider:
+    zabbix:
+      url: "{url}"
+      tokenSecretRef: {{name: zabbix-admin}}
+  serviceAccountName: keysmith
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: KeyRotationPolicy
+metadata: {{name: policy}}
+spec: {{rotateEvery: 24h, gracePeriod: 1h, dormantAfter: 30s, disableDormant: true, revokeUnusedAfter: 8s}}
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: IntegrationAccount
+metadata: {{name: {IDLE}}}
+spec:
+  connectionRef: {{name: zabbix}}
+  secret: {{name: {IDLE_SECRET}}}
+  rotationPolicyRef: {{name: policy}}
+  deletionPolicy: Delete
+---
+apiVersion: keysmith.dev/v1alpha1
+kind: RoleBinding
+metadata: {{name: {IDLE}-roles}}
+spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
+"#,
+        url = zabbix.url
+    );
+    apply_yaml(&client, &ns.name, &(credential_reader_identity("zabbix-admin") + &manifests)).await;
+    let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
+    let dormant = |account: &IntegrationAccount| {
+        account.status.as_ref()?.common.conditions.iter().find(|c| c.type_ == "Dormant").cloned()
+    };
+    let account = ready_account(&client, &ns.name, IDLE).await;
+    let condition = dormant(&account).expect("a Dormant condition");
+    assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("False", "InUse"), "{condition:?}");
+    assert!(condition.message.contains("no key has been used yet"), "{}", condition.message);
+
+    // The workload uses its token: Zabbix's lastaccess reaches status
+    // (keysmith's own check, before publication, does not count).
+    let first = secret_data(&client, &ns.name, IDLE_SECRET).await.expect("the output Secret");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    zabbix.call_with_key(&issued(&first), "host.get", json!({"limit": 1})).await.expect("the token works");
+    let first_id = account.status.as_ref().unwrap().current_key.as_ref().unwrap().id.clone();
+    let used = eventually("the token's use in status", WAIT, || async {
+        let status = accounts.get(IDLE).await.ok()?.status?;
+        status.keys.iter().find(|k| k.id == first_id)?.last_used_at.clone()
+    })
+    .await;
+    let lastaccess: i64 = zabbix.tokens(IDLE).await[0]["lastaccess"].as_str().unwrap().parse().unwrap();
+    assert_eq!(used.0.as_second(), lastaccess, "status says what Zabbix recorded");
+
+    // A rotation: the workload moves to the new token and stops using the
+    // old one, which goes long before its hour of grace.
+    let patch = json!({"metadata": {"annotations": {"keysmith.dev/rotate-now": "move"}}});
+    accounts.patch(IDLE, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let second = eventually("a new token published", WAIT, || async {
+        let data = secret_data(&client, &ns.name, IDLE_SECRET).await?;
+        (data[TOKEN_KEY] != first[TOKEN_KEY]).then_some(data)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    zabbix.call_with_key(&issued(&second), "host.get", json!({"limit": 1})).await.expect("the new token works");
+    let revoked = eventually("the unused old token revoked early", Duration::from_secs(60), || async {
+        let status = accounts.get(IDLE).await.ok()?.status?;
+        status.keys.into_iter().find(|k| k.id == first_id && k.state == KeyState::Revoked)
+    })
+    .await;
+    assert_eq!(revoked.reason.as_deref(), Some("Unused"), "{revoked:?}");
+    assert!(!zabbix.key_works(&issued(&first)).await, "the old token is deleted in Zabbix");
+
+    // Nobody uses the account for dormantAfter: Dormant, with a Warning
+    // event, and disabled in Zabbix (its token refused).
+    let account = eventually("the account dormant", Duration::from_secs(90), || async {
+        let account = accounts.get(IDLE).await.ok()?;
+        (dormant(&account)?.status == "True").then_some(account)
+    })
+    .await;
+    let condition = dormant(&account).unwrap();
+    assert_eq!(condition.reason, "Unused");
+    assert!(
+        condition.message.contains("its last use") && condition.message.contains("disabled"),
+        "{}",
+        condition.message
+    );
+    let disabled = zabbix.group_id("Disabled").await;
+    eventually("the Zabbix user in the Disabled group", WAIT, || async {
+        let user = zabbix.user(IDLE).await?;
+        user["usrgrps"].as_array()?.iter().any(|g| g["usrgrpid"] == disabled.as_str()).then_some(())
+    })
+    .await;
+    let refused = zabbix.call_with_key(&issued(&second), "host.get", json!({})).await;
+    assert!(refused.is_err_and(|said| said.contains("Not authorized")), "a dormant account's token is refused");
+    let events = common::kubectl_ok(cp, &["get", "events", "-n", &ns.name, "-o", "json"]);
+    assert!(events.contains("\"reason\": \"Dormant\"") && events.contains("DormantAccountDisabled"), "{events}");
+
+    // Reactivated: enabled again, no longer dormant, the token works.
+    let patch = json!({"metadata": {"annotations": {"keysmith.dev/reactivate": "back"}}});
+    accounts.patch(IDLE, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    eventually("the account enabled and not dormant", WAIT, || async {
+        let account = accounts.get(IDLE).await.ok()?;
+        let user = zabbix.user(IDLE).await?;
+        let enabled = !user["usrgrps"].as_array()?.iter().any(|g| g["usrgrpid"] == disabled.as_str());
+        (enabled && dormant(&account)?.status == "False").then_some(())
+    })
+    .await;
+    assert!(zabbix.key_works(&issued(&second)).await, "the reactivated account's token works again");
+    ns.delete().await;
+}

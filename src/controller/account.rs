@@ -66,13 +66,14 @@ pub const RESTARTED_AT_ANNOTATION: &str = "keysmith.dev/restartedAt";
 /// How often an unchanged account is checked for drift in the target app,
 /// unless `--drift-check-interval` says otherwise.
 pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(600);
-/// What retriggers an account: its spec, the rotate-now annotation, its
-/// deletion and finalizers. Status updates do not.
+/// What retriggers an account: its spec, the rotate-now and reactivate
+/// annotations, its deletion and finalizers. Status updates do not.
 fn trigger_key(account: &IntegrationAccount) -> u64 {
     let meta = account.meta();
     hash_of((
         meta.generation,
         account.annotations().get(ROTATE_NOW_ANNOTATION),
+        account.annotations().get(dormancy::REACTIVATE_ANNOTATION),
         meta.deletion_timestamp.is_some(),
         &meta.finalizers,
     ))
@@ -344,7 +345,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
     // A changed rotation policy alone needs no look either: the next
     // rotation is recomputed from the current key, and a rotation now due
     // takes the full path.
-    let inputs = inputs_hash(account, connection, &gathered.desired, gathered.secret.foreign);
+    let inputs = inputs_hash(account, connection, &gathered.desired, gathered.secret.foreign, schedule.as_ref());
     let current = fingerprint(inputs, &run.status, gathered.secret.key_id.as_deref());
     let next_rotation = run
         .status
@@ -526,15 +527,20 @@ fn inputs_hash(
     connection: &ResolvedConnection,
     desired: &BTreeSet<RoleGrant>,
     secret_foreign: bool,
+    schedule: Option<&RotationSchedule>,
 ) -> u64 {
     hash_of((
         account.uid(),
         account.meta().generation,
         account.annotations().get(ROTATE_NOW_ANNOTATION),
+        account.annotations().get(dormancy::REACTIVATE_ANNOTATION),
         &connection.uid,
         serde_json::to_string(&connection.spec).unwrap_or_default(),
         desired,
         secret_foreign,
+        // Dormancy is decided from the target's report of use: a changed
+        // dormancy setting looks at it again.
+        schedule.map(|s| (s.dormant_after(), s.disable_dormant(), s.revoke_unused_after())),
     ))
 }
 
