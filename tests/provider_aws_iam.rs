@@ -466,3 +466,28 @@ async fn keys_issue_verify_and_revoke() {
     let target = MotoTarget { moto: Moto::start().await };
     conformance::keys_issue_verify_and_revoke(&target).await;
 }
+
+/// IAM says when each access key was last used; keysmith reports it per
+/// key. moto records a use whenever a request is signed with the key, as
+/// AWS does.
+#[tokio::test]
+async fn list_keys_reports_when_each_access_key_was_last_used() {
+    let moto = Moto::start().await;
+    let p = moto.provider();
+    let acct = account("last-used");
+    p.create_account(&acct).await.unwrap();
+    let used = p.issue_key(&acct, &key_request("k-used")).await.unwrap();
+    let idle = p.issue_key(&acct, &key_request("k-idle")).await.unwrap();
+    assert!(p.capabilities().reports_last_use);
+    let listed = p.list_keys(&acct).await.unwrap();
+    assert!(listed.iter().all(|k| k.last_used.is_none()), "nothing used yet: {listed:?}");
+
+    let before = jiff::Timestamp::now().as_second();
+    moto.whoami(&used).await.expect("the key signs a request");
+    let listed = p.list_keys(&acct).await.unwrap();
+    let of = |id: &str| listed.iter().find(|k| k.id == id).unwrap().last_used;
+    let at = of(&used.id).expect("the used key's last use").as_second();
+    assert!((before - 2..=jiff::Timestamp::now().as_second() + 2).contains(&at), "used at {at}, asked at {before}");
+    assert_eq!(of(&idle.id), None, "the other key was never used");
+    p.delete_account(&acct).await.unwrap();
+}

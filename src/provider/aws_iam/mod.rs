@@ -79,6 +79,7 @@
 //!         "iam:GetUser", "iam:CreateUser", "iam:DeleteUser",
 //!         "iam:TagUser", "iam:UntagUser", "iam:ListUserTags",
 //!         "iam:ListAccessKeys", "iam:CreateAccessKey", "iam:UpdateAccessKey", "iam:DeleteAccessKey",
+//!         "iam:GetAccessKeyLastUsed",
 //!         "iam:ListAttachedUserPolicies", "iam:AttachUserPolicy", "iam:DetachUserPolicy"
 //!       ],
 //!       "Resource": "arn:aws:iam::*:user/keysmith/*"
@@ -156,6 +157,7 @@ pub const ADMIN_USER_ACTIONS: &[&str] = &[
     "iam:CreateAccessKey",
     "iam:UpdateAccessKey",
     "iam:DeleteAccessKey",
+    "iam:GetAccessKeyLastUsed",
     "iam:ListAttachedUserPolicies",
     "iam:AttachUserPolicy",
     "iam:DetachUserPolicy",
@@ -504,6 +506,15 @@ impl AwsIamProvider {
         .await
     }
 
+    /// When IAM last saw the access key used (none if never).
+    async fn last_used(&self, id: &str) -> Result<Option<Timestamp>, Failure> {
+        let xml = self.iam.call_raw("GetAccessKeyLastUsed", &[("AccessKeyId", id)]).await?;
+        let doc = parse_xml("GetAccessKeyLastUsed", &xml).map_err(Failure::from)?;
+        Ok(find(doc.root(), "AccessKeyLastUsed")
+            .and_then(|node| child_text(node, "LastUsedDate"))
+            .and_then(parse_timestamp))
+    }
+
     async fn attached_policies(&self, name: &str) -> Result<Vec<String>, Failure> {
         self.list_all("ListAttachedUserPolicies", &[("UserName", name)], "AttachedPolicies", |member| {
             child_text(member, "PolicyArn").map(str::to_owned)
@@ -612,7 +623,7 @@ impl Provider for AwsIamProvider {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            reports_last_use: false,
+            reports_last_use: true,
             max_keys_per_account: Some(MAX_KEYS_PER_USER),
             key_expiry: false,
             disable: true,
@@ -785,8 +796,26 @@ impl Provider for AwsIamProvider {
     async fn list_keys(&self, account: &AccountRequest) -> Result<Vec<ObservedKey>, ProviderError> {
         let keys = self.access_keys(&account.name).await;
         let keys = self.unless_gone(&account.name, keys).await?.unwrap_or_default();
-        let mut keys: Vec<ObservedKey> =
-            keys.into_iter().map(|k| ObservedKey { last_used: None, id: k.id, created_at: k.created_at }).collect();
+        let mut observed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let last_used = match self.last_used(&key.id).await {
+                Ok(last_used) => last_used,
+                // Deleted in between.
+                Err(failure) if failure.is("NoSuchEntity") => continue,
+                Err(failure) => {
+                    let error = ProviderError::from(failure);
+                    return Err(match error {
+                        ProviderError::Unauthorized(message) => ProviderError::Unauthorized(format!(
+                            "{message} (keysmith reads when each access key was last used: allow \
+                             iam:GetAccessKeyLastUsed in the admin policy)"
+                        )),
+                        other => other,
+                    });
+                }
+            };
+            observed.push(ObservedKey { id: key.id, created_at: key.created_at, last_used });
+        }
+        let mut keys = observed;
         keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
         Ok(keys)
     }
