@@ -201,7 +201,10 @@ async fn an_unused_account_turns_dormant_from_zabbixs_own_last_access_and_is_dis
     let cp = control_plane().await;
     let client = cp.client().await.expect("admin client");
     let ns = TestNamespace::create(&client, "zabbixdormant").await;
-    let options = common::OperatorOptions { args: &["--drift-check-interval", "2s"], ..Default::default() };
+    let port = common::free_port();
+    let metrics_addr = format!("--metrics-addr=127.0.0.1:{port}");
+    let options =
+        common::OperatorOptions { args: &["--drift-check-interval", "2s", &metrics_addr], ..Default::default() };
     let _operator = Operator::start_with(cp, &ns.name, &options);
     admin_secret(&client, &ns.name, &zabbix.operator_token).await;
     let manifests = format!(
@@ -302,6 +305,18 @@ spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
     .await;
     let refused = zabbix.call_with_key(&issued(&second), "host.get", json!({})).await;
     assert!(refused.is_err_and(|said| said.contains("Not authorized")), "a dormant account's token is refused");
+    // The metrics say it too: dormant, and when it was last used.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let series = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("account=\"{IDLE}\"")))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+    };
+    assert_eq!(series("keysmith_account_dormant"), Some(1.0), "{metrics}");
+    let last_used = account.status.as_ref().unwrap().last_used_at.as_ref().expect("the account's last use").0;
+    assert_eq!(series("keysmith_key_last_used_timestamp_seconds"), Some(last_used.as_second() as f64), "{metrics}");
     let events = common::kubectl_ok(cp, &["get", "events", "-n", &ns.name, "-o", "json"]);
     assert!(events.contains("\"reason\": \"Dormant\"") && events.contains("DormantAccountDisabled"), "{events}");
 
