@@ -8,6 +8,7 @@ pub mod controller;
 #[cfg(feature = "dev")]
 pub mod controlplane;
 pub mod failpoints;
+pub mod feed;
 pub mod install;
 pub mod leader;
 pub mod manifest;

@@ -251,6 +251,15 @@ struct RunFlags {
     /// Repeat, or separate with commas: `--deny-namespaced-provider kubernetes`.
     #[arg(long, value_delimiter = ',', value_parser = parse_provider_name)]
     deny_namespaced_provider: Vec<String>,
+    /// Where to serve the read-only inventory feed for SaaS-management tools
+    /// (/api/v1/accounts, /scim/v2/Users); `off` (the default) disables it.
+    #[arg(long, env = "KEYSMITH_INVENTORY_ADDR", default_value = "off")]
+    inventory_addr: keysmith::server::ListenAddr,
+    /// A directory (a mounted Secret) holding the feed's credential: `token`
+    /// (an API token), or `client_id` and `client_secret` (OAuth 2.0 client
+    /// credentials), or both. Required with --inventory-addr.
+    #[arg(long, env = "KEYSMITH_INVENTORY_CREDENTIALS_DIR")]
+    inventory_credentials_dir: Option<PathBuf>,
 }
 
 /// A ServiceAccount name: a DNS subdomain.
@@ -310,6 +319,12 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunF
     }
     if let Some(addr) = flags.metrics_addr.0 {
         keysmith::server::serve(addr, telemetry.metrics.clone(), telemetry.health.clone()).await?;
+    }
+    if let Some(addr) = flags.inventory_addr.0 {
+        let Some(dir) = flags.inventory_credentials_dir.clone() else {
+            anyhow::bail!("--inventory-addr needs --inventory-credentials-dir: the feed never runs without a credential");
+        };
+        keysmith::feed::server::serve(addr, telemetry.metrics.clone(), dir).await?;
     }
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     let Some(settings) = election else {

@@ -208,6 +208,12 @@ impl Metrics {
         Ok(out)
     }
 
+    /// The caches [`Self::watch`] was given, once they are synced (the
+    /// inventory feed reads them too).
+    pub fn inventory(&self) -> Option<Inventory> {
+        self.cluster.stores.read().ok().and_then(|s| s.clone())
+    }
+
     /// Reads the per-account and per-connection gauges from these caches
     /// from now on. Call it once they are synced.
     pub fn watch(&self, stores: Inventory) {

@@ -203,8 +203,19 @@ async fn an_unused_account_turns_dormant_from_zabbixs_own_last_access_and_is_dis
     let ns = TestNamespace::create(&client, "zabbixdormant").await;
     let port = common::free_port();
     let metrics_addr = format!("--metrics-addr=127.0.0.1:{port}");
-    let options =
-        common::OperatorOptions { args: &["--drift-check-interval", "2s", &metrics_addr], ..Default::default() };
+    // The inventory feed, with both kinds of credential.
+    let feed_port = common::free_port();
+    let feed_addr = format!("--inventory-addr=127.0.0.1:{feed_port}");
+    let feed_credentials = tempfile::tempdir().unwrap();
+    let feed_token = format!("feed-{:032x}", rand::random::<u128>());
+    std::fs::write(feed_credentials.path().join("token"), &feed_token).unwrap();
+    std::fs::write(feed_credentials.path().join("client_id"), "saas-manager").unwrap();
+    std::fs::write(feed_credentials.path().join("client_secret"), "client-secret-for-the-feed").unwrap();
+    let feed_dir = format!("--inventory-credentials-dir={}", feed_credentials.path().display());
+    let options = common::OperatorOptions {
+        args: &["--drift-check-interval", "2s", &metrics_addr, &feed_addr, &feed_dir],
+        ..Default::default()
+    };
     let _operator = Operator::start_with(cp, &ns.name, &options);
     admin_secret(&client, &ns.name, &zabbix.operator_token).await;
     let manifests = format!(
@@ -319,6 +330,63 @@ spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
     assert_eq!(series("keysmith_key_last_used_timestamp_seconds"), Some(last_used.as_second() as f64), "{metrics}");
     let events = common::kubectl_ok(cp, &["get", "events", "-n", &ns.name, "-o", "json"]);
     assert!(events.contains("\"reason\": \"Dormant\"") && events.contains("DormantAccountDisabled"), "{events}");
+
+    // The system-of-record feed lists it as dormant, with Zabbix's last
+    // access as its last login, over REST and SCIM; never a key.
+    let feed = format!("http://127.0.0.1:{feed_port}");
+    let http = reqwest::Client::new();
+    let refused = http.get(format!("{feed}/api/v1/accounts")).send().await.unwrap();
+    assert_eq!(refused.status(), 401, "no credential, no inventory");
+    let wrong = http.get(format!("{feed}/api/v1/accounts")).bearer_auth("guess").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let listed: serde_json::Value = http
+        .get(format!("{feed}/api/v1/accounts"))
+        .query(&[("filter", r#"status eq "Dormant" and provider eq "zabbix""#)])
+        .bearer_auth(&feed_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let results = listed["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{listed}");
+    let record = &results[0];
+    assert_eq!(record["name"], format!("{}/{IDLE}", ns.name));
+    assert_eq!(record["externalName"], IDLE);
+    assert_eq!(record["externalId"], zabbix.user(IDLE).await.unwrap()["userid"]);
+    assert_eq!(record["roles"], json!(["host.get"]));
+    assert_eq!(record["lastLoginDtm"], last_used.to_string());
+    // OAuth 2.0 client credentials, then the SCIM view.
+    let token: serde_json::Value = http
+        .post(format!("{feed}/api/v1/oauth/token"))
+        .basic_auth("saas-manager", Some("client-secret-for-the-feed"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = token["access_token"].as_str().expect("an access token");
+    let users: serde_json::Value = http
+        .get(format!("{feed}/scim/v2/Users"))
+        .query(&[("filter", format!(r#"userName eq "{}/{IDLE}""#, ns.name))])
+        .bearer_auth(access)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users["totalResults"], 1, "{users}");
+    assert_eq!(users["Resources"][0]["active"], false, "a dormant account is not active");
+    let all = format!("{listed}{users}");
+    for secret in [&first[TOKEN_KEY], &second[TOKEN_KEY], &zabbix.operator_token] {
+        assert!(!all.contains(secret.as_str()), "no key in the feed");
+    }
+    let denied = http.delete(format!("{feed}/scim/v2/Users/{}", record["id"].as_str().unwrap())).bearer_auth(access).send().await.unwrap();
+    assert_eq!(denied.status(), 405, "the feed is read-only");
 
     // Reactivated: enabled again, no longer dormant, the token works.
     let patch = json!({"metadata": {"annotations": {"keysmith.dev/reactivate": "back"}}});

@@ -1,0 +1,488 @@
+//! The feed's HTTP server (see the module docs of [`super`]). It listens on
+//! its own address, apart from `/metrics`, and answers only with a
+//! credential from `--inventory-credentials-dir`, a mounted Secret holding
+//! `token` (an API token sent as `Authorization: Bearer`), or `client_id`
+//! and `client_secret` (OAuth 2.0 client credentials, RFC 6749 §4.4,
+//! exchanged at `POST /api/v1/oauth/token` for a bearer token that lives
+//! [`TOKEN_LIFETIME`]), or both. The files are read again on every check,
+//! so a rotated Secret takes effect without a restart. Secrets are compared
+//! by their SHA-256 digests in constant time, and never logged.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    body::{Bytes, Incoming},
+    header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::{page, select, View, DEFAULT_PAGE, MAX_PAGE, SCIM_ERROR, SCIM_LIST};
+use crate::metrics::Metrics;
+
+/// How long a token from the token endpoint lives.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The most tokens kept at once; the oldest goes first.
+pub const MAX_TOKENS: usize = 1000;
+/// The scope tokens are issued for.
+pub const SCOPE: &str = "accounts.read";
+const MAX_BODY: usize = 4096;
+
+type Body = Full<Bytes>;
+
+/// What the feed checks requests against.
+struct Credentials {
+    dir: PathBuf,
+    /// Digests of tokens issued by the token endpoint, and their expiry.
+    issued: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Compares two digests without an early exit.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn read(dir: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(name)).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+impl Credentials {
+    fn token(&self) -> Option<[u8; 32]> {
+        read(&self.dir, "token").map(|t| digest(&t))
+    }
+
+    fn client(&self) -> Option<(String, [u8; 32])> {
+        Some((read(&self.dir, "client_id")?, digest(&read(&self.dir, "client_secret")?)))
+    }
+
+    /// What the directory offers, for the startup check and the log.
+    fn offered(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.token().is_some() {
+            out.push("an API token");
+        }
+        if self.client().is_some() {
+            out.push("OAuth 2.0 client credentials");
+        }
+        out
+    }
+
+    fn bearer_ok(&self, presented: &str) -> bool {
+        let presented = digest(presented);
+        if self.token().is_some_and(|t| same(&t, &presented)) {
+            return true;
+        }
+        let now = Instant::now();
+        let Ok(mut issued) = self.issued.lock() else { return false };
+        issued.retain(|_, until| *until > now);
+        issued.keys().any(|k| same(k, &presented))
+    }
+
+    fn client_ok(&self, id: &str, secret: &str) -> bool {
+        match self.client() {
+            // Both compared, always, so timing says nothing about which.
+            Some((want_id, want_secret)) => same(&digest(&want_id), &digest(id)) & same(&want_secret, &digest(secret)),
+            None => false,
+        }
+    }
+
+    fn issue(&self) -> Option<String> {
+        let token = format!("ksf_{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+        let now = Instant::now();
+        let mut issued = self.issued.lock().ok()?;
+        issued.retain(|_, until| *until > now);
+        while issued.len() >= MAX_TOKENS {
+            let oldest = issued.iter().min_by_key(|(_, until)| **until).map(|(k, _)| *k)?;
+            issued.remove(&oldest);
+        }
+        issued.insert(digest(&token), now + TOKEN_LIFETIME);
+        Some(token)
+    }
+}
+
+/// Binds `addr` and serves the feed from the caches `source` watches.
+/// Fails, before binding, when `credentials_dir` offers no credential: the
+/// feed never runs open.
+pub async fn serve(
+    addr: SocketAddr,
+    source: Arc<Metrics>,
+    credentials_dir: PathBuf,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let credentials = Arc::new(Credentials { dir: credentials_dir, issued: Mutex::new(HashMap::new()) });
+    let offered = credentials.offered();
+    if offered.is_empty() {
+        anyhow::bail!(
+            "the inventory feed needs a credential: {} holds neither `token` nor `client_id` and `client_secret`",
+            credentials.dir.display()
+        );
+    }
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the inventory address {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, credentials = %offered.join(" and "), "serving the inventory feed: /api/v1/accounts, /scim/v2/Users");
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting an inventory connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (source, credentials) = (source.clone(), credentials.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let (source, credentials) = (source.clone(), credentials.clone());
+                    async move { Ok::<_, Infallible>(respond(request, &source, &credentials).await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, %peer, "inventory connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+fn json_response(status: StatusCode, body: &Value, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn error(view: View, status: StatusCode, code: &str, detail: &str) -> Response<Body> {
+    match view {
+        View::Rest => json_response(status, &json!({"error": code, "message": detail}), "application/json"),
+        View::Scim => {
+            let mut body = json!({"schemas": [SCIM_ERROR], "status": status.as_u16().to_string(), "detail": detail});
+            if status == StatusCode::BAD_REQUEST {
+                body["scimType"] = json!(code);
+            }
+            json_response(status, &body, "application/scim+json")
+        }
+    }
+}
+
+fn unauthorized(view: View) -> Response<Body> {
+    let mut response = error(
+        view,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send Authorization: Bearer with the feed's API token or a token from /api/v1/oauth/token",
+    );
+    response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keysmith inventory\""));
+    response
+}
+
+/// `%XX` and `+` decoded.
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Percent-encoded for a query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn query(request: &Request<Incoming>) -> HashMap<String, String> {
+    request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(pair), String::new()),
+        })
+        .collect()
+}
+
+fn bearer(request: &Request<Incoming>) -> Option<String> {
+    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+/// `scheme://host` the client used, for links.
+fn origin(request: &Request<Incoming>) -> String {
+    let host = request.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let https = request
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    format!("{}://{host}", if https { "https" } else { "http" })
+}
+
+fn number(params: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, String> {
+    match params.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => v.parse::<usize>().map_err(|_| format!("{name} must be a whole number, not {v:?}")),
+    }
+}
+
+async fn respond(request: Request<Incoming>, source: &Metrics, credentials: &Credentials) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let view = if path.starts_with("/scim/") { View::Scim } else { View::Rest };
+    if path == "/api/v1/oauth/token" {
+        return token_endpoint(request, credentials).await;
+    }
+    let known = path == "/api/v1/accounts"
+        || path.starts_with("/api/v1/accounts/")
+        || path == "/scim/v2/Users"
+        || path.starts_with("/scim/v2/Users/")
+        || path == "/scim/v2/ServiceProviderConfig";
+    if !known {
+        return error(view, StatusCode::NOT_FOUND, "not_found", "try /api/v1/accounts or /scim/v2/Users");
+    }
+    if !bearer(&request).is_some_and(|t| credentials.bearer_ok(&t)) {
+        return unauthorized(view);
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response =
+            error(view, StatusCode::METHOD_NOT_ALLOWED, "read_only", "the inventory feed is read-only: GET only");
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    if path == "/scim/v2/ServiceProviderConfig" {
+        return json_response(StatusCode::OK, &service_provider_config(), "application/scim+json");
+    }
+    let Some(inventory) = source.inventory() else {
+        return error(view, StatusCode::SERVICE_UNAVAILABLE, "not_ready", "keysmith's caches are not synced yet");
+    };
+    let accounts: Vec<_> = inventory.accounts.state().iter().map(|a| a.as_ref().clone()).collect();
+    let params = query(&request);
+    let base = origin(&request);
+    match view {
+        View::Rest => rest(&path, &params, &accounts, &base),
+        View::Scim => scim(&path, &params, &accounts, &base),
+    }
+}
+
+fn rest(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::IntegrationAccount], base: &str) -> Response<Body> {
+    if let Some(id) = path.strip_prefix("/api/v1/accounts/") {
+        return match select(accounts, View::Rest, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
+            Some(record) => json_response(StatusCode::OK, &record.rest(), "application/json"),
+            None => error(View::Rest, StatusCode::NOT_FOUND, "not_found", "no such account"),
+        };
+    }
+    let limit = match number(params, "limit", DEFAULT_PAGE) {
+        Ok(limit) => limit.clamp(1, MAX_PAGE),
+        Err(message) => return error(View::Rest, StatusCode::BAD_REQUEST, "invalid_request", &message),
+    };
+    let after = match params.get("after").filter(|a| !a.is_empty()) {
+        None => None,
+        Some(cursor) => match base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(cursor)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        {
+            Some(id) => Some(id),
+            None => return error(View::Rest, StatusCode::BAD_REQUEST, "invalid_request", "after is not a cursor this feed gave"),
+        },
+    };
+    let filter = params.get("filter").map(String::as_str);
+    let records = match select(accounts, View::Rest, filter) {
+        Ok(records) => records,
+        Err(message) => return error(View::Rest, StatusCode::BAD_REQUEST, "invalid_filter", &message),
+    };
+    let (slice, next) = page(&records, after.as_deref(), limit);
+    let next = next.map(|id| {
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes());
+        let filter = filter.map(|f| format!("&filter={}", encode(f))).unwrap_or_default();
+        format!("{base}/api/v1/accounts?limit={limit}&after={cursor}{filter}")
+    });
+    let body = json!({"next": next, "results": slice.iter().map(super::Record::rest).collect::<Vec<_>>()});
+    json_response(StatusCode::OK, &body, "application/json")
+}
+
+fn scim(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::IntegrationAccount], base: &str) -> Response<Body> {
+    let location = format!("{base}/scim/v2/Users");
+    if let Some(id) = path.strip_prefix("/scim/v2/Users/") {
+        return match select(accounts, View::Scim, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
+            Some(record) => json_response(StatusCode::OK, &record.scim(&location), "application/scim+json"),
+            None => error(View::Scim, StatusCode::NOT_FOUND, "not_found", "no such User"),
+        };
+    }
+    let (start, count) = match (number(params, "startIndex", 1), number(params, "count", DEFAULT_PAGE)) {
+        (Ok(start), Ok(count)) => (start.max(1), count.min(MAX_PAGE)),
+        (Err(message), _) | (_, Err(message)) => {
+            return error(View::Scim, StatusCode::BAD_REQUEST, "invalidValue", &message)
+        }
+    };
+    let records = match select(accounts, View::Scim, params.get("filter").map(String::as_str)) {
+        Ok(records) => records,
+        Err(message) => return error(View::Scim, StatusCode::BAD_REQUEST, "invalidFilter", &message),
+    };
+    let slice: Vec<Value> = records.iter().skip(start - 1).take(count).map(|r| r.scim(&location)).collect();
+    let body = json!({
+        "schemas": [SCIM_LIST],
+        "totalResults": records.len(),
+        "startIndex": start,
+        "itemsPerPage": slice.len(),
+        "Resources": slice,
+    });
+    json_response(StatusCode::OK, &body, "application/scim+json")
+}
+
+fn service_provider_config() -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+        "patch": {"supported": false},
+        "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
+        "filter": {"supported": true, "maxResults": MAX_PAGE},
+        "changePassword": {"supported": false},
+        "sort": {"supported": false},
+        "etag": {"supported": false},
+        "authenticationSchemes": [{
+            "type": "oauthbearertoken",
+            "name": "OAuth Bearer Token",
+            "description": "An API token, or a token from /api/v1/oauth/token (client credentials)",
+        }],
+    })
+}
+
+/// RFC 6749 §4.4: client credentials in HTTP Basic (or the form), answered
+/// with a bearer token.
+async fn token_endpoint(request: Request<Incoming>, credentials: &Credentials) -> Response<Body> {
+    let oauth_error = |status: StatusCode, code: &str| {
+        let mut response = json_response(status, &json!({"error": code}), "application/json");
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"keysmith inventory\""));
+        }
+        response
+    };
+    if request.method() != Method::POST {
+        let mut response = oauth_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request");
+        response.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    let basic = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("basic")).map(|(_, b)| b.trim().to_owned()))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|pair| pair.split_once(':').map(|(id, secret)| (decode(id), decode(secret))));
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+    };
+    let form: HashMap<String, String> = String::from_utf8_lossy(&body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+        .collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+    }
+    if let Some(scope) = form.get("scope").filter(|s| !s.trim().is_empty()) {
+        if scope.split_whitespace().any(|s| s != SCOPE) {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope");
+        }
+    }
+    let client = basic.or_else(|| Some((form.get("client_id")?.clone(), form.get("client_secret")?.clone())));
+    let Some((id, secret)) = client else {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    };
+    if !credentials.client_ok(&id, &secret) {
+        tracing::warn!("the inventory feed's token endpoint refused a client");
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+    }
+    match credentials.issue() {
+        Some(token) => json_response(
+            StatusCode::OK,
+            &json!({"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME.as_secs(), "scope": SCOPE}),
+            "application/json",
+        ),
+        None => oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_decoded_and_encoded_back() {
+        assert_eq!(decode("status+eq+%22Active%22"), "status eq \"Active\"");
+        assert_eq!(decode("100%"), "100%", "a stray % is kept");
+        assert_eq!(decode("%zz"), "%zz");
+        let filter = r#"name co "a&b" and x eq "é""#;
+        assert_eq!(decode(&encode(filter)), filter);
+    }
+
+    #[test]
+    fn credentials_are_read_from_the_directory_and_compared_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = Credentials { dir: dir.path().to_owned(), issued: Mutex::new(HashMap::new()) };
+        assert!(credentials.offered().is_empty());
+        std::fs::write(dir.path().join("token"), "feed-token-123\n").unwrap();
+        assert!(credentials.bearer_ok("feed-token-123") && !credentials.bearer_ok("feed-token-12"));
+        std::fs::write(dir.path().join("client_id"), "trelica").unwrap();
+        std::fs::write(dir.path().join("client_secret"), "s3cret").unwrap();
+        assert_eq!(credentials.offered(), ["an API token", "OAuth 2.0 client credentials"]);
+        assert!(credentials.client_ok("trelica", "s3cret"));
+        assert!(!credentials.client_ok("trelica", "s3cre") && !credentials.client_ok("other", "s3cret"));
+        let issued = credentials.issue().unwrap();
+        assert!(credentials.bearer_ok(&issued));
+        // A rotated token file takes effect at once.
+        std::fs::write(dir.path().join("token"), "rotated").unwrap();
+        assert!(!credentials.bearer_ok("feed-token-123") && credentials.bearer_ok("rotated"));
+        for _ in 0..MAX_TOKENS + 5 {
+            credentials.issue().unwrap();
+        }
+        assert!(credentials.issued.lock().unwrap().len() <= MAX_TOKENS, "bounded");
+    }
+}
