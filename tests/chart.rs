@@ -56,7 +56,8 @@ const EVERY_OPTION: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=t
                             rbac.bindableClusterRoles={view,edit},watchNamespace=team,\
                             tenancy.serviceAccountNames={keysmith,connector},\
                             tenancy.defaultServiceAccount=keysmith,\
-                            tenancy.denyNamespacedProviders={kubernetes,awsIam}";
+                            tenancy.denyNamespacedProviders={kubernetes,awsIam},\
+                            inventory.enabled=true,inventory.existingSecret=keysmith-inventory";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,6 +105,11 @@ fn helm_ok(args: &[&str]) -> String {
 /// `helm template RELEASE charts/keysmith ARGS...` as text; for the oldest
 /// supported Kubernetes unless ARGS name a `--kube-version`.
 fn template_text(release: &str, args: &[&str]) -> String {
+    template_text_result(release, args).unwrap_or_else(|e| panic!("helm template {args:?} failed:\n{e}"))
+}
+
+/// `helm template`, or what helm said when it refused.
+fn template_text_result(release: &str, args: &[&str]) -> Result<String, String> {
     let chart = chart_dir();
     let mut all = vec!["template", release, chart.to_str().unwrap()];
     let oldest = oldest_supported();
@@ -111,7 +117,7 @@ fn template_text(release: &str, args: &[&str]) -> String {
         all.extend_from_slice(&["--kube-version", &oldest]);
     }
     all.extend_from_slice(args);
-    helm_ok(&all)
+    helm(&all)
 }
 
 /// `1.33.0` for [`keysmith::install::OLDEST_SUPPORTED_KUBERNETES`] (1, 33).
@@ -334,6 +340,33 @@ fn the_rbac_names_every_right() {
         let text = role["rules"].to_string();
         assert!(!text.contains("status") && !text.contains("clusterappconnections"), "{text}");
     }
+}
+
+/// The inventory feed is off by default, refuses to render without a
+/// credential Secret, and when on mounts that Secret read-only where its
+/// argument points, with a port and a Service of its own.
+#[test]
+fn the_inventory_feed_is_off_by_default_and_never_without_a_credential() {
+    let default = render("keysmith", &[]);
+    let text = serde_json::to_string(&default).unwrap();
+    assert!(!text.contains("inventory"), "off by default");
+    let refused = template_text_result("keysmith", &["--set", "inventory.enabled=true"]).expect_err("no Secret named");
+    assert!(refused.contains("needs inventory.existingSecret"), "{refused}");
+
+    let objects = render("keysmith", &["--set", "inventory.enabled=true,inventory.existingSecret=feed-credential"]);
+    let pod = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--inventory-addr=0.0.0.0:8081"), "{args:?}");
+    let dir = args.iter().find_map(|a| a.strip_prefix("--inventory-credentials-dir=")).expect("a credentials dir");
+    let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == dir).expect("mounted");
+    assert_eq!(mount["readOnly"], true);
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(volume["secret"]["secretName"], "feed-credential");
+    assert!(container["ports"].as_array().unwrap().iter().any(|p| p["name"] == "http-inventory" && p["containerPort"] == 8081));
+    let services = of_kind(&objects, "Service");
+    let feed = services.iter().find(|s| s["metadata"]["name"] == "keysmith-inventory").expect("a feed Service");
+    assert_eq!(feed["spec"]["ports"][0]["targetPort"], "http-inventory");
 }
 
 /// The Deployment's arguments are ones `keysmith run` takes: clap refuses

@@ -344,3 +344,26 @@ async fn a_leader_that_loses_its_lease_exits_at_once() {
     assert_eq!(holder(&client, &ns.name).await.as_deref(), Some("intruder"), "and leaves the lease alone");
     ns.delete().await;
 }
+
+/// The inventory feed never runs open: asked for without a credential, or
+/// with a credentials directory that holds none, `keysmith run` refuses to
+/// start and says why.
+#[tokio::test]
+async fn the_inventory_feed_refuses_to_start_without_a_credential() {
+    let cp = control_plane().await;
+    let client = cp.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "feedcred").await;
+    let empty = tempfile::tempdir().unwrap();
+    let empty_dir = format!("--inventory-credentials-dir={}", empty.path().display());
+    for (args, says) in [
+        (vec!["--inventory-addr=127.0.0.1:0"], "needs --inventory-credentials-dir"),
+        (vec!["--inventory-addr=127.0.0.1:0", empty_dir.as_str()], "needs a credential"),
+    ] {
+        let mut operator = Operator::start_with(cp, &ns.name, &OperatorOptions { args: &args, ..Default::default() });
+        let code = operator.wait_exit(Duration::from_secs(60)).await;
+        assert!(code.is_some_and(|c| c != 0), "{args:?}: exits with an error, got {code:?}");
+        let logs = operator.logs();
+        assert!(logs.contains(says), "{args:?}: {logs}");
+    }
+    ns.delete().await;
+}
