@@ -33,6 +33,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of `Run`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator against the cluster in KUBECONFIG (or in-cluster).
@@ -322,7 +324,9 @@ async fn run(kubeconfig: Option<PathBuf>, namespace: Option<String>, flags: RunF
     }
     if let Some(addr) = flags.inventory_addr.0 {
         let Some(dir) = flags.inventory_credentials_dir.clone() else {
-            anyhow::bail!("--inventory-addr needs --inventory-credentials-dir: the feed never runs without a credential");
+            anyhow::bail!(
+                "--inventory-addr needs --inventory-credentials-dir: the feed never runs without a credential"
+            );
         };
         keysmith::feed::server::serve(addr, telemetry.metrics.clone(), dir).await?;
     }

@@ -363,7 +363,11 @@ fn the_inventory_feed_is_off_by_default_and_never_without_a_credential() {
     assert_eq!(mount["readOnly"], true);
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
     assert_eq!(volume["secret"]["secretName"], "feed-credential");
-    assert!(container["ports"].as_array().unwrap().iter().any(|p| p["name"] == "http-inventory" && p["containerPort"] == 8081));
+    assert!(container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "http-inventory" && p["containerPort"] == 8081));
     let services = of_kind(&objects, "Service");
     let feed = services.iter().find(|s| s["metadata"]["name"] == "keysmith-inventory").expect("a feed Service");
     assert_eq!(feed["spec"]["ports"][0]["targetPort"], "http-inventory");

@@ -385,7 +385,12 @@ spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
     for secret in [&first[TOKEN_KEY], &second[TOKEN_KEY], &zabbix.operator_token] {
         assert!(!all.contains(secret.as_str()), "no key in the feed");
     }
-    let denied = http.delete(format!("{feed}/scim/v2/Users/{}", record["id"].as_str().unwrap())).bearer_auth(access).send().await.unwrap();
+    let denied = http
+        .delete(format!("{feed}/scim/v2/Users/{}", record["id"].as_str().unwrap()))
+        .bearer_auth(access)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(denied.status(), 405, "the feed is read-only");
 
     // Reactivated: enabled again, no longer dormant, the token works.

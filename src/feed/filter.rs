@@ -220,9 +220,9 @@ impl Parser {
         };
         self.at += 1;
         let attribute = normalize(&attribute);
-        let op = self
-            .peek_word()
-            .ok_or_else(|| format!("expected an operator after {attribute} (eq, ne, co, sw, ew, gt, ge, lt, le, pr)"))?;
+        let op = self.peek_word().ok_or_else(|| {
+            format!("expected an operator after {attribute} (eq, ne, co, sw, ew, gt, ge, lt, le, pr)")
+        })?;
         self.at += 1;
         let op = match op.as_str() {
             "pr" => return Ok(Filter::Present(attribute)),
@@ -320,9 +320,12 @@ impl Filter {
 }
 
 fn parse_time(text: &str) -> Option<Timestamp> {
-    text.parse::<Timestamp>()
-        .ok()
-        .or_else(|| text.parse::<jiff::civil::Date>().ok().and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok()).map(|z| z.timestamp()))
+    text.parse::<Timestamp>().ok().or_else(|| {
+        text.parse::<jiff::civil::Date>()
+            .ok()
+            .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
+            .map(|z| z.timestamp())
+    })
 }
 
 fn compare(field: &Field, op: Op, value: &Literal) -> bool {

@@ -394,7 +394,10 @@ mod tests {
         assert_eq!(rest["lastModifiedDtm"], "2026-03-01T00:00:00Z");
         assert_eq!(rest["roles"], json!(["host.get"]));
         let scim = records[1].scim("https://feed/scim/v2/Users");
-        assert_eq!((scim["active"].clone(), scim["meta"]["location"].clone()), (json!(true), json!("https://feed/scim/v2/Users/b")));
+        assert_eq!(
+            (scim["active"].clone(), scim["meta"]["location"].clone()),
+            (json!(true), json!("https://feed/scim/v2/Users/b"))
+        );
         for record in &records {
             for text in [record.rest().to_string(), record.scim("x").to_string()] {
                 assert!(!text.contains("-secret"), "the output Secret's name is not in the feed: {text}");
@@ -411,13 +414,15 @@ mod tests {
         assert_eq!(names(View::Rest, "not (lastLoginDtm pr)").len(), 3);
         assert_eq!(names(View::Rest, r#"provider eq "zabbix" and status ne "Dormant""#), ["monitoring/alert-export"]);
         assert_eq!(names(View::Scim, "active eq true"), ["monitoring/alert-export"]);
+        assert_eq!(names(View::Scim, &format!(r#"{SCIM_EXTENSION}:status eq "Disabled""#)), ["monitoring/paused"]);
         assert_eq!(
-            names(View::Scim, &format!(r#"{SCIM_EXTENSION}:status eq "Disabled""#)),
-            ["monitoring/paused"]
+            names(View::Scim, r#"roles.value eq "host.get" and userName sw "monitoring/a""#),
+            ["monitoring/alert-export"]
         );
-        assert_eq!(names(View::Scim, r#"roles.value eq "host.get" and userName sw "monitoring/a""#), ["monitoring/alert-export"]);
         assert!(select(&inventory(), View::Rest, Some(r#"statu eq "x""#)).unwrap_err().contains("statu"));
-        assert!(select(&inventory(), View::Scim, Some(r#"meta.created gt "soon""#)).unwrap_err().contains("not a date"));
+        assert!(select(&inventory(), View::Scim, Some(r#"meta.created gt "soon""#))
+            .unwrap_err()
+            .contains("not a date"));
     }
 
     #[test]

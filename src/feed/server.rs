@@ -310,7 +310,12 @@ async fn respond(request: Request<Incoming>, source: &Metrics, credentials: &Cre
     }
 }
 
-fn rest(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::IntegrationAccount], base: &str) -> Response<Body> {
+fn rest(
+    path: &str,
+    params: &HashMap<String, String>,
+    accounts: &[crate::api::IntegrationAccount],
+    base: &str,
+) -> Response<Body> {
     if let Some(id) = path.strip_prefix("/api/v1/accounts/") {
         return match select(accounts, View::Rest, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
             Some(record) => json_response(StatusCode::OK, &record.rest(), "application/json"),
@@ -329,7 +334,14 @@ fn rest(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::In
             .and_then(|b| String::from_utf8(b).ok())
         {
             Some(id) => Some(id),
-            None => return error(View::Rest, StatusCode::BAD_REQUEST, "invalid_request", "after is not a cursor this feed gave"),
+            None => {
+                return error(
+                    View::Rest,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "after is not a cursor this feed gave",
+                )
+            }
         },
     };
     let filter = params.get("filter").map(String::as_str);
@@ -347,7 +359,12 @@ fn rest(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::In
     json_response(StatusCode::OK, &body, "application/json")
 }
 
-fn scim(path: &str, params: &HashMap<String, String>, accounts: &[crate::api::IntegrationAccount], base: &str) -> Response<Body> {
+fn scim(
+    path: &str,
+    params: &HashMap<String, String>,
+    accounts: &[crate::api::IntegrationAccount],
+    base: &str,
+) -> Response<Body> {
     let location = format!("{base}/scim/v2/Users");
     if let Some(id) = path.strip_prefix("/scim/v2/Users/") {
         return match select(accounts, View::Scim, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
@@ -399,7 +416,9 @@ async fn token_endpoint(request: Request<Incoming>, credentials: &Credentials) -
     let oauth_error = |status: StatusCode, code: &str| {
         let mut response = json_response(status, &json!({"error": code}), "application/json");
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"keysmith inventory\""));
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"keysmith inventory\""));
         }
         response
     };
@@ -412,7 +431,9 @@ async fn token_endpoint(request: Request<Incoming>, credentials: &Credentials) -
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("basic")).map(|(_, b)| b.trim().to_owned()))
+        .and_then(|v| {
+            v.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("basic")).map(|(_, b)| b.trim().to_owned())
+        })
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|pair| pair.split_once(':').map(|(id, secret)| (decode(id), decode(secret))));
