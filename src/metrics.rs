@@ -464,7 +464,7 @@ mod tests {
             "flaky"
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: false, disable: false }
+            Capabilities { last_use_lag: None, max_keys_per_account: None, key_expiry: false, disable: false }
         }
         async fn verify_connection(&self) -> Result<(), ProviderError> {
             Ok(())

@@ -363,6 +363,9 @@ fn the_inventory_feed_is_off_by_default_and_never_without_a_credential() {
     assert_eq!(mount["readOnly"], true);
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
     assert_eq!(volume["secret"]["secretName"], "feed-credential");
+    // Readable by the non-root process through its group, by no one else.
+    assert_eq!(volume["secret"]["defaultMode"], 0o440);
+    assert_eq!(pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"]);
     assert!(container["ports"]
         .as_array()
         .unwrap()

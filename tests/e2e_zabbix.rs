@@ -316,6 +316,10 @@ spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
     .await;
     let refused = zabbix.call_with_key(&issued(&second), "host.get", json!({})).await;
     assert!(refused.is_err_and(|said| said.contains("Not authorized")), "a dormant account's token is refused");
+    eventually("the rotation held: no next rotation", WAIT, || async {
+        accounts.get(IDLE).await.ok()?.status?.next_rotation_at.is_none().then_some(())
+    })
+    .await;
     // The metrics say it too: dormant, and when it was last used.
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
     let series = |name: &str| {

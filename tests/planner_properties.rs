@@ -62,6 +62,7 @@ fn record(id: &'static str) -> impl Strategy<Value = KeyRecord> {
             revoked_at: None,
             expires_at: None,
             last_used_at: used.map(|s| Time(t(s))),
+            use_baseline_at: None,
             restarted_at: None,
             reason: None,
         })

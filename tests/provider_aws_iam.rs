@@ -478,7 +478,7 @@ async fn list_keys_reports_when_each_access_key_was_last_used() {
     p.create_account(&acct).await.unwrap();
     let used = p.issue_key(&acct, &key_request("k-used")).await.unwrap();
     let idle = p.issue_key(&acct, &key_request("k-idle")).await.unwrap();
-    assert!(p.capabilities().reports_last_use);
+    assert_eq!(p.capabilities().last_use_lag, Some(aws_iam::LAST_USE_LAG));
     let listed = p.list_keys(&acct).await.unwrap();
     assert!(listed.iter().all(|k| k.last_used.is_none()), "nothing used yet: {listed:?}");
 
@@ -489,5 +489,23 @@ async fn list_keys_reports_when_each_access_key_was_last_used() {
     let at = of(&used.id).expect("the used key's last use").as_second();
     assert!((before - 2..=jiff::Timestamp::now().as_second() + 2).contains(&at), "used at {at}, asked at {before}");
     assert_eq!(of(&idle.id), None, "the other key was never used");
+    p.delete_account(&acct).await.unwrap();
+}
+
+/// An admin policy from before keysmith read last use (no
+/// iam:GetAccessKeyLastUsed) keeps every account working: last use is then
+/// not reported, rather than every observation failing.
+#[tokio::test]
+async fn an_admin_policy_without_last_use_keeps_accounts_working() {
+    let moto = Moto::start().await;
+    let p = moto.provider_with(&moto.old_admin_key);
+    let acct = account("old-policy");
+    p.create_account(&acct).await.unwrap();
+    let key = p.issue_key(&acct, &key_request("k-old")).await.unwrap();
+    moto.whoami(&key).await.expect("the key signs a request");
+    let listed = p.list_keys(&acct).await.expect("listing keys still works");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_used, None, "not known, not reported");
+    assert_eq!(p.capabilities().last_use_lag, None, "and the provider says it cannot tell");
     p.delete_account(&acct).await.unwrap();
 }

@@ -175,9 +175,14 @@ async fn widening_edits_by_hand_are_drift_and_are_repaired() {
         )
         .await;
     assert!(p.observe_account(&acct).await.unwrap().unwrap().drifted);
+    // A deny-list names what is denied: none of it becomes allowed.
+    assert!(p.list_roles(&acct).await.unwrap().is_empty(), "a deny-list declares nothing");
     p.update_account(&acct).await.unwrap();
     let rules = zabbix.role_rules("ticket-sync").await;
-    assert_eq!((rules["api.mode"].clone(), rules["api"].clone()), (json!("1"), json!(["user.get"])), "{rules}");
+    assert_eq!(rules["api.access"], "0", "back to no API access: {rules}");
+    p.grant_role(&acct, &role("host.get")).await.unwrap();
+    let rules = zabbix.role_rules("ticket-sync").await;
+    assert_eq!((rules["api.mode"].clone(), rules["api"].clone()), (json!("1"), json!(["host.get"])), "{rules}");
     p.delete_account(&acct).await.unwrap();
 }
 

@@ -314,6 +314,11 @@ pub struct KeyRecord {
     /// comes before publication and does not count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<Time>,
+    /// The last use the target app reported the first time keysmith looked
+    /// after publishing the key (keysmith's own verification, on the
+    /// target's clock), or the publication if none: only later uses count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_baseline_at: Option<Time>,
     /// When the rotation policy's restart targets were rolled for this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<Time>,

@@ -397,7 +397,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         }
         _ => None,
     };
-    let plan = plan::plan(&observe::plan_input(
+    let input = observe::plan_input(
         run.now,
         account,
         &status,
@@ -405,7 +405,9 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         &target,
         held.as_ref().map(|h| HeldKey { id: &h.key.id, record: &h.record }),
         rollout.as_ref(),
-    ));
+    );
+    let rotation_held = input.disable_dormant;
+    let plan = plan::plan(&input);
     if let Some(blocked) = &plan.blocked {
         run.condition(ConditionUpdate::falsy(ACCOUNT_READY, "AccountConflict", blocked.clone()));
         return Ok(Requeue::await_change());
@@ -445,6 +447,7 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         desired: &gathered.desired,
         schedule: schedule.as_ref(),
         seed: &request.owner_uid,
+        rotation_held,
     };
     let (status, conditions) = status::after_apply(run.status.clone(), &facts, &applied, &run.conditions, run.now);
     run.status = status;

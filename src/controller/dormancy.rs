@@ -37,15 +37,23 @@ pub fn reactivate(status: &mut IntegrationAccountStatus, request: Option<&str>, 
 
 /// Records each observed key's last use on its record, and the latest on
 /// the account, keeping earlier ones (a revoked key's use still counts).
+///
+/// The first look after a key's publication takes what the target reports
+/// as the key's baseline: keysmith's own verification, on the target's
+/// clock, so a target whose clock runs ahead does not make it look like
+/// use. A use counts once it is later than both the baseline and the
+/// publication plus [`USE_MARGIN`] (a target that reports late would show
+/// the verification only after that first look).
 pub fn record_use(status: &mut IntegrationAccountStatus, observed: &[ObservedKey]) {
     for record in status.keys.iter_mut().filter(|r| r.state != KeyState::Revoked) {
         let Some(published) = record.published_at.as_ref().map(|t| t.0) else { continue };
-        let used = observed
-            .iter()
-            .find(|k| k.id == record.id)
-            .and_then(|k| k.last_used)
-            .filter(|used| *used > saturating_add(published, USE_MARGIN));
-        if let Some(used) = used {
+        let Some(key) = observed.iter().find(|k| k.id == record.id) else { continue };
+        let Some(baseline) = record.use_baseline_at.as_ref().map(|t| t.0) else {
+            record.use_baseline_at = Some(Time(key.last_used.map_or(published, |used| used.max(published))));
+            continue;
+        };
+        let floor = baseline.max(saturating_add(published, USE_MARGIN));
+        if let Some(used) = key.last_used.filter(|used| *used > floor) {
             if record.last_used_at.as_ref().is_none_or(|t| t.0 < used) {
                 record.last_used_at = Some(Time(used));
             }
@@ -161,6 +169,7 @@ mod tests {
             revoked_at: None,
             expires_at: None,
             last_used_at: None,
+            use_baseline_at: None,
             restarted_at: None,
             reason: None,
         }
@@ -176,11 +185,11 @@ mod tests {
             keys: vec![record("a", KeyState::Published, Some(100)), record("b", KeyState::Pending, None)],
             ..Default::default()
         };
-        // keysmith's own check, just before (or within the margin after)
-        // publication.
+        // The first look: keysmith's own check, just before publication.
         record_use(&mut status, &[used("a", Some(99)), used("b", Some(150))]);
+        assert_eq!(status.keys[0].use_baseline_at, Some(Time(t(100))));
         record_use(&mut status, &[used("a", Some(105))]);
-        assert_eq!(status.keys[0].last_used_at, None);
+        assert_eq!(status.keys[0].last_used_at, None, "within the margin after publication");
         assert_eq!(status.last_used_at, None, "an unpublished key's use does not count");
         record_use(&mut status, &[used("a", Some(500))]);
         assert_eq!(status.keys[0].last_used_at, Some(Time(t(500))));
@@ -190,6 +199,31 @@ mod tests {
         status.keys[0].state = KeyState::Revoked;
         record_use(&mut status, &[]);
         assert_eq!(status.last_used_at, Some(Time(t(500))), "a revoked key's use still counts");
+    }
+
+    #[test]
+    fn a_target_clock_running_ahead_or_reporting_late_never_makes_verification_use() {
+        // The target's clock is 40 s ahead: keysmith's check, made before
+        // publication at t(100), shows as t(139).
+        let mut ahead =
+            IntegrationAccountStatus { keys: vec![record("a", KeyState::Published, Some(100))], ..Default::default() };
+        record_use(&mut ahead, &[used("a", Some(139))]);
+        record_use(&mut ahead, &[used("a", Some(139))]);
+        assert_eq!(ahead.last_used_at, None, "the same report again is not use");
+        record_use(&mut ahead, &[used("a", Some(200))]);
+        assert_eq!(ahead.last_used_at, Some(Time(t(200))), "a later one is");
+        // The target reports late: nothing at the first look, the check
+        // (at t(99)) only afterwards.
+        let mut late =
+            IntegrationAccountStatus { keys: vec![record("a", KeyState::Published, Some(100))], ..Default::default() };
+        record_use(&mut late, &[used("a", None)]);
+        record_use(&mut late, &[used("a", Some(99))]);
+        assert_eq!(late.last_used_at, None);
+        // A key not listed at all sets no baseline.
+        let mut unseen =
+            IntegrationAccountStatus { keys: vec![record("a", KeyState::Published, Some(100))], ..Default::default() };
+        record_use(&mut unseen, &[]);
+        assert_eq!(unseen.keys[0].use_baseline_at, None);
     }
 
     #[test]

@@ -478,11 +478,22 @@ pub fn dormancy_of(
     gathered: &Gathered,
 ) -> Option<super::dormancy::Dormancy> {
     let after = gathered.schedule.as_ref().and_then(RotationSchedule::dormant_after)?;
-    if !gathered.provider.capabilities().reports_last_use {
-        return None;
-    }
+    gathered.provider.capabilities().last_use_lag?;
     let created = account.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     Some(super::dormancy::assess(now, after, status, created))
+}
+
+/// Whether the account is dormant, its policy disables dormant accounts,
+/// and its provider can disable accounts.
+pub fn disable_dormant(
+    now: jiff::Timestamp,
+    account: &IntegrationAccount,
+    status: &IntegrationAccountStatus,
+    gathered: &Gathered,
+) -> bool {
+    gathered.schedule.as_ref().is_some_and(RotationSchedule::disable_dormant)
+        && gathered.provider.capabilities().disable
+        && dormancy_of(now, account, status, gathered).is_some_and(|d| d.dormant)
 }
 
 /// The planner's input from an account, its status, what was gathered and
@@ -514,12 +525,13 @@ pub fn plan_input<'a>(
         held,
         keys_blocked: gathered.keys_blocked(),
         rollout,
-        disable_dormant: dormancy_of(now, account, status, gathered).is_some_and(|d| d.dormant)
-            && gathered.schedule.as_ref().is_some_and(RotationSchedule::disable_dormant),
+        disable_dormant: disable_dormant(now, account, status, gathered),
+        // Never shorter than the target's own delay in reporting a use (a
+        // key in use would look idle).
         revoke_unused_after: gathered
             .schedule
             .as_ref()
             .and_then(RotationSchedule::revoke_unused_after)
-            .filter(|_| gathered.provider.capabilities().reports_last_use),
+            .and_then(|idle| gathered.provider.capabilities().last_use_lag.map(|lag| idle.max(lag))),
     }
 }

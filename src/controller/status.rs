@@ -57,6 +57,9 @@ pub struct Facts<'a> {
     pub schedule: Option<&'a RotationSchedule>,
     /// The account's uid (the jitter seed).
     pub seed: &'a str,
+    /// No rotation is due while this holds (a dormant account keysmith
+    /// disabled): no next rotation, so nothing wakes the account for one.
+    pub rotation_held: bool,
 }
 
 /// Status after an apply, and the conditions it sets. `set` are the
@@ -102,6 +105,7 @@ pub fn after_apply(
     let current = status.current_key.clone().filter(|c| applied.live_keys.contains(&c.id));
     status.next_rotation_at = current
         .as_ref()
+        .filter(|_| !facts.rotation_held)
         .and_then(|c| plan::next_rotation(facts.schedule, c, facts.seed).map(|t| Time(whole_seconds(t))));
     if !set.iter().chain(&conditions).any(|c| c.type_ == KEY_READY) {
         conditions.push(match &current {
@@ -138,6 +142,8 @@ pub fn ready(suspended: bool, conditions: &[ConditionUpdate]) -> ConditionUpdate
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::api::{CurrentKey, KeyRecord, KeyState};
 
@@ -155,6 +161,7 @@ mod tests {
             desired,
             schedule: None,
             seed: "uid",
+            rotation_held: false,
         }
     }
 
@@ -175,6 +182,7 @@ mod tests {
                 revoked_at: None,
                 expires_at: None,
                 last_used_at: None,
+                use_baseline_at: None,
                 restarted_at: None,
                 reason: None,
             }],
@@ -206,6 +214,30 @@ mod tests {
         two.retain(|c| c.type_ != ROLES_SYNCED);
         two.push(ConditionUpdate::truthy("RolloutConfirmed", "RolloutConfirmed", "rolled out"));
         assert_eq!(ready(false, &two).reason, "Reconciling");
+    }
+
+    /// A dormant account keysmith disabled has an overdue rotation held
+    /// back: no next rotation in status, so the wake-up that follows from
+    /// status is not "now" (which would observe the target every second).
+    #[test]
+    fn a_held_rotation_is_no_next_rotation_and_wakes_nothing() {
+        let desired = BTreeSet::new();
+        let schedule =
+            RotationSchedule::from_spec(&serde_json::from_value(serde_json::json!({"rotateEvery": "1h"})).unwrap())
+                .unwrap();
+        let applied = Applied { account: Some(owned()), live_keys: ["k1".to_string()].into(), ..Default::default() };
+        let due = Facts { schedule: Some(&schedule), ..facts(&desired) };
+        let (status, _) = after_apply(published("k1"), &due, &applied, &[], t(7200));
+        let overdue = status.next_rotation_at.as_ref().map(|t| t.0).expect("a rotation, overdue");
+        assert!(overdue < t(7200));
+        let wake = lifecycle::wake(None, &status.keys, Some(overdue), t(7200));
+        assert_eq!(lifecycle::delay_until(wake.next, t(7200), Duration::from_secs(600)), Duration::from_secs(1));
+
+        let held = Facts { rotation_held: true, ..due };
+        let (status, _) = after_apply(published("k1"), &held, &applied, &[], t(7200));
+        assert_eq!(status.next_rotation_at, None);
+        let wake = lifecycle::wake(None, &status.keys, None, t(7200));
+        assert_eq!(lifecycle::delay_until(wake.next, t(7200), Duration::from_secs(600)), Duration::from_secs(600));
     }
 
     #[test]

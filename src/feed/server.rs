@@ -7,18 +7,24 @@
 //! [`TOKEN_LIFETIME`]), or both. The files are read again on every check,
 //! so a rotated Secret takes effect without a restart. Secrets are compared
 //! by their SHA-256 digests in constant time, and never logged.
+//!
+//! An issued token is its expiry, a nonce, and an HMAC-SHA256 over both
+//! keyed with the client secret: any replica with the same Secret accepts
+//! it, nothing is kept in memory, and rotating the client secret ends every
+//! token issued with the old one.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     body::{Bytes, Incoming},
@@ -37,8 +43,12 @@ use crate::metrics::Metrics;
 
 /// How long a token from the token endpoint lives.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-/// The most tokens kept at once; the oldest goes first.
-pub const MAX_TOKENS: usize = 1000;
+/// The most connections served at once; more are closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest a connection stays open.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a token request's body may take to arrive.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The scope tokens are issued for.
 pub const SCOPE: &str = "accounts.read";
 const MAX_BODY: usize = 4096;
@@ -48,8 +58,6 @@ type Body = Full<Bytes>;
 /// What the feed checks requests against.
 struct Credentials {
     dir: PathBuf,
-    /// Digests of tokens issued by the token endpoint, and their expiry.
-    issued: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 fn digest(text: &str) -> [u8; 32] {
@@ -65,13 +73,24 @@ fn read(dir: &Path, name: &str) -> Option<String> {
     std::fs::read_to_string(dir.join(name)).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The signature of an issued token's `expiry.nonce`.
+fn sign(client_id: &str, client_secret: &str, expiry: u64, nonce: &str) -> Option<String> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(client_secret.as_bytes()).ok()?;
+    mac.update(format!("keysmith-inventory-token.v1|{client_id}|{expiry}|{nonce}").as_bytes());
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
 impl Credentials {
     fn token(&self) -> Option<[u8; 32]> {
         read(&self.dir, "token").map(|t| digest(&t))
     }
 
-    fn client(&self) -> Option<(String, [u8; 32])> {
-        Some((read(&self.dir, "client_id")?, digest(&read(&self.dir, "client_secret")?)))
+    fn client(&self) -> Option<(String, String)> {
+        Some((read(&self.dir, "client_id")?, read(&self.dir, "client_secret")?))
     }
 
     /// What the directory offers, for the startup check and the log.
@@ -87,35 +106,42 @@ impl Credentials {
     }
 
     fn bearer_ok(&self, presented: &str) -> bool {
-        let presented = digest(presented);
-        if self.token().is_some_and(|t| same(&t, &presented)) {
+        let presented_digest = digest(presented);
+        if self.token().is_some_and(|t| same(&t, &presented_digest)) {
             return true;
         }
-        let now = Instant::now();
-        let Ok(mut issued) = self.issued.lock() else { return false };
-        issued.retain(|_, until| *until > now);
-        issued.keys().any(|k| same(k, &presented))
+        // ksf.<expiry>.<nonce>.<signature>
+        let mut parts = presented.split('.');
+        let (Some("ksf"), Some(expiry), Some(nonce), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let Ok(expiry) = expiry.parse::<u64>() else { return false };
+        let now = unix_now();
+        if expiry <= now || expiry > now + TOKEN_LIFETIME.as_secs() + 60 {
+            return false;
+        }
+        let Some((id, secret)) = self.client() else { return false };
+        sign(&id, &secret, expiry, nonce).is_some_and(|want| same(&digest(&want), &digest(signature)))
     }
 
     fn client_ok(&self, id: &str, secret: &str) -> bool {
         match self.client() {
             // Both compared, always, so timing says nothing about which.
-            Some((want_id, want_secret)) => same(&digest(&want_id), &digest(id)) & same(&want_secret, &digest(secret)),
+            Some((want_id, want_secret)) => {
+                same(&digest(&want_id), &digest(id)) & same(&digest(&want_secret), &digest(secret))
+            }
             None => false,
         }
     }
 
     fn issue(&self) -> Option<String> {
-        let token = format!("ksf_{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
-        let now = Instant::now();
-        let mut issued = self.issued.lock().ok()?;
-        issued.retain(|_, until| *until > now);
-        while issued.len() >= MAX_TOKENS {
-            let oldest = issued.iter().min_by_key(|(_, until)| **until).map(|(k, _)| *k)?;
-            issued.remove(&oldest);
-        }
-        issued.insert(digest(&token), now + TOKEN_LIFETIME);
-        Some(token)
+        let (id, secret) = self.client()?;
+        let expiry = unix_now() + TOKEN_LIFETIME.as_secs();
+        let nonce = format!("{:032x}", rand::random::<u128>());
+        let signature = sign(&id, &secret, expiry, &nonce)?;
+        Some(format!("ksf.{expiry}.{nonce}.{signature}"))
     }
 }
 
@@ -127,7 +153,8 @@ pub async fn serve(
     source: Arc<Metrics>,
     credentials_dir: PathBuf,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let credentials = Arc::new(Credentials { dir: credentials_dir, issued: Mutex::new(HashMap::new()) });
+    let credentials = Arc::new(Credentials { dir: credentials_dir });
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let offered = credentials.offered();
     if offered.is_empty() {
         anyhow::bail!(
@@ -148,8 +175,16 @@ pub async fn serve(
                     continue;
                 }
             };
+            // A bounded number of connections, each for a bounded time: a
+            // client that holds connections open cannot starve the process
+            // the controllers run in.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many inventory connections: closing this one");
+                continue;
+            };
             let (source, credentials) = (source.clone(), credentials.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |request| {
                     let (source, credentials) = (source.clone(), credentials.clone());
                     async move { Ok::<_, Infallible>(respond(request, &source, &credentials).await) }
@@ -158,8 +193,10 @@ pub async fn serve(
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, %peer, "inventory connection ended with an error");
+                match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                    Ok(Err(error)) => tracing::debug!(%error, %peer, "inventory connection ended with an error"),
+                    Ok(Ok(())) => {}
+                    Err(_) => tracing::debug!(%peer, "inventory connection closed after its time"),
                 }
             });
         }
@@ -437,9 +474,9 @@ async fn token_endpoint(request: Request<Incoming>, credentials: &Credentials) -
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|pair| pair.split_once(':').map(|(id, secret)| (decode(id), decode(secret))));
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        _ => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
     };
     let form: HashMap<String, String> = String::from_utf8_lossy(&body)
         .split('&')
@@ -487,8 +524,9 @@ mod tests {
     #[test]
     fn credentials_are_read_from_the_directory_and_compared_by_digest() {
         let dir = tempfile::tempdir().unwrap();
-        let credentials = Credentials { dir: dir.path().to_owned(), issued: Mutex::new(HashMap::new()) };
+        let credentials = Credentials { dir: dir.path().to_owned() };
         assert!(credentials.offered().is_empty());
+        assert!(credentials.issue().is_none(), "no client, no token");
         std::fs::write(dir.path().join("token"), "feed-token-123\n").unwrap();
         assert!(credentials.bearer_ok("feed-token-123") && !credentials.bearer_ok("feed-token-12"));
         std::fs::write(dir.path().join("client_id"), "trelica").unwrap();
@@ -496,14 +534,37 @@ mod tests {
         assert_eq!(credentials.offered(), ["an API token", "OAuth 2.0 client credentials"]);
         assert!(credentials.client_ok("trelica", "s3cret"));
         assert!(!credentials.client_ok("trelica", "s3cre") && !credentials.client_ok("other", "s3cret"));
-        let issued = credentials.issue().unwrap();
-        assert!(credentials.bearer_ok(&issued));
         // A rotated token file takes effect at once.
         std::fs::write(dir.path().join("token"), "rotated").unwrap();
         assert!(!credentials.bearer_ok("feed-token-123") && credentials.bearer_ok("rotated"));
-        for _ in 0..MAX_TOKENS + 5 {
-            credentials.issue().unwrap();
-        }
-        assert!(credentials.issued.lock().unwrap().len() <= MAX_TOKENS, "bounded");
+    }
+
+    #[test]
+    fn issued_tokens_are_signed_expire_and_end_with_the_client_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("client_id"), "trelica").unwrap();
+        std::fs::write(dir.path().join("client_secret"), "s3cret").unwrap();
+        let credentials = Credentials { dir: dir.path().to_owned() };
+        let token = credentials.issue().unwrap();
+        assert!(credentials.bearer_ok(&token));
+        // Another replica, reading the same Secret, accepts it.
+        assert!(Credentials { dir: dir.path().to_owned() }.bearer_ok(&token));
+        // Tampered: another expiry, nonce or signature.
+        let parts: Vec<&str> = token.split('.').collect();
+        let later = format!("ksf.{}.{}.{}", parts[1].parse::<u64>().unwrap() + 1, parts[2], parts[3]);
+        assert!(!credentials.bearer_ok(&later));
+        assert!(!credentials.bearer_ok(&format!("ksf.{}.{}0.{}", parts[1], parts[2], parts[3])));
+        assert!(!credentials.bearer_ok(&format!("{token}x")));
+        assert!(!credentials.bearer_ok(&format!("{token}.extra")));
+        // Expired, or valid for longer than the feed issues: refused.
+        let (now, nonce) = (unix_now(), "n");
+        let past = format!("ksf.{}.{nonce}.{}", now - 1, sign("trelica", "s3cret", now - 1, nonce).unwrap());
+        assert!(!credentials.bearer_ok(&past));
+        let far = now + 10 * TOKEN_LIFETIME.as_secs();
+        let forever = format!("ksf.{far}.{nonce}.{}", sign("trelica", "s3cret", far, nonce).unwrap());
+        assert!(!credentials.bearer_ok(&forever));
+        // A rotated client secret ends the tokens issued with the old one.
+        std::fs::write(dir.path().join("client_secret"), "rotated").unwrap();
+        assert!(!credentials.bearer_ok(&token));
     }
 }

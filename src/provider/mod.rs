@@ -88,8 +88,9 @@ pub struct Capabilities {
     /// Whether accounts can be disabled rather than deleted.
     pub disable: bool,
     /// Whether [`ObservedKey::last_used`] says when each key was last used
-    /// (then a key without it was never used).
-    pub reports_last_use: bool,
+    /// (then a key without it was never used), and how late the target may
+    /// report a use: `Some(lag)` if it reports use, `None` if it cannot.
+    pub last_use_lag: Option<Duration>,
 }
 
 /// The account keysmith wants in the target app, derived from an
@@ -221,7 +222,7 @@ pub struct ObservedKey {
     /// When it was created, if the target says.
     pub created_at: Option<Timestamp>,
     /// When the target last saw it used, if it says (see
-    /// [`Capabilities::reports_last_use`]). keysmith's own verification
+    /// [`Capabilities::last_use_lag`]). keysmith's own verification
     /// happens before a key is published, and counts only until then.
     pub last_used: Option<Timestamp>,
 }

@@ -40,11 +40,15 @@ pub const PATH: &str = "/keysmith/";
 pub const ADMIN: &str = "keysmith-admin";
 /// A user with a key but without any policy.
 pub const POWERLESS: &str = "powerless";
+/// An admin holding the policy of a keysmith from before it read when keys
+/// were last used: [`aws_iam::ADMIN_USER_ACTIONS`] without
+/// `iam:GetAccessKeyLastUsed`.
+pub const OLD_ADMIN: &str = "keysmith-admin-before-last-use";
 /// The managed policies the bootstrap creates, to be granted.
 pub const POLICIES: [&str; 3] = ["ks-read", "ks-write", "ks-audit"];
 /// The calls [`MotoServer::start`] makes before authentication is switched
 /// on, besides one per extra policy of [`MotoServer::start_with_policies`].
-const BOOTSTRAP_CALLS: usize = 8;
+const BOOTSTRAP_CALLS: usize = 11;
 
 /// A moto server on 127.0.0.1 with IAM authentication on, killed on drop.
 pub struct MotoServer {
@@ -57,6 +61,8 @@ pub struct MotoServer {
     pub admin_key: (String, String),
     /// [`POWERLESS`]'s access key id and secret access key.
     pub powerless_key: (String, String),
+    /// [`OLD_ADMIN`]'s access key id and secret access key.
+    pub old_admin_key: (String, String),
     /// The 12-digit account id moto runs as.
     pub account_id: String,
 }
@@ -101,6 +107,7 @@ impl MotoServer {
                 http: http.clone(),
                 admin_key: Default::default(),
                 powerless_key: Default::default(),
+                old_admin_key: Default::default(),
                 account_id: String::new(),
             };
             let started = Instant::now();
@@ -155,6 +162,23 @@ impl MotoServer {
         )
         .await;
         self.admin_key = access_key(&call("CreateAccessKey", vec![("UserName", ADMIN.into())]).await);
+        let old_actions: Vec<&str> =
+            aws_iam::ADMIN_USER_ACTIONS.iter().copied().filter(|a| *a != "iam:GetAccessKeyLastUsed").collect();
+        let old_policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": old_actions, "Resource": "*"}],
+        });
+        call("CreateUser", vec![("UserName", OLD_ADMIN.into())]).await;
+        call(
+            "PutUserPolicy",
+            vec![
+                ("UserName", OLD_ADMIN.into()),
+                ("PolicyName", "keysmith".into()),
+                ("PolicyDocument", old_policy.to_string()),
+            ],
+        )
+        .await;
+        self.old_admin_key = access_key(&call("CreateAccessKey", vec![("UserName", OLD_ADMIN.into())]).await);
         call("CreateUser", vec![("UserName", POWERLESS.into())]).await;
         self.powerless_key = access_key(&call("CreateAccessKey", vec![("UserName", POWERLESS.into())]).await);
         let grantable = serde_json::json!({

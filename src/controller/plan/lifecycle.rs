@@ -97,6 +97,7 @@ fn blank(id: &str, state: KeyState, now: Timestamp) -> KeyRecord {
         revoked_at: None,
         expires_at: None,
         last_used_at: None,
+        use_baseline_at: None,
         restarted_at: None,
         reason: None,
     }

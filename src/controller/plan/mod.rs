@@ -605,6 +605,7 @@ mod tests {
             revoked_at: None,
             expires_at: None,
             last_used_at: None,
+            use_baseline_at: None,
             restarted_at: None,
             reason: None,
         }

@@ -115,6 +115,10 @@ use crate::ownership;
 use std::{
     collections::BTreeMap,
     fmt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -162,6 +166,11 @@ pub const ADMIN_USER_ACTIONS: &[&str] = &[
     "iam:AttachUserPolicy",
     "iam:DetachUserPolicy",
 ];
+
+/// How late IAM may report an access key's use. AWS states no delay for
+/// GetAccessKeyLastUsed; its access reports document up to four hours, and
+/// keysmith assumes the same (early revocation never waits less).
+pub const LAST_USE_LAG: Duration = Duration::from_secs(4 * 3600);
 
 /// Access keys AWS allows per user.
 const MAX_KEYS_PER_USER: u32 = 2;
@@ -341,6 +350,9 @@ pub struct AwsIamProvider {
     http: reqwest::Client,
     page_size: u32,
     verify_window: Duration,
+    /// The admin policy refused iam:GetAccessKeyLastUsed: last use is not
+    /// reported (said once in the log), rather than every account failing.
+    last_use_refused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for AwsIamProvider {
@@ -402,6 +414,7 @@ impl AwsIamProvider {
             http,
             page_size: DEFAULT_PAGE_SIZE,
             verify_window: VERIFY_WINDOW,
+            last_use_refused: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -623,7 +636,7 @@ impl Provider for AwsIamProvider {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            reports_last_use: true,
+            last_use_lag: (!self.last_use_refused.load(Ordering::Relaxed)).then_some(LAST_USE_LAG),
             max_keys_per_account: Some(MAX_KEYS_PER_USER),
             key_expiry: false,
             disable: true,
@@ -692,11 +705,9 @@ impl Provider for AwsIamProvider {
                 Ok(())
             }
             Some(_) => {
-                let disabled = BTreeMap::from([(ownership::DISABLED.to_owned(), "true".to_owned())]);
-                match self.tag_user(&account.name, &disabled).await {
-                    Err(ProviderError::NotFound(_)) => return Ok(()),
-                    other => other?,
-                }
+                // Keys first, the tag last: the tag is what observing reads
+                // as disabled, so a failure in between is tried again
+                // rather than taken for done.
                 let keys = self.access_keys(&account.name).await;
                 let Some(keys) = self.unless_gone(&account.name, keys).await? else {
                     return Ok(());
@@ -704,7 +715,11 @@ impl Provider for AwsIamProvider {
                 for key in keys.iter().filter(|k| k.active) {
                     self.set_key_status(&account.name, &key.id, "Inactive").await?;
                 }
-                Ok(())
+                let disabled = BTreeMap::from([(ownership::DISABLED.to_owned(), "true".to_owned())]);
+                match self.tag_user(&account.name, &disabled).await {
+                    Err(ProviderError::NotFound(_)) => Ok(()),
+                    other => other,
+                }
             }
         }
     }
@@ -798,19 +813,24 @@ impl Provider for AwsIamProvider {
         let keys = self.unless_gone(&account.name, keys).await?.unwrap_or_default();
         let mut observed = Vec::with_capacity(keys.len());
         for key in keys {
-            let last_used = match self.last_used(&key.id).await {
-                Ok(last_used) => last_used,
-                // Deleted in between.
-                Err(failure) if failure.is("NoSuchEntity") => continue,
-                Err(failure) => {
-                    let error = ProviderError::from(failure);
-                    return Err(match error {
-                        ProviderError::Unauthorized(message) => ProviderError::Unauthorized(format!(
-                            "{message} (keysmith reads when each access key was last used: allow \
-                             iam:GetAccessKeyLastUsed in the admin policy)"
-                        )),
-                        other => other,
-                    });
+            let last_used = if self.last_use_refused.load(Ordering::Relaxed) {
+                None
+            } else {
+                match self.last_used(&key.id).await {
+                    Ok(last_used) => last_used,
+                    // Deleted in between.
+                    Err(failure) if failure.is("NoSuchEntity") => continue,
+                    Err(Failure { error: ProviderError::Unauthorized(message), .. }) => {
+                        if !self.last_use_refused.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                %message,
+                                "the admin policy refuses iam:GetAccessKeyLastUsed: keysmith cannot tell when keys \
+                                 were last used (dormancy is not assessed) until it is allowed and keysmith restarts"
+                            );
+                        }
+                        None
+                    }
+                    Err(failure) => return Err(failure.error),
                 }
             };
             observed.push(ObservedKey { id: key.id, created_at: key.created_at, last_used });

@@ -685,7 +685,7 @@ impl Provider for GcpIamProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: Some(MAX_KEYS), key_expiry: false, disable: true }
+        Capabilities { last_use_lag: None, max_keys_per_account: Some(MAX_KEYS), key_expiry: false, disable: true }
     }
 
     /// The key file is exchanged for a token, and the token reads the

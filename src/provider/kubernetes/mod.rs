@@ -492,7 +492,7 @@ impl Provider for KubernetesProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: true }
+        Capabilities { last_use_lag: None, max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     fn default_scope(&self, account: &AccountRequest) -> Option<String> {

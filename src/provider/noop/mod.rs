@@ -94,7 +94,7 @@ impl Provider for NoopProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: false, disable: true }
+        Capabilities { last_use_lag: None, max_keys_per_account: None, key_expiry: false, disable: true }
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {

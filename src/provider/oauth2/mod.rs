@@ -889,7 +889,7 @@ impl Provider for OAuth2Provider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: Some(1), key_expiry: false, disable: false }
+        Capabilities { last_use_lag: None, max_keys_per_account: Some(1), key_expiry: false, disable: false }
     }
 
     /// See the module docs: an unacceptable registration request proves

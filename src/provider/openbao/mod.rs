@@ -336,13 +336,25 @@ impl OpenBaoProvider {
         }
     }
 
-    async fn policies(&self, account: &AccountRequest) -> Result<BTreeSet<String>, ProviderError> {
-        let (role, _) = self.owned_role(account).await?;
-        Ok(policies_of(&role))
+    /// The role's policies, and its `role_id` (this IntegrationAccount's).
+    async fn policies(&self, account: &AccountRequest) -> Result<(String, BTreeSet<String>), ProviderError> {
+        let (role, role_id) = self.owned_role(account).await?;
+        Ok((role_id, policies_of(&role)))
     }
 
-    async fn set_policies(&self, account: &AccountRequest, policies: &BTreeSet<String>) -> Result<(), ProviderError> {
-        let body = json!({ "token_policies": policies.iter().collect::<Vec<_>>() });
+    /// Writes the role's policies. AppRole has no compare-and-set: the
+    /// `role_id` read just before goes with every write, so a role deleted
+    /// in between comes back as this IntegrationAccount's, never as an
+    /// untagged role holding its policies.
+    async fn set_policies(
+        &self,
+        account: &AccountRequest,
+        role_id: &str,
+        policies: &BTreeSet<String>,
+    ) -> Result<(), ProviderError> {
+        let mut body = self.settings();
+        body["role_id"] = json!(role_id);
+        body["token_policies"] = json!(policies.iter().collect::<Vec<_>>());
         self.call(Method::POST, &self.role_path(account), Some(&body)).await.map_err(|f| f.error)?;
         Ok(())
     }
@@ -450,7 +462,7 @@ impl Provider for OpenBaoProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: false }
+        Capabilities { last_use_lag: None, max_keys_per_account: None, key_expiry: true, disable: false }
     }
 
     /// The token looks itself up: refused means the credential is wrong.
@@ -498,7 +510,10 @@ impl Provider for OpenBaoProvider {
         if !self.observed(&role, &role_id, account).drifted {
             return Ok(self.observed(&role, &role_id, account));
         }
-        self.call(Method::POST, &self.role_path(account), Some(&self.settings())).await.map_err(|f| f.error)?;
+        // With the role_id read: see set_policies.
+        let mut body = self.settings();
+        body["role_id"] = json!(role_id);
+        self.call(Method::POST, &self.role_path(account), Some(&body)).await.map_err(|f| f.error)?;
         let (role, role_id) = self.owned_role(account).await?;
         Ok(self.observed(&role, &role_id, account))
     }
@@ -528,14 +543,14 @@ impl Provider for OpenBaoProvider {
     }
 
     async fn list_roles(&self, account: &AccountRequest) -> Result<Vec<RoleGrant>, ProviderError> {
-        Ok(self.policies(account).await?.into_iter().map(|role| RoleGrant { role, scope: None }).collect())
+        Ok(self.policies(account).await?.1.into_iter().map(|role| RoleGrant { role, scope: None }).collect())
     }
 
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
         check_role(grant)?;
-        let mut policies = self.policies(account).await?;
+        let (role_id, mut policies) = self.policies(account).await?;
         if policies.insert(grant.role.clone()) {
-            self.set_policies(account, &policies).await?;
+            self.set_policies(account, &role_id, &policies).await?;
         }
         Ok(())
     }
@@ -544,9 +559,9 @@ impl Provider for OpenBaoProvider {
         if !self.ours_or_gone(account).await? {
             return Ok(());
         }
-        let mut policies = self.policies(account).await?;
+        let (role_id, mut policies) = self.policies(account).await?;
         if policies.remove(&grant.role) {
-            self.set_policies(account, &policies).await?;
+            self.set_policies(account, &role_id, &policies).await?;
         }
         Ok(())
     }

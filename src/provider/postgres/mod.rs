@@ -858,7 +858,7 @@ impl Provider for PostgresProvider {
 
     fn capabilities(&self) -> Capabilities {
         // Keys are roles: the connection's policy is the only limit.
-        Capabilities { reports_last_use: false, max_keys_per_account: None, key_expiry: true, disable: true }
+        Capabilities { last_use_lag: None, max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     async fn verify_connection(&self) -> Result<(), ProviderError> {

@@ -404,7 +404,7 @@ impl Provider for ScimProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: false, max_keys_per_account: Some(1), key_expiry: false, disable: true }
+        Capabilities { last_use_lag: None, max_keys_per_account: Some(1), key_expiry: false, disable: true }
     }
 
     /// Lists one User with the token (the ServiceProviderConfig endpoint may

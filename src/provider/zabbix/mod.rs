@@ -344,7 +344,15 @@ impl ZabbixProvider {
                     role_name(account)
                 )));
             }
-            return Ok(text(&role, "roleid"));
+            let id = text(&role, "roleid");
+            if holders.is_empty() {
+                // Left by a create that did not finish, or made by hand:
+                // back to keysmith's kind, with no method, before any user
+                // holds it.
+                self.rpc("role.update", json!({"roleid": id, "type": 1, "rules": base_rules(&BTreeSet::new())}))
+                    .await?;
+            }
+            return Ok(id);
         }
         let created = self
             .rpc("role.create", json!({"name": role_name(account), "type": 1, "rules": base_rules(&BTreeSet::new())}))
@@ -426,9 +434,11 @@ fn is_owned(user: &User, account: &AccountRequest) -> bool {
     !account.owner_uid.is_empty() && user.surname == tag(account)
 }
 
+/// The declared methods of a role: its allow-list. A deny-list (someone
+/// else's edit) declares nothing: its methods are the ones denied.
 fn methods_of(role: &Value) -> BTreeSet<String> {
     let rules = &role["rules"];
-    if text(rules, "api.access") != "1" {
+    if text(rules, "api.access") != "1" || text(rules, "api.mode") != "1" {
         return BTreeSet::new();
     }
     rules["api"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect()
@@ -471,8 +481,25 @@ fn check_name(account: &AccountRequest) -> Result<(), ProviderError> {
     Ok(())
 }
 
+/// Methods a User-type user may call on itself that would take it out of
+/// keysmith's hands: change its own groups, ownership tag or password, or
+/// mint tokens for itself.
+const SELF_SERVICE: [&str; 5] = ["user.update", "token.create", "token.generate", "token.update", "token.delete"];
+
+/// Whether a method pattern (`host.*`, `*.get`, `user.update`) covers
+/// `method`.
+fn covers(pattern: &str, method: &str) -> bool {
+    match (pattern.split_once('.'), method.split_once('.')) {
+        (Some((ps, pm)), Some((s, m))) => {
+            (ps == "*" || ps.eq_ignore_ascii_case(s)) && (pm == "*" || pm.eq_ignore_ascii_case(m))
+        }
+        _ => false,
+    }
+}
+
 /// A role: an API method (`host.get`) or a Zabbix method pattern
-/// (`host.*`, `*.get`), without a scope.
+/// (`host.*`, `*.get`), without a scope, that covers none of
+/// [`SELF_SERVICE`].
 fn check_role(grant: &RoleGrant) -> Result<(), ProviderError> {
     if let Some(scope) = &grant.scope {
         return Err(ProviderError::Invalid(format!(
@@ -485,15 +512,21 @@ fn check_role(grant: &RoleGrant) -> Result<(), ProviderError> {
         Some((service, method)) => part(service) && part(method) && !(service == "*" && method == "*"),
         None => false,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Invalid(format!(
+    if !ok {
+        return Err(ProviderError::Invalid(format!(
             "{:?} is not a Zabbix API method: name one such as host.get, or a pattern such as host.* or *.get \
              (*.* would allow every method)",
             grant.role
-        )))
+        )));
     }
+    if let Some(method) = SELF_SERVICE.iter().find(|m| covers(&grant.role, m)) {
+        return Err(ProviderError::Invalid(format!(
+            "{} covers {method}, with which the account could change its own groups, ownership tag, password or \
+             tokens and leave keysmith's control: name the methods it needs instead",
+            grant.role
+        )));
+    }
+    Ok(())
 }
 
 fn check_token_id(id: &str) -> Result<(), ProviderError> {
@@ -552,7 +585,8 @@ impl Provider for ZabbixProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { reports_last_use: true, max_keys_per_account: None, key_expiry: true, disable: true }
+        // Zabbix writes lastaccess with the request it authenticates.
+        Capabilities { last_use_lag: Some(Duration::ZERO), max_keys_per_account: None, key_expiry: true, disable: true }
     }
 
     /// The token reads the two user groups: a refused token, a missing
@@ -880,6 +914,22 @@ mod tests {
 
     fn grant(role: &str) -> RoleGrant {
         RoleGrant { role: role.to_owned(), scope: None }
+    }
+
+    #[test]
+    fn no_method_lets_the_account_change_itself() {
+        for bad in
+            ["user.update", "User.Update", "user.*", "*.update", "token.create", "token.*", "*.generate", "*.delete"]
+        {
+            let err = check_role(&grant(bad)).expect_err(bad);
+            assert!(
+                matches!(err, ProviderError::Invalid(ref m) if m.contains("leave keysmith's control")),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["user.get", "*.get", "host.update", "problem.*"] {
+            check_role(&grant(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]
