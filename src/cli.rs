@@ -316,7 +316,9 @@ pub async fn plan(client: Client, config: kube::Config, file: &Path) -> anyhow::
         let at = now();
         let reactivate = account.annotations().get(crate::controller::dormancy::REACTIVATE_ANNOTATION);
         crate::controller::dormancy::reactivate(&mut status, reactivate.map(String::as_str), at);
-        crate::controller::dormancy::record_use(&mut status, &target.keys);
+        if gathered.provider.capabilities().last_use_lag.is_some() {
+            crate::controller::dormancy::record_use(&mut status, &target.keys);
+        }
         let decided = plan::plan(&observe::plan_input(at, &account, &status, &gathered, &target, None, None));
         if let Some(blocked) = decided.blocked {
             result.problem = Some(blocked);

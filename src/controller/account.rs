@@ -388,7 +388,11 @@ async fn converge(account: &IntegrationAccount, ctx: &Context, run: &mut Run) ->
         )
         .await;
     }
-    dormancy::record_use(&mut run.status, &target.keys);
+    // Only where the target reports use: elsewhere nothing is recorded,
+    // and status is not written for it.
+    if gathered.provider.capabilities().last_use_lag.is_some() {
+        dormancy::record_use(&mut run.status, &target.keys);
+    }
     let status = run.status.clone();
     let held = ctx.held(&run.key);
     let rollout = match schedule.as_ref().and_then(RotationSchedule::confirm_rollout) {

@@ -289,7 +289,11 @@ impl View {
 
 /// The records that match `filter` (parsed and checked for `view`), in id
 /// order.
-pub fn select(accounts: &[IntegrationAccount], view: View, filter: Option<&str>) -> Result<Vec<Record>, String> {
+pub fn select<'a>(
+    accounts: impl IntoIterator<Item = &'a IntegrationAccount>,
+    view: View,
+    filter: Option<&str>,
+) -> Result<Vec<Record>, String> {
     let filter = filter.filter(|f| !f.trim().is_empty()).map(Filter::parse).transpose()?;
     let probe = Record::probe();
     if let Some(filter) = &filter {
@@ -299,7 +303,7 @@ pub fn select(accounts: &[IntegrationAccount], view: View, filter: Option<&str>)
         filter::check_dates(filter, &|a| view.is_date(a))?;
     }
     let mut records: Vec<Record> = accounts
-        .iter()
+        .into_iter()
         .filter(|a| a.metadata.deletion_timestamp.is_none())
         .map(Record::of)
         .filter(|r| filter.as_ref().is_none_or(|f| f.matches(&|name| view.field(r, name))))

@@ -338,7 +338,8 @@ async fn respond(request: Request<Incoming>, source: &Metrics, credentials: &Cre
     let Some(inventory) = source.inventory() else {
         return error(view, StatusCode::SERVICE_UNAVAILABLE, "not_ready", "keysmith's caches are not synced yet");
     };
-    let accounts: Vec<_> = inventory.accounts.state().iter().map(|a| a.as_ref().clone()).collect();
+    let state = inventory.accounts.state();
+    let accounts: Vec<&crate::api::IntegrationAccount> = state.iter().map(|a| a.as_ref()).collect();
     let params = query(&request);
     let base = origin(&request);
     match view {
@@ -350,11 +351,14 @@ async fn respond(request: Request<Incoming>, source: &Metrics, credentials: &Cre
 fn rest(
     path: &str,
     params: &HashMap<String, String>,
-    accounts: &[crate::api::IntegrationAccount],
+    accounts: &[&crate::api::IntegrationAccount],
     base: &str,
 ) -> Response<Body> {
     if let Some(id) = path.strip_prefix("/api/v1/accounts/") {
-        return match select(accounts, View::Rest, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
+        return match select(accounts.iter().copied(), View::Rest, None)
+            .ok()
+            .and_then(|r| r.into_iter().find(|r| r.id == id))
+        {
             Some(record) => json_response(StatusCode::OK, &record.rest(), "application/json"),
             None => error(View::Rest, StatusCode::NOT_FOUND, "not_found", "no such account"),
         };
@@ -382,7 +386,7 @@ fn rest(
         },
     };
     let filter = params.get("filter").map(String::as_str);
-    let records = match select(accounts, View::Rest, filter) {
+    let records = match select(accounts.iter().copied(), View::Rest, filter) {
         Ok(records) => records,
         Err(message) => return error(View::Rest, StatusCode::BAD_REQUEST, "invalid_filter", &message),
     };
@@ -399,12 +403,15 @@ fn rest(
 fn scim(
     path: &str,
     params: &HashMap<String, String>,
-    accounts: &[crate::api::IntegrationAccount],
+    accounts: &[&crate::api::IntegrationAccount],
     base: &str,
 ) -> Response<Body> {
     let location = format!("{base}/scim/v2/Users");
     if let Some(id) = path.strip_prefix("/scim/v2/Users/") {
-        return match select(accounts, View::Scim, None).ok().and_then(|r| r.into_iter().find(|r| r.id == id)) {
+        return match select(accounts.iter().copied(), View::Scim, None)
+            .ok()
+            .and_then(|r| r.into_iter().find(|r| r.id == id))
+        {
             Some(record) => json_response(StatusCode::OK, &record.scim(&location), "application/scim+json"),
             None => error(View::Scim, StatusCode::NOT_FOUND, "not_found", "no such User"),
         };
@@ -415,7 +422,7 @@ fn scim(
             return error(View::Scim, StatusCode::BAD_REQUEST, "invalidValue", &message)
         }
     };
-    let records = match select(accounts, View::Scim, params.get("filter").map(String::as_str)) {
+    let records = match select(accounts.iter().copied(), View::Scim, params.get("filter").map(String::as_str)) {
         Ok(records) => records,
         Err(message) => return error(View::Scim, StatusCode::BAD_REQUEST, "invalidFilter", &message),
     };

@@ -227,6 +227,43 @@ pub struct ObservedKey {
     pub last_used: Option<Timestamp>,
 }
 
+/// What one check of a freshly issued key found, for [`until_accepted`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The target accepted the key.
+    Accepted,
+    /// Not yet: what the target said.
+    Refused(String),
+}
+
+/// Checks a freshly issued key with `check` until the target accepts it,
+/// `check` fails for good (its error), or `window` passes (then a
+/// [`ProviderError::Transient`] saying `what` was not accepted, with the last
+/// refusal): targets take a moment to accept a new key. Pauses start at
+/// 200 ms and double, up to 2 s.
+pub async fn until_accepted<F, Fut>(what: &str, window: Duration, mut check: F) -> Result<(), ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Check, ProviderError>>,
+{
+    let deadline = std::time::Instant::now() + window;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let refused = match check().await? {
+            Check::Accepted => return Ok(()),
+            Check::Refused(said) => said,
+        };
+        if std::time::Instant::now() + pause > deadline {
+            return Err(ProviderError::transient(format!(
+                "{what} was not accepted within {}s: {refused}",
+                window.as_secs()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// One target app, reached through one connection's admin credential.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -289,6 +326,33 @@ impl std::fmt::Debug for FakeProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_new_key_is_checked_until_accepted_refused_for_good_or_out_of_time() {
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let third_time = || async {
+            let n = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(if n < 2 { Check::Refused(format!("not yet ({n})")) } else { Check::Accepted })
+        };
+        until_accepted("key k1", Duration::from_secs(5), third_time).await.expect("accepted on the third try");
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        let never = || async { Ok(Check::Refused("invalid_grant".to_owned())) };
+        match until_accepted("key k2", Duration::from_millis(500), never).await {
+            Err(ProviderError::Transient { message, .. }) => {
+                assert!(message.contains("key k2 was not accepted") && message.contains("invalid_grant"), "{message}")
+            }
+            other => panic!("out of time must be Transient, got {other:?}"),
+        }
+
+        let fatal = || async { Err(ProviderError::Conflict("another account's key".to_owned())) };
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            until_accepted("key k3", Duration::from_secs(5), fatal).await,
+            Err(ProviderError::Conflict(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1), "a refusal for good is not retried");
+    }
 
     #[test]
     fn redaction_removes_every_secret_and_its_base64_but_not_short_values() {

@@ -69,7 +69,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     http::{classify_status, retry_after, transport_error},
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
+    AccountRequest, Capabilities, Check, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
 use crate::ownership;
@@ -911,28 +911,21 @@ impl Provider for GcpIamProvider {
                 self.email(account)
             )));
         }
-        let deadline = Instant::now() + self.verify_window;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let refused = match self.exchange(&key_file).await {
+        let what = format!("the new key {}", key.id);
+        super::until_accepted(&what, self.verify_window, || async {
+            match self.exchange(&key_file).await {
                 Ok(answer) if answer.get("access_token").and_then(Value::as_str).is_some_and(|t| !t.is_empty()) => {
-                    return Ok(())
+                    Ok(Check::Accepted)
                 }
-                Ok(_) => "the token endpoint answered without an access_token".to_owned(),
-                Err(Failure { error: ProviderError::Transient { message, .. }, .. }) => message,
-                Err(failure) if failure.google.as_deref() == Some("invalid_grant") => failure.error.to_string(),
-                Err(failure) => return Err(failure.error),
-            };
-            if Instant::now() + pause > deadline {
-                return Err(ProviderError::transient(format!(
-                    "the new key {} was not accepted within {}s: {refused}",
-                    key.id,
-                    self.verify_window.as_secs()
-                )));
+                Ok(_) => Ok(Check::Refused("the token endpoint answered without an access_token".to_owned())),
+                Err(Failure { error: ProviderError::Transient { message, .. }, .. }) => Ok(Check::Refused(message)),
+                Err(failure) if failure.google.as_deref() == Some("invalid_grant") => {
+                    Ok(Check::Refused(failure.error.to_string()))
+                }
+                Err(failure) => Err(failure.error),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
+        })
+        .await
     }
 }
 

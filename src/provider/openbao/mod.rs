@@ -56,7 +56,7 @@ use serde_json::{json, Value};
 
 use super::{
     http::{classify_status, retry_after, scrub, transport_error},
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
+    AccountRequest, Capabilities, Check, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
 
@@ -656,53 +656,45 @@ impl Provider for OpenBaoProvider {
         }
         let login = format!("auth/{}/login", self.mount);
         let body = json!({ "role_id": role_id, "secret_id": secret_id });
-        let deadline = std::time::Instant::now() + self.verify_window;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let refused = match self.call_with(None, Method::POST, &login, Some(&body), &[secret_id]).await {
+        let what = format!("the new secret-id {}", key.id);
+        super::until_accepted(&what, self.verify_window, || async {
+            match self.call_with(None, Method::POST, &login, Some(&body), &[secret_id]).await {
                 Ok(answer) => {
                     let token = answer.pointer("/auth/client_token").and_then(Value::as_str).unwrap_or_default();
                     let accessor = answer.pointer("/auth/accessor").and_then(Value::as_str).unwrap_or_default();
                     if token.is_empty() {
-                        "the login answered without a token".to_owned()
-                    } else {
-                        // Verification leaves no token behind. The login's
-                        // token holds only the declared policies (no
-                        // `default`, so no revoke-self): the admin revokes it.
-                        let revoke = json!({ "accessor": accessor });
-                        if let Err(failure) = self
-                            .call_with(
-                                Some(&self.token),
-                                Method::POST,
-                                "auth/token/revoke-accessor",
-                                Some(&revoke),
-                                &[secret_id, token],
-                            )
-                            .await
-                        {
-                            tracing::warn!(
-                                error = %failure.error,
-                                "could not revoke the token of a verification login (allow auth/token/revoke-accessor); \
-                                 it expires within token_max_ttl"
-                            );
-                        }
-                        return Ok(());
+                        return Ok(Check::Refused("the login answered without a token".to_owned()));
                     }
+                    // Verification leaves no token behind. The login's token
+                    // holds only the declared policies (no `default`, so no
+                    // revoke-self): the admin revokes it.
+                    let revoke = json!({ "accessor": accessor });
+                    if let Err(failure) = self
+                        .call_with(
+                            Some(&self.token),
+                            Method::POST,
+                            "auth/token/revoke-accessor",
+                            Some(&revoke),
+                            &[secret_id, token],
+                        )
+                        .await
+                    {
+                        tracing::warn!(
+                            error = %failure.error,
+                            "could not revoke the token of a verification login (allow auth/token/revoke-accessor); \
+                             it expires within token_max_ttl"
+                        );
+                    }
+                    Ok(Check::Accepted)
                 }
-                Err(Failure { error: ProviderError::Transient { message, .. }, .. }) => message,
-                Err(failure) if failure.status == Some(StatusCode::BAD_REQUEST) => failure.error.to_string(),
-                Err(failure) => return Err(failure.error),
-            };
-            if std::time::Instant::now() + pause > deadline {
-                return Err(ProviderError::transient(format!(
-                    "the new secret-id {} was not accepted within {}s: {refused}",
-                    key.id,
-                    self.verify_window.as_secs()
-                )));
+                Err(Failure { error: ProviderError::Transient { message, .. }, .. }) => Ok(Check::Refused(message)),
+                Err(failure) if failure.status == Some(StatusCode::BAD_REQUEST) => {
+                    Ok(Check::Refused(failure.error.to_string()))
+                }
+                Err(failure) => Err(failure.error),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
+        })
+        .await
     }
 }
 

@@ -46,7 +46,7 @@ use serde_json::{json, Value};
 
 use super::{
     http::{classify_status, retry_after, scrub, transport_error},
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
+    AccountRequest, Capabilities, Check, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
     ProviderError, RoleGrant,
 };
 use crate::ownership;
@@ -845,32 +845,22 @@ impl Provider for ZabbixProvider {
             .expose()
             .get(TOKEN_KEY)
             .ok_or_else(|| ProviderError::Invalid(format!("the key has no {TOKEN_KEY}")))?;
-        let deadline = std::time::Instant::now() + self.verify_window;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let refused = match self.rpc_with(None, "user.checkAuthentication", json!({"token": token}), &[token]).await
-            {
-                Ok(user) if user["username"] == account.name.as_str() => return Ok(()),
-                Ok(user) => {
-                    return Err(ProviderError::Conflict(format!(
-                        "the new token authenticates as Zabbix user {:?}, not {}",
-                        text(&user, "username"),
-                        account.name
-                    )))
+        let what = format!("the new token {}", key.id);
+        super::until_accepted(&what, self.verify_window, || async {
+            match self.rpc_with(None, "user.checkAuthentication", json!({"token": token}), &[token]).await {
+                Ok(user) if user["username"] == account.name.as_str() => Ok(Check::Accepted),
+                Ok(user) => Err(ProviderError::Conflict(format!(
+                    "the new token authenticates as Zabbix user {:?}, not {}",
+                    text(&user, "username"),
+                    account.name
+                ))),
+                Err(ProviderError::Unauthorized(message)) | Err(ProviderError::Transient { message, .. }) => {
+                    Ok(Check::Refused(message))
                 }
-                Err(ProviderError::Unauthorized(message)) | Err(ProviderError::Transient { message, .. }) => message,
-                Err(error) => return Err(error),
-            };
-            if std::time::Instant::now() + pause > deadline {
-                return Err(ProviderError::transient(format!(
-                    "the new token {} was not accepted within {}s: {refused}",
-                    key.id,
-                    self.verify_window.as_secs()
-                )));
+                Err(error) => Err(error),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
+        })
+        .await
     }
 }
 
