@@ -36,9 +36,9 @@ fn account(i: usize) -> IntegrationAccount {
             "description": "a synthetic integration for the benchmark",
         },
         "status": {
-            "account": {"provider": provider, "id": format!("id-{i}"), "name": format!("integration-{i}"), "disabled": i % 10 == 0},
+            "account": {"provider": provider, "id": format!("id-{i}"), "name": format!("integration-{i}"), "disabled": i.is_multiple_of(10)},
             "roles": [{"role": "host.get"}, {"role": "problem.get"}],
-            "lastUsedAt": if i % 3 == 0 { None } else { Some(format!("2026-06-{:02}T10:00:00Z", 1 + i % 28)) },
+            "lastUsedAt": if i.is_multiple_of(3) { None } else { Some(format!("2026-06-{:02}T10:00:00Z", 1 + i % 28)) },
             "conditions": [],
         },
     }))
