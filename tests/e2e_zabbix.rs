@@ -34,7 +34,9 @@ const WAIT: Duration = Duration::from_secs(120);
 const ACCOUNT: &str = "alert-export";
 const SECRET: &str = "alert-export-zabbix";
 
-fn manifests(zabbix: &ZabbixServer) -> String {
+/// The connection, a rotation policy with `policy`, and account `account`
+/// (Secret `secret`) holding `roles`.
+fn manifests(zabbix: &ZabbixServer, policy: &str, account: &str, secret: &str, roles: &str) -> String {
     format!(
         r#"
 apiVersion: keysmith.dev/v1alpha1
@@ -50,23 +52,23 @@ spec:
 apiVersion: keysmith.dev/v1alpha1
 kind: KeyRotationPolicy
 metadata: {{name: policy}}
-spec: {{rotateEvery: 24h, gracePeriod: 5s}}
+spec: {{{policy}}}
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: IntegrationAccount
-metadata: {{name: {ACCOUNT}}}
+metadata: {{name: {account}}}
 spec:
   connectionRef: {{name: zabbix}}
   description: "Alert export"
   owner: team-sre
-  secret: {{name: {SECRET}}}
+  secret: {{name: {secret}}}
   rotationPolicyRef: {{name: policy}}
   deletionPolicy: Delete
 ---
 apiVersion: keysmith.dev/v1alpha1
 kind: RoleBinding
-metadata: {{name: {ACCOUNT}-roles}}
-spec: {{accountRef: {{name: {ACCOUNT}}}, roles: [host.get, problem.get]}}
+metadata: {{name: {account}-roles}}
+spec: {{accountRef: {{name: {account}}}, roles: [{roles}]}}
 "#,
         url = zabbix.url
     )
@@ -91,7 +93,13 @@ async fn an_account_becomes_a_zabbix_user_whose_token_rotates() {
     let ns = TestNamespace::create(&client, "zabbix").await;
     let operator = Operator::start(cp, &ns.name, &[]);
     admin_secret(&client, &ns.name, &zabbix.operator_token).await;
-    apply_yaml(&client, &ns.name, &(credential_reader_identity("zabbix-admin") + &manifests(&zabbix))).await;
+    apply_yaml(
+        &client,
+        &ns.name,
+        &(credential_reader_identity("zabbix-admin")
+            + &manifests(&zabbix, "rotateEvery: 24h, gracePeriod: 5s", ACCOUNT, SECRET, "host.get, problem.get")),
+    )
+    .await;
 
     let account = ready_account(&client, &ns.name, ACCOUNT).await;
     let status = account.status.clone().expect("status");
@@ -218,38 +226,12 @@ async fn an_unused_account_turns_dormant_from_zabbixs_own_last_access_and_is_dis
     };
     let _operator = Operator::start_with(cp, &ns.name, &options);
     admin_secret(&client, &ns.name, &zabbix.operator_token).await;
-    let manifests = format!(
-        r#"
-apiVersion: keysmith.dev/v1alpha1
-kind: AppConnection
-metadata: {{name: zabbix}}
-spec:
-  provider:
-    zabbix:
-      url: "{url}"
-      tokenSecretRef: {{name: zabbix-admin}}
-  serviceAccountName: keysmith
----
-apiVersion: keysmith.dev/v1alpha1
-kind: KeyRotationPolicy
-metadata: {{name: policy}}
-spec: {{rotateEvery: 24h, gracePeriod: 1h, dormantAfter: 30s, disableDormant: true, revokeUnusedAfter: 8s}}
----
-apiVersion: keysmith.dev/v1alpha1
-kind: IntegrationAccount
-metadata: {{name: {IDLE}}}
-spec:
-  connectionRef: {{name: zabbix}}
-  secret: {{name: {IDLE_SECRET}}}
-  rotationPolicyRef: {{name: policy}}
-  deletionPolicy: Delete
----
-apiVersion: keysmith.dev/v1alpha1
-kind: RoleBinding
-metadata: {{name: {IDLE}-roles}}
-spec: {{accountRef: {{name: {IDLE}}}, roles: [host.get]}}
-"#,
-        url = zabbix.url
+    let manifests = manifests(
+        &zabbix,
+        "rotateEvery: 24h, gracePeriod: 1h, dormantAfter: 30s, disableDormant: true, revokeUnusedAfter: 8s",
+        IDLE,
+        IDLE_SECRET,
+        "host.get",
     );
     apply_yaml(&client, &ns.name, &(credential_reader_identity("zabbix-admin") + &manifests)).await;
     let accounts: Api<IntegrationAccount> = Api::namespaced(client.clone(), &ns.name);
