@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{page, select, View, DEFAULT_PAGE, MAX_PAGE, SCIM_ERROR, SCIM_LIST};
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, provider::http::percent_encode as encode};
 
 /// How long a token from the token endpoint lives.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
@@ -259,16 +259,6 @@ fn decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Percent-encoded for a query value.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn query(request: &Request<Incoming>) -> HashMap<String, String> {

@@ -25,6 +25,20 @@ pub fn classify_status(status: StatusCode, message: String, retry_after: Option<
     }
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`).
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// `text` quoted from a server, with every one of `secrets` (the credentials
 /// the request carried) cut out, and cut to at most `max` characters (with
 /// `…`): a server may echo what it was sent.

@@ -1019,17 +1019,13 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Percent-encodes everything but AWS's unreserved characters
-/// (`A-Z a-z 0-9 - _ . ~`), and `/` unless `encode_slash`.
+/// (`A-Z a-z 0-9 - _ . ~`, RFC 3986's), and `/` unless `encode_slash`.
 fn uri_encode(value: &str, encode_slash: bool) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (b == b'/' && !encode_slash) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+    if encode_slash {
+        super::http::percent_encode(value)
+    } else {
+        value.split('/').map(super::http::percent_encode).collect::<Vec<_>>().join("/")
     }
-    out
 }
 
 /// Encodes a form field as the AWS SDKs do (Python's `quote_plus`): like

@@ -124,7 +124,7 @@ impl Failure {
     }
 
     fn no_route(&self) -> bool {
-        self.said.contains("no handler for route") || self.said.contains("unsupported path")
+        no_route(&self.said)
     }
 
     /// OpenBao answers a LIST or secret-id call for a role that does not
@@ -376,6 +376,11 @@ impl OpenBaoProvider {
             Err(failure) => Err(failure.error),
         }
     }
+}
+
+/// Whether OpenBao said no auth method serves the path.
+fn no_route(said: &str) -> bool {
+    said.contains("no handler for route") || said.contains("unsupported path")
 }
 
 fn is_path_char(c: char) -> bool {

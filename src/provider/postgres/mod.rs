@@ -111,8 +111,8 @@ use rand::{distr::Alphanumeric, Rng};
 use tokio_postgres::{config::SslMode, Client, NoTls};
 
 use super::{
-    AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount, ObservedKey, Provider,
-    ProviderError, RoleGrant,
+    http::percent_encode, AccountRequest, Capabilities, IssuedKey, KeyMaterial, KeyRequest, ObservedAccount,
+    ObservedKey, Provider, ProviderError, RoleGrant,
 };
 use crate::api::PostgresSslMode;
 
@@ -741,19 +741,6 @@ pub fn quote_literal(text: &str) -> String {
     } else {
         format!("'{body}'")
     }
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 fn truncate_at_char_boundary(text: &str, max: usize) -> &str {

@@ -333,8 +333,13 @@ impl ZabbixProvider {
         Ok(found.as_array().into_iter().flatten().find(|r| r["name"] == role_name(account).as_str()).cloned())
     }
 
-    /// The role, made if missing; one another user holds is a conflict.
-    async fn ensure_role(&self, account: &AccountRequest, user: Option<&str>) -> Result<String, ProviderError> {
+    /// The role's id and declared methods, the role made if missing; one
+    /// another user holds is a conflict.
+    async fn ensure_role(
+        &self,
+        account: &AccountRequest,
+        user: Option<&str>,
+    ) -> Result<(String, BTreeSet<String>), ProviderError> {
         if let Some(role) = self.get_role(account).await? {
             let holders: Vec<String> =
                 role["users"].as_array().into_iter().flatten().map(|u| text(u, "userid")).collect();
@@ -351,16 +356,18 @@ impl ZabbixProvider {
                 // holds it.
                 self.rpc("role.update", json!({"roleid": id, "type": 1, "rules": base_rules(&BTreeSet::new())}))
                     .await?;
+                return Ok((id, BTreeSet::new()));
             }
-            return Ok(id);
+            return Ok((id, methods_of(&role)));
         }
         let created = self
             .rpc("role.create", json!({"name": role_name(account), "type": 1, "rules": base_rules(&BTreeSet::new())}))
             .await?;
-        created["roleids"][0]
+        let id = created["roleids"][0]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| ProviderError::transient("role.create answered without a role id"))
+            .ok_or_else(|| ProviderError::transient("role.create answered without a role id"))?;
+        Ok((id, BTreeSet::new()))
     }
 
     async fn set_methods(&self, role_id: &str, methods: &BTreeSet<String>) -> Result<(), ProviderError> {
@@ -621,7 +628,7 @@ impl Provider for ZabbixProvider {
             return self.observe(account, &user).await;
         }
         let groups = self.group_ids().await?;
-        let role_id = self.ensure_role(account, None).await?;
+        let (role_id, _) = self.ensure_role(account, None).await?;
         // A password nobody knows: Zabbix puts only users with one in the
         // disabling group. The account logs in with its tokens.
         let password = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
@@ -656,7 +663,7 @@ impl Provider for ZabbixProvider {
     async fn update_account(&self, account: &AccountRequest) -> Result<ObservedAccount, ProviderError> {
         let user = self.owned_user(account).await?;
         let groups = self.group_ids().await?;
-        let role_id = self.ensure_role(account, Some(&user.id)).await?;
+        let (role_id, _) = self.ensure_role(account, Some(&user.id)).await?;
         let role = self.get_role(account).await?;
         let kind_ok = role.as_ref().is_some_and(|r| {
             text(r, "type") == "1" && (text(&r["rules"], "api.access") != "1" || text(&r["rules"], "api.mode") == "1")
@@ -740,8 +747,7 @@ impl Provider for ZabbixProvider {
     async fn grant_role(&self, account: &AccountRequest, grant: &RoleGrant) -> Result<(), ProviderError> {
         check_role(grant)?;
         let user = self.owned_user(account).await?;
-        self.ensure_role(account, Some(&user.id)).await?;
-        let (role_id, mut methods) = self.methods(account).await?;
+        let (role_id, mut methods) = self.ensure_role(account, Some(&user.id)).await?;
         if methods.insert(grant.role.clone()) {
             self.set_methods(&role_id, &methods).await?;
         }
